@@ -1,0 +1,243 @@
+"""Pure tensor math of PPO-style RLHF. Imports only torch.
+
+Shapes: ``B`` batch, ``T`` (or ``A``) action positions, ``V`` vocabulary. Masks are 0/1 or bool,
+``True``/1 meaning "this position counts"; they are right-padded and contiguous per row.
+Masked-out positions never leak into a result, even when they hold ``inf`` or ``nan``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+GroupMethod = Literal["grpo", "dr_grpo", "rloo"]
+
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+GROUP_METHODS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo")
+
+# Bound on |log_probs - ref_log_probs| inside the k3 estimator: exp(20) ~ 5e8 is far past any
+# useful KL and keeps exp() (and its gradient) finite in fp32 and bf16.
+K3_LOG_RATIO_BOUND = 20.0
+
+
+class GAEResult(NamedTuple):
+    advantages: Tensor
+    returns: Tensor
+
+
+def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``, in fp32.
+
+    Args:
+        logits: ``[..., V]`` in any float dtype; never modified.
+        labels: ``[...]`` token ids.
+        temperature: sampling temperature the tokens were drawn with.
+
+    Returns:
+        ``[...]`` fp32 log-probs. Half-precision logits are upcast one row at a time, so a
+        ``[B, T, V]`` bf16 tensor is never copied to fp32 whole.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dtype in (torch.float32, torch.float64):
+        return _row_log_probs(logits, labels, temperature)
+    rows = [_row_log_probs(row, row_labels, temperature) for row, row_labels in zip(logits, labels, strict=True)]
+    return torch.stack(rows)
+
+
+def _row_log_probs(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy ``[...]`` (fp32) of ``softmax(logits / temperature)`` for ``logits [..., V]``."""
+    if logits.dtype in (torch.float32, torch.float64):
+        return _row_entropy(logits, temperature)
+    return torch.stack([_row_entropy(row, temperature) for row in logits])
+
+
+def _row_entropy(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.float() / temperature
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true (all of them, or along ``dim``).
+
+    An all-false mask gives 0.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, values, torch.zeros_like(values))
+    if dim is None:
+        return total.sum() / mask.sum().clamp_min(1)
+    return total.sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_var(values: Tensor, mask: Tensor) -> Tensor:
+    """Bessel-corrected variance of ``values`` over the masked positions (0 for one position)."""
+    mean = masked_mean(values, mask)
+    biased = masked_mean((values - mean) ** 2, mask)
+    count = mask.bool().sum()
+    return biased * count / (count - 1).clamp_min(1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """``(values - mean) * rsqrt(var + 1e-8)`` with masked statistics; mean added back if not ``shift_mean``."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def approx_kl(log_probs: Tensor, ref_log_probs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token KL estimate from ``r = log_probs - ref_log_probs`` (Schulman's estimators).
+
+    ``k1 = r``, ``k2 = r**2 / 2``, ``k3 = exp(-r) - 1 + r`` (``r`` clamped to
+    ``±K3_LOG_RATIO_BOUND`` inside k3 so that it stays finite).
+    """
+    log_ratio = log_probs.float() - ref_log_probs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return log_ratio.square() / 2
+    if estimator == "k3":
+        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index ``[B]`` of the last true position of each right-padded row (-1 for an empty row)."""
+    return mask.long().sum(-1) - 1
+
+
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards ``[B, T]``: ``-kl_coef * kl`` at valid positions, 0 elsewhere, plus
+    ``scores[b]`` at the last valid position of row ``b``.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, -kl_coef * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
+    last = last_valid_index(mask)
+    has_tokens = last >= 0
+    bonus = torch.where(has_tokens, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
+    return rewards.scatter_add(1, last.clamp_min(0).unsqueeze(1), bonus.unsqueeze(1))
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> GAEResult:
+    """Generalised advantage estimation over ``[B, T]`` action tensors.
+
+    Rewards and values at masked positions count as 0 and the value after the last position is 0.
+    ``returns = advantages + values``. Vectorised: the backward recursion
+    ``A_t = delta_t + gamma * lam * A_{t+1}`` is a product with a triangular discount matrix.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    values = torch.where(mask, values.float(), 0.0)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    advantages = deltas @ _discount_matrix(deltas.shape[1], gamma * lam, deltas.device)
+    return GAEResult(advantages, advantages + values)
+
+
+def _discount_matrix(length: int, discount: float, device: torch.device) -> Tensor:
+    """``W[s, t] = discount ** (s - t)`` for ``s >= t`` else 0, so ``(x @ W)[t] = sum_s>=t d^(s-t) x_s``."""
+    steps = torch.arange(length, device=device, dtype=torch.float64)
+    power = steps.unsqueeze(1) - steps.unsqueeze(0)
+    weights = torch.full_like(power, discount) ** power.clamp_min(0)
+    return torch.where(power >= 0, weights, 0.0).float()
+
+
+def group_advantages(scores: Tensor, group_size: int, method: GroupMethod = "grpo") -> Tensor:
+    """Critic-free advantages ``[B]`` from contiguous groups of ``group_size`` samples per prompt.
+
+    ``grpo``: ``(s - mean) / (std + 1e-6)`` with the unbiased group std; ``dr_grpo``: ``s - mean``;
+    ``rloo``: ``s`` minus the mean of the *other* samples of its group.
+    """
+    if method not in GROUP_METHODS:
+        raise ValueError(f"unknown group advantage method {method!r}; valid: {', '.join(GROUP_METHODS)}")
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores cannot be split into groups of {group_size}")
+    if group_size < 2 and method in ("grpo", "rloo"):
+        raise ValueError(f"{method!r} needs at least 2 samples per prompt, got group_size={group_size}")
+    groups = scores.float().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        out = (groups - mean) / (groups.std(dim=1, keepdim=True) + 1e-6)
+    elif method == "dr_grpo":
+        out = groups - mean
+    else:
+        out = groups - (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return out.reshape(scores.shape)
+
+
+def policy_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+) -> Tensor:
+    """PPO clipped surrogate loss, token mean over ``mask``.
+
+    ``ratio = exp(log_probs - old_log_probs)``; loss per token
+    ``max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))``, and with
+    ``dual_clip = c > 1`` the loss of tokens with ``A < 0`` is additionally capped at ``-c * A``.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    ratio = torch.exp(log_probs.float() - old_log_probs.float())
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    losses = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        losses = torch.where(advantages < 0, torch.minimum(losses, -dual_clip * advantages), losses)
+    return masked_mean(losses, mask)
+
+
+def clip_fraction(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> Tensor:
+    """Fraction of valid tokens whose ratio lies outside ``[1 - clip_eps, 1 + clip_eps_high]``."""
+    ratio = torch.exp(log_probs.float() - old_log_probs.float())
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    outside = (ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)
+    return masked_mean(outside.float(), mask)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float | None = 0.2,
+) -> Tensor:
+    """``0.5 * masked_mean(max((V - R)^2, (V_old + clip(V - V_old, ±clip_eps) - R)^2))``.
+
+    ``clip_eps=None`` gives the unclipped ``0.5 * masked_mean((V - R)^2)``.
+    """
+    values, returns = values.float(), returns.float()
+    losses = (values - returns).square()
+    if clip_eps is not None:
+        old_values = old_values.float()
+        clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        losses = torch.maximum(losses, (clipped - returns).square())
+    return 0.5 * masked_mean(losses, mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var[R - V] / Var[R]`` over the masked positions (how much of the returns V explains)."""
+    return 1.0 - masked_var(returns - values, mask) / (masked_var(returns, mask) + 1e-8)

@@ -1,0 +1,240 @@
+"""The policy: a causal LM that samples responses and scores its own actions."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+
+from lit_rlhf.functional import entropy_from_logits, log_probs_from_logits
+from lit_rlhf.models.loading import (
+    LoadSettings,
+    check_model_path,
+    disable_dropout,
+    load_error,
+    position_ids_from_mask,
+    prepare,
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are sampled. These always win over a checkpoint's ``generation_config.json``.
+
+    Attributes:
+        max_new_tokens: response length limit ``A``.
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling mass (1.0 disables it).
+        top_k: keep only the k most likely tokens (0 disables it).
+        stop_at_eos: stop decoding once every row has produced an EOS token.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"invalid sampling settings: temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
+
+    @property
+    def scoring_temperature(self) -> float:
+        """Temperature for log-probs: the sampling one (1.0 for greedy decoding)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+class GenerationOutput(NamedTuple):
+    """One batch of sampled responses.
+
+    sequences: ``[B, P+A]`` left-padded prompt followed by the right-padded response.
+    attention_mask: ``[B, P+A]`` 1 for prompt tokens and for response tokens up to the first EOS.
+    action_mask: ``[B, A]`` bool, True for response tokens up to and including the first EOS.
+    log_probs: ``[B, A]`` fp32 log-probs of the sampled tokens at the sampling temperature
+        (before top-k/top-p filtering), as seen while decoding.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    log_probs: Tensor
+
+
+class ActionLogits(NamedTuple):
+    log_probs: Tensor
+    entropy: Tensor
+
+
+def action_mask_from_responses(responses: Tensor, eos_token_ids: Tensor) -> Tensor:
+    """``[B, A]`` bool mask: tokens up to and including the first EOS (everything if none)."""
+    is_eos = torch.isin(responses, eos_token_ids)
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+    return eos_before == 0
+
+
+def sample_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
+    """Draw one token per row from ``logits [B, V]`` (temperature, then top-k, then top-p)."""
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(scores, min(settings.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - settings.top_p
+        drop_sorted[:, -1] = False
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
+class Actor(nn.Module):
+    """A causal LM policy (optionally with a LoRA adapter).
+
+    Args:
+        model: a ``*ForCausalLM`` model, or a peft model wrapping one.
+        eos_token_ids: token ids that end a response.
+        pad_token_id: id written after a row's EOS.
+    """
+
+    def __init__(self, model: nn.Module, eos_token_ids: list[int], pad_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("eos_token_ids", torch.tensor(eos_token_ids, dtype=torch.long), persistent=False)
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, tokenizer: PreTrainedTokenizerBase, settings: LoadSettings = LoadSettings()
+    ) -> Actor:
+        """Load from a local directory or hub id (a saved LoRA adapter directory works too)."""
+        check_model_path(path)
+        adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+        try:
+            if adapter:
+                model = _load_adapter(path, settings)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, **settings.model_kwargs())
+        except OSError as err:
+            raise load_error(path, err) from err
+        if not adapter:
+            model = prepare(model, settings, task_type="CAUSAL_LM")
+        disable_dropout(model)
+        eos = tokenizer.eos_token_id
+        return cls(model, [eos] if isinstance(eos, int) else list(eos), tokenizer.pad_token_id)
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the base model without the LoRA adapter (the reference policy, no second copy)."""
+        if not self.has_adapter:
+            raise RuntimeError("adapter_disabled() needs an actor loaded with LoRA (lora rank > 0)")
+        with self.model.disable_adapter():
+            yield
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings) -> GenerationOutput:
+        """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache."""
+        eos_ids, (batch, _) = self.eos_token_ids, input_ids.shape
+        mask = attention_mask.long()
+        positions = position_ids_from_mask(mask)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        next_position = positions[:, -1:] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens, log_probs = [], []
+        for step in range(settings.max_new_tokens):
+            token = sample_tokens(logits, settings)
+            token = torch.where(finished, self.pad_token_id, token)
+            tokens.append(token)
+            log_probs.append(log_probs_from_logits(logits, token, settings.scoring_temperature))
+            finished = finished | torch.isin(token, eos_ids)
+            if step == settings.max_new_tokens - 1 or (settings.stop_at_eos and bool(finished.all())):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            logits = self.model(
+                input_ids=token.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_position = next_position + 1
+        responses = torch.stack(tokens, dim=1)
+        action_mask = action_mask_from_responses(responses, eos_ids)
+        return GenerationOutput(
+            sequences=torch.cat([input_ids, responses], dim=1),
+            attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
+            action_mask=action_mask,
+            log_probs=torch.stack(log_probs, dim=1),
+        )
+
+    def action_logits(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:
+        """Logits ``[B, A, V]`` that predicted each of the last ``num_actions`` tokens."""
+        out = self.model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=num_actions + 1,
+        )
+        return out.logits[:, :-1]
+
+    def forward(self, sequences: Tensor, attention_mask: Tensor, num_actions: int, temperature: float = 1.0) -> Tensor:
+        """Log-probs ``[B, A]`` (fp32) of the last ``num_actions`` tokens of ``sequences``."""
+        logits = self.action_logits(sequences, attention_mask, num_actions)
+        return log_probs_from_logits(logits, sequences[:, -num_actions:], temperature)
+
+    def log_probs_and_entropy(
+        self, sequences: Tensor, attention_mask: Tensor, num_actions: int, temperature: float = 1.0
+    ) -> ActionLogits:
+        """Action log-probs and per-token entropy ``[B, A]`` from one forward pass."""
+        logits = self.action_logits(sequences, attention_mask, num_actions)
+        return ActionLogits(
+            log_probs_from_logits(logits, sequences[:, -num_actions:], temperature),
+            entropy_from_logits(logits, temperature),
+        )
+
+    def save_pretrained(
+        self, path: str, merge_lora: bool = True, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        """Write a Hugging Face checkpoint (LoRA merged into the weights unless ``merge_lora=False``)."""
+        model = self.model
+        if self.has_adapter and merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def _load_adapter(path: str, settings: LoadSettings) -> nn.Module:
+    from peft import PeftModel
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_path = json.load(f)["base_model_name_or_path"]
+    check_model_path(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, **settings.model_kwargs())
+    return PeftModel.from_pretrained(base, path, is_trainable=True)

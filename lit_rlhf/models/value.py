@@ -1,0 +1,123 @@
+"""Critic and reward model: a transformer backbone with a scalar head."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from lit_rlhf.models.loading import (
+    LoadSettings,
+    check_model_path,
+    disable_dropout,
+    load_error,
+    position_ids_from_mask,
+    prepare,
+)
+
+HEAD_NAMES = ("score", "classifier")
+
+
+class ValueModel(nn.Module):
+    """Per-token values (critic) and sequence scores (reward model) from one scalar head.
+
+    The value of action ``t`` is the head's output at the token *before* it (the state that chose
+    it); a sequence's score is the head's output at its last valid token.
+
+    Args:
+        model: a ``*ForSequenceClassification`` model with ``num_labels=1`` (or a peft model
+            wrapping one). Its own pooling is bypassed; the backbone and head are called directly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        config = self._inner.config
+        mean, std = getattr(config, "reward_mean", 0.0), getattr(config, "reward_std", 1.0)
+        self.register_buffer("reward_mean", torch.tensor(float(mean)), persistent=False)
+        self.register_buffer("reward_std", torch.tensor(float(std)), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str, settings: LoadSettings = LoadSettings()) -> ValueModel:
+        """Load a sequence-classification checkpoint (its head is reused) or a causal-LM one.
+
+        A causal-LM checkpoint gets a freshly initialised head (transformers warns about it).
+        """
+        check_model_path(path)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **settings.model_kwargs())
+        except OSError as err:
+            raise load_error(path, err) from err
+        head_name = next(name for name in HEAD_NAMES if hasattr(model, name))
+        model = prepare(model, settings, task_type="SEQ_CLS", modules_to_save=[head_name])
+        disable_dropout(model)
+        return cls(model)
+
+    @property
+    def _inner(self) -> nn.Module:
+        """The ``*ForSequenceClassification`` module (unwrapping peft)."""
+        model = self.model
+        if hasattr(model, "disable_adapter"):
+            model = model.base_model.model
+        return model
+
+    def _token_scores(self, sequences: Tensor, attention_mask: Tensor, positions: slice | Tensor) -> Tensor:
+        inner = self._inner
+        backbone = getattr(inner, inner.base_model_prefix)
+        hidden = backbone(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).last_hidden_state
+        if isinstance(positions, Tensor):
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+        else:
+            hidden = hidden[:, positions]
+        return _head(inner)(hidden).squeeze(-1).float()
+
+    def forward(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:
+        """Values ``[B, A]`` (fp32) of the last ``num_actions`` tokens, read at the token before each."""
+        return self._token_scores(sequences, attention_mask, slice(-num_actions - 1, -1))
+
+    def score(self, sequences: Tensor, attention_mask: Tensor, normalize: bool = False) -> Tensor:
+        """Scores ``[B]`` at each row's last valid token (``attention_mask`` right-padded after it).
+
+        With ``normalize=True`` the stored reward mean/std are applied: ``(s - mean) / std``.
+        """
+        scores = self._token_scores(sequences, attention_mask, _last_token_index(attention_mask))
+        if normalize:
+            scores = (scores - self.reward_mean) / self.reward_std
+        return scores
+
+    def set_normalization(self, mean: float, std: float) -> None:
+        """Store reward statistics (saved into the checkpoint's config) for ``score(normalize=True)``."""
+        if std <= 0:
+            raise ValueError(f"reward std must be > 0, got {std}")
+        self.reward_mean.fill_(mean)
+        self.reward_std.fill_(std)
+
+    def save_pretrained(
+        self, path: str, merge_lora: bool = True, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        """Write a Hugging Face ``*ForSequenceClassification`` checkpoint with the reward statistics."""
+        model = self.model
+        if hasattr(model, "disable_adapter") and merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        config = model.config
+        config.reward_mean, config.reward_std = self.reward_mean.item(), self.reward_std.item()
+        model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    for name in HEAD_NAMES:
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise ValueError(f"{type(model).__name__} has no scalar head named one of {HEAD_NAMES}")
+
+
+def _last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last 1 in each row of a mask that may be left- and right-padded."""
+    length = attention_mask.shape[1]
+    return length - 1 - attention_mask.long().flip(-1).argmax(-1)

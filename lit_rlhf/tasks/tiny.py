@@ -1,0 +1,127 @@
+"""Offline tiny-model kit: a locally trained tokenizer and tiny Llama models built from config.
+
+Nothing is downloaded; everything is saved with ``save_pretrained`` so the normal
+``from_pretrained`` loading path is what tests and demos exercise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = [PAD, BOS, EOS]
+
+# A prompt is the user's text; the assistant's reply follows directly and ends with EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def train_tokenizer(
+    corpus: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a tokenizer on ``corpus`` with ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and a chat template.
+
+    Args:
+        corpus: training texts.
+        kind: ``char`` gives one token per character seen in the corpus; ``bpe`` a byte-level BPE.
+        vocab_size: total vocabulary size for ``bpe`` (ignored for ``char``).
+    """
+    texts = list(corpus)
+    if not texts:
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    if kind == "char":
+        chars = sorted({ch for text in texts for ch in text})
+        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+    elif kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; valid: char, bpe")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_positions: int = 256,
+) -> LlamaConfig:
+    """A small Llama config whose special token ids match ``tokenizer``."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+
+
+def build_causal_lm(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised causal LM (seeded)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_sequence_classifier(config: LlamaConfig, seed: int = 1) -> LlamaForSequenceClassification:
+    """A randomly initialised scalar-head model (``num_labels=1``, seeded)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    config = LlamaConfig.from_dict({**fields, "num_labels": 1})
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def save_tiny_models(
+    directory: str,
+    tokenizer: PreTrainedTokenizerFast,
+    config: LlamaConfig,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Save a tiny policy (``policy/``) and reward model (``reward/``), each with the tokenizer.
+
+    Returns:
+        ``{"policy": path, "reward": path}``.
+    """
+    paths = {"policy": f"{directory}/policy", "reward": f"{directory}/reward"}
+    for name, model in (
+        ("policy", build_causal_lm(config, seed)),
+        ("reward", build_sequence_classifier(config, seed + 1)),
+    ):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths

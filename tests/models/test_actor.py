@@ -1,0 +1,211 @@
+"""Actor: generation masks, log-prob agreement with sampling, padding invariance, LoRA, export."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lit_rlhf.models.actor as actor_module
+from lit_rlhf.models import (
+    Actor,
+    GenerationSettings,
+    LoadSettings,
+    LoraSettings,
+    action_mask_from_responses,
+    load_tokenizer,
+)
+
+
+@pytest.fixture
+def actor(tiny_paths, tokenizer):
+    return Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+
+
+def prompts(tokenizer, texts=("1+2=", "12+34=", "7+7=")):
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def test_action_mask_includes_first_eos_only():
+    eos = torch.tensor([2])
+    responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0], [2, 2, 2, 2]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(action_mask_from_responses(responses, eos), expected)
+
+
+def test_generate_masks_with_eos_mid_response_and_left_padding(actor, tokenizer, monkeypatch):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    steps = iter(torch.tensor([[5, 5, eos], [eos, 6, 6], [7, 7, 7], [8, 8, 8]]))  # one row per step
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, settings: next(steps))
+    input_ids, attention_mask = prompts(tokenizer)
+    assert attention_mask[0, 0] == 0, "the short prompt must be left-padded"
+    out = actor.generate(input_ids, attention_mask, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
+    responses = out.sequences[:, input_ids.shape[1] :]
+    # row 0: 5 eos | pad pad ; row 1: 5 6 7 8 ; row 2: eos | pad pad pad
+    assert responses.tolist() == [[5, eos, pad, pad], [5, 6, 7, 8], [eos, pad, pad, pad]]
+    assert out.action_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.action_mask.long()], 1))
+    assert torch.equal(out.sequences[:, : input_ids.shape[1]], input_ids)
+
+
+def test_generate_stops_when_every_row_ended(actor, tokenizer, monkeypatch):
+    eos = tokenizer.eos_token_id
+    calls = []
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s: calls.append(1) or torch.full((3,), eos))
+    out = actor.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=10))
+    assert len(calls) == 1 and out.action_mask.shape == (3, 1)
+
+
+def test_pad_equal_to_eos_keeps_first_eos(tiny_paths, tokenizer, monkeypatch):
+    eos = tokenizer.eos_token_id
+    actor = Actor(Actor.from_pretrained(tiny_paths["policy"], tokenizer).model, [eos], pad_token_id=eos)
+    steps = iter(torch.tensor([[5, eos], [eos, 6], [7, eos]]))  # one row per decoding step
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s: next(steps))
+    out = actor.generate(*prompts(tokenizer, ("1+2=", "3+4=")), GenerationSettings(max_new_tokens=3, stop_at_eos=False))
+    assert out.sequences[:, -3:].tolist() == [[5, eos, eos], [eos, eos, eos]]
+    assert out.action_mask.tolist() == [[True, True, False], [True, False, False]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_log_probs_match_generation_scores(actor, tokenizer, temperature):
+    input_ids, attention_mask = prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=6, temperature=temperature, stop_at_eos=False)
+    out = actor.generate(input_ids, attention_mask, settings)
+    log_probs = actor(out.sequences, out.attention_mask, num_actions=6, temperature=temperature)
+    mask = out.action_mask
+    torch.testing.assert_close(log_probs[mask], out.log_probs[mask], atol=1e-4, rtol=0)
+
+
+def test_forward_matches_transformers_generate_scores(actor, tokenizer):
+    """Sample with transformers' own generate; our forward reproduces log_softmax(scores)."""
+    input_ids, attention_mask = prompts(tokenizer)
+    torch.manual_seed(0)
+    hf = actor.model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=0.8,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+    )
+    responses = hf.sequences[:, input_ids.shape[1] :]
+    expected = torch.stack([s.log_softmax(-1) for s in hf.scores], 1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    full_mask = torch.cat([attention_mask, torch.ones_like(responses)], 1)
+    ours = actor(hf.sequences, full_mask, num_actions=5, temperature=0.8)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_same_tokens_as_transformers_generate_for_a_seed(actor, tokenizer):
+    input_ids, attention_mask = prompts(tokenizer)
+    torch.manual_seed(7)
+    ours = actor.generate(input_ids, attention_mask, GenerationSettings(12, temperature=0.9, top_k=5, top_p=0.9))
+    torch.manual_seed(7)
+    hf = actor.model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=0.9,
+        top_k=5,
+        top_p=0.9,
+        max_new_tokens=12,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    assert (ours.sequences == tokenizer.eos_token_id).any(), "the seed should produce an EOS to compare stopping"
+    assert torch.equal(ours.sequences, hf)
+
+
+def test_log_probs_do_not_depend_on_left_padding(actor, tokenizer):
+    seq = torch.tensor([[1, 5, 4, 6, 11, 7, 8, 2]])
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), seq], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(seq)], 1)
+    plain = actor(seq, torch.ones_like(seq), num_actions=3)
+    shifted = actor(padded, mask, num_actions=3)
+    torch.testing.assert_close(shifted, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_disabled_so_train_mode_is_deterministic(actor, tokenizer):
+    actor.train()
+    seq = torch.tensor([[1, 5, 4, 6, 11, 7]])
+    assert torch.equal(actor(seq, torch.ones_like(seq), 3), actor(seq, torch.ones_like(seq), 3))
+
+
+def test_lora_trains_only_adapters_and_disabled_adapter_is_the_base(tiny_paths, tokenizer):
+    settings = LoadSettings(lora=LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer, settings)
+    trainable = [n for n, p in actor.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapter matter (lora_B starts at zero)
+        for n, p in actor.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    base = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+    seq = torch.tensor([[1, 5, 4, 6, 11, 7, 8, 2]])
+    mask = torch.ones_like(seq)
+    with actor.adapter_disabled():
+        disabled = actor(seq, mask, 4)
+    torch.testing.assert_close(disabled, base(seq, mask, 4), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(actor(seq, mask, 4), disabled, atol=1e-3)
+
+
+def test_adapter_disabled_requires_lora(actor):
+    with pytest.raises(RuntimeError, match="LoRA"), actor.adapter_disabled():
+        pass
+
+
+def test_save_load_round_trip_plain_merged_and_adapter(tiny_paths, tokenizer, tmp_path):
+    seq = torch.tensor([[1, 5, 4, 6, 11, 7, 8, 2]])
+    mask = torch.ones_like(seq)
+    plain = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+    with torch.no_grad():
+        plain.model.lm_head.weight.add_(0.1)
+    plain.save_pretrained(str(tmp_path / "plain"), tokenizer=tokenizer)
+    assert torch.equal(Actor.from_pretrained(str(tmp_path / "plain"), tokenizer)(seq, mask, 4), plain(seq, mask, 4))
+
+    lora = Actor.from_pretrained(tiny_paths["policy"], tokenizer, LoadSettings(lora=LoraSettings(rank=4)))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    expected = lora(seq, mask, 4)
+    lora.save_pretrained(str(tmp_path / "merged"), merge_lora=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(Actor(merged, [2], 0)(seq, mask, 4), expected, atol=1e-5, rtol=1e-5)
+    assert lora.has_adapter, "merging for export must not unload the live adapter"
+    lora.save_pretrained(str(tmp_path / "adapter"), merge_lora=False)
+    reloaded = Actor.from_pretrained(str(tmp_path / "adapter"), tokenizer)
+    assert reloaded.has_adapter
+    torch.testing.assert_close(reloaded(seq, mask, 4), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_missing_path_is_named(tokenizer):
+    with pytest.raises(FileNotFoundError, match="/no/such/model"):
+        Actor.from_pretrained("/no/such/model", tokenizer)
+    with pytest.raises(FileNotFoundError, match="./missing-dir"):
+        load_tokenizer("./missing-dir")
+
+
+def test_tokenizer_without_pad_gets_eos(tiny_paths, tmp_path, caplog):
+    tok = load_tokenizer(tiny_paths["policy"])
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.pad_token == reloaded.eos_token == "<eos>"
+    assert reloaded.padding_side == "left"
+    assert "no pad token" in caplog.text
+
+
+def test_generation_settings_validate():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)

@@ -1,0 +1,247 @@
+"""Every formula of lit_rlhf.functional against a hand computation written out here."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lit_rlhf import functional as F
+
+ATOL, RTOL = 1e-6, 1e-5
+
+
+def close(actual, expected, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=rtol)
+
+
+def test_functional_imports_only_torch():
+    heavy = "('lightning', 'pytorch_lightning', 'transformers', 'peft')"
+    code = f"import sys, lit_rlhf.functional; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --- log-probs -----------------------------------------------------------------------------
+
+
+def test_log_probs_match_log_softmax_with_temperature():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[2, 1]])
+    # T = 2: logits/2 = [.5, 1, 1.5] -> log p(2) = 1.5 - log(e^.5 + e^1 + e^1.5); row 2 uniform: -log 3
+    expected = [[1.5 - math.log(math.exp(0.5) + math.exp(1.0) + math.exp(1.5)), -math.log(3)]]
+    before = logits.clone()
+    close(F.log_probs_from_logits(logits, labels, temperature=2.0), expected)
+    assert torch.equal(logits, before), "logits must not be modified in place"
+
+
+def test_log_probs_bf16_large_vocab_is_fp32_and_accurate():
+    logits = (torch.randn(2, 3, 50_000) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, 50_000, (2, 3))
+    out = F.log_probs_from_logits(logits, labels, temperature=0.7)
+    expected = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert out.dtype == torch.float32
+    close(out, expected.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_log_probs_reject_non_positive_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        F.log_probs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), temperature=0)
+
+
+def test_entropy_of_uniform_and_peaked():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    close(F.entropy_from_logits(logits), [math.log(4), 0.0], atol=1e-5)
+    close(F.entropy_from_logits(logits.to(torch.bfloat16).unsqueeze(0)), [[math.log(4), 0.0]], atol=1e-5)
+
+
+# --- masked statistics -------------------------------------------------------------------
+
+
+def test_masked_mean_var_whiten():
+    values = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, float("nan"), float("inf"), 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # valid: 1, 2, 3, 4 -> mean 2.5, squared deviations 2.25+.25+.25+2.25 = 5, Bessel var 5/3
+    close(F.masked_mean(values, mask), 2.5)
+    close(F.masked_mean(values, mask, dim=1), [2.0, 4.0])
+    close(F.masked_var(values, mask), 5 / 3)
+    whitened = F.masked_whiten(values, mask)
+    scale = 1 / math.sqrt(5 / 3 + 1e-8)
+    close(whitened[0, :3], [(1 - 2.5) * scale, (2 - 2.5) * scale, (3 - 2.5) * scale])
+    close(F.masked_whiten(values, mask, shift_mean=False)[1, 0], (4 - 2.5) * scale + 2.5)
+
+
+def test_masked_var_single_token_and_empty_mask():
+    values = torch.tensor([[7.0, 1.0]])
+    close(F.masked_var(values, torch.tensor([[1, 0]])), 0.0)
+    close(F.masked_mean(values, torch.zeros(1, 2)), 0.0)
+
+
+# --- KL --------------------------------------------------------------------------------------
+
+
+def test_approx_kl_estimators():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    r = [0.5, -1.0]
+    close(F.approx_kl(lp, ref, "k1"), r)
+    close(F.approx_kl(lp, ref, "k2"), [x * x / 2 for x in r])
+    close(F.approx_kl(lp, ref, "k3"), [math.exp(-x) - 1 + x for x in r])
+
+
+def test_approx_kl_k3_stays_finite_for_extreme_ratios():
+    lp, ref = torch.tensor([-200.0, 0.0]), torch.tensor([0.0, -200.0])
+    out = F.approx_kl(lp, ref, "k3")
+    assert torch.isfinite(out).all()
+    b = F.K3_LOG_RATIO_BOUND
+    close(out, [math.exp(b) - 1 - b, math.exp(-b) - 1 + b], rtol=1e-5)
+
+
+def test_unknown_kl_estimator_lists_valid_ones():
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        F.approx_kl(torch.zeros(1), torch.zeros(1), "k4")
+
+
+# --- token rewards ---------------------------------------------------------------------------
+
+
+def test_token_rewards_places_score_on_last_valid_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    scores = torch.tensor([1.0, -2.0, 5.0])
+    # row 0: -0.5*kl and +1 at t=2; row 1 (one valid token): -0.25 - 2; row 2 (empty): all zeros
+    expected = [[-0.05, -0.1, -0.15 + 1.0], [-0.25 - 2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    close(F.token_rewards(scores, kl, mask, kl_coef=0.5), expected)
+
+
+# --- GAE -----------------------------------------------------------------------------------
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """Reference: the textbook backward recursion, one row and one step at a time."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        last = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            r = rewards[b, t] if mask[b, t] else 0.0
+            v = values[b, t] if mask[b, t] else 0.0
+            v_next = values[b, t + 1] if t + 1 < rewards.shape[1] and mask[b, t + 1] else 0.0
+            last = r + gamma * v_next - v + gamma * lam * last
+            adv[b, t] = last
+    return adv
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    mask = torch.ones(1, 3)
+    # gamma=1, lam=.5: deltas = [0, 0, .5]; A2=.5, A1=0+.5*.5=.25, A0=.125
+    adv, ret = F.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    close(adv, [[0.125, 0.25, 0.5]])
+    close(ret, [[0.625, 0.75, 1.0]])
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (0.9, 1.0)])
+def test_gae_vectorised_equals_reference_loop(gamma, lam):
+    rewards, values = torch.randn(5, 17), torch.randn(5, 17)
+    lengths = torch.tensor([17, 1, 9, 0, 4])
+    mask = torch.arange(17) < lengths.unsqueeze(1)
+    adv, ret = F.gae(rewards, values, mask, gamma, lam)
+    expected = gae_loop(rewards, values, mask, gamma, lam)
+    close(adv, expected, atol=1e-5)
+    close(ret, expected + torch.where(mask, values, 0.0), atol=1e-5)
+    assert torch.all(adv[~mask] == 0)
+
+
+# --- group advantages --------------------------------------------------------------------
+
+
+def test_group_advantages_methods():
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    # group 1: mean 2, unbiased std 1; group 2: zero variance
+    close(F.group_advantages(scores, 3, "grpo"), [-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), 0.0, 0.0, 0.0])
+    close(F.group_advantages(scores, 3, "dr_grpo"), [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    # rloo: s - mean(others): 1 - 2.5, 2 - 2, 3 - 1.5
+    close(F.group_advantages(scores, 3, "rloo"), [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(ValueError, match="grpo, dr_grpo, rloo"):
+        F.group_advantages(torch.zeros(4), 2, "ppo")
+    with pytest.raises(ValueError, match="groups of 3"):
+        F.group_advantages(torch.zeros(4), 3, "grpo")
+    with pytest.raises(ValueError, match="at least 2"):
+        F.group_advantages(torch.zeros(4), 1, "rloo")
+
+
+# --- policy loss ---------------------------------------------------------------------------
+
+
+def test_policy_loss_every_branch():
+    # ratios exp(log 0.5), 1, exp(log 1.5) against A = +1 and A = -1, clip 0.2
+    log_ratio = torch.log(torch.tensor([0.5, 1.0, 1.5, 0.5, 1.0, 1.5]))
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    old = torch.zeros(6)
+    mask = torch.ones(6)
+    # per token max(-A r, -A clip(r, .8, 1.2)):
+    #   A=+1: r=.5 -> max(-.5, -.8) = -.5 ; r=1 -> -1 ; r=1.5 -> max(-1.5, -1.2) = -1.2
+    #   A=-1: r=.5 -> max(.5, .8) = .8    ; r=1 -> 1  ; r=1.5 -> max(1.5, 1.2) = 1.5
+    per_token = torch.tensor([-0.5, -1.0, -1.2, 0.8, 1.0, 1.5])
+    close(F.policy_loss(log_ratio, old, adv, mask, clip_eps=0.2), per_token.mean())
+    # only the masked-in tokens count
+    close(F.policy_loss(log_ratio, old, adv, torch.tensor([1, 0, 1, 0, 0, 1]), 0.2), (-0.5 - 1.2 + 1.5) / 3)
+    # asymmetric upper clip 0.3: A=+1, r=1.5 -> max(-1.5, -1.3) = -1.3
+    close(F.policy_loss(log_ratio[2:3], old[:1], adv[:1], mask[:1], 0.2, clip_eps_high=0.3), -1.3)
+    # dual clip c=1.4 caps A<0 losses at -c*A = 1.4: 1.5 -> 1.4
+    dual = torch.tensor([-0.5, -1.0, -1.2, 0.8, 1.0, 1.4])
+    close(F.policy_loss(log_ratio, old, adv, mask, 0.2, dual_clip=1.4), dual.mean())
+
+
+def test_policy_loss_extreme_log_ratios_stay_bounded():
+    lp = torch.tensor([60.0, -60.0, 60.0])
+    adv = torch.tensor([1.0, 1.0, -2.0])
+    # A>0, r huge -> clipped -1.2; A>0, r~0 -> max(~0, -.8) = ~0; A<0, r huge -> dual clip 3*2 = 6
+    out = F.policy_loss(lp, torch.zeros(3), adv, torch.ones(3), 0.2, dual_clip=3.0)
+    close(out, (-1.2 + 0.0 + 6.0) / 3, atol=1e-5)
+
+
+def test_policy_loss_masked_positions_change_nothing():
+    lp, old, adv = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    base = F.policy_loss(lp, old, adv, mask)
+    lp2 = lp.clone()
+    lp2[~mask.bool()] = float("inf")
+    close(F.policy_loss(lp2, old, adv, mask), base)
+
+
+def test_policy_loss_rejects_dual_clip_below_one():
+    with pytest.raises(ValueError, match="dual_clip"):
+        F.policy_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), dual_clip=0.9)
+
+
+def test_clip_fraction():
+    log_ratio = torch.log(torch.tensor([0.5, 1.0, 1.1, 1.5]))
+    close(F.clip_fraction(log_ratio, torch.zeros(4), torch.ones(4), 0.2), 0.5)
+    close(F.clip_fraction(log_ratio, torch.zeros(4), torch.ones(4), 0.2, clip_eps_high=0.6), 0.25)
+
+
+# --- value loss ----------------------------------------------------------------------------
+
+
+def test_value_loss_clipped_and_unclipped():
+    values = torch.tensor([1.0, 0.0, 2.0])
+    old = torch.tensor([0.5, 0.0, 0.0])
+    returns = torch.tensor([0.0, 1.0, 2.0])
+    mask = torch.ones(3)
+    # unclipped (V-R)^2 = 1, 1, 0
+    close(F.value_loss(values, old, returns, mask, clip_eps=None), 0.5 * 2 / 3)
+    # clipped V: .5 + clip(.5, ±.2) = .7 -> .49; 0 -> 1; 0 + .2 = .2 -> (.2-2)^2 = 3.24
+    # max: 1, 1, 3.24
+    close(F.value_loss(values, old, returns, mask, clip_eps=0.2), 0.5 * (1 + 1 + 3.24) / 3)
+    close(F.value_loss(values, old, returns, torch.tensor([1, 0, 0]), clip_eps=0.2), 0.5)
+
+
+def test_explained_variance():
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    close(F.explained_variance(returns, returns, torch.ones(4)), 1.0, atol=1e-6)
+    close(F.explained_variance(torch.zeros(4), returns, torch.ones(4)), 0.0, atol=1e-6)
