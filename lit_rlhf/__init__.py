@@ -1,3 +1,23 @@
 """lit_rlhf: PPO-based RLHF (and GRPO/RLOO) for Hugging Face language models on PyTorch Lightning."""
 
+import importlib
+
 __version__ = "0.1.0"
+
+# Lazy exports: `import lit_rlhf.functional` must not pull in Lightning or transformers.
+_EXPORTS = {
+    "PPOModule": "lit_rlhf.modules",
+    "PromptDataModule": "lit_rlhf.data",
+    "RolloutCallback": "lit_rlhf.rollout",
+    "Experience": "lit_rlhf.rollout",
+    "ExperienceBuffer": "lit_rlhf.rollout",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lit_rlhf' has no attribute {name!r}")
+
+
+__all__ = [*_EXPORTS, "__version__"]

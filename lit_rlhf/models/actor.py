@@ -85,7 +85,7 @@ def action_mask_from_responses(responses: Tensor, eos_token_ids: Tensor) -> Tens
     return eos_before == 0
 
 
-def sample_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
+def sample_tokens(logits: Tensor, settings: GenerationSettings, generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from ``logits [B, V]`` (temperature, then top-k, then top-p)."""
     if settings.temperature == 0:
         return logits.argmax(-1)
@@ -99,7 +99,7 @@ def sample_tokens(logits: Tensor, settings: GenerationSettings) -> Tensor:
         drop_sorted = cumulative <= 1 - settings.top_p
         drop_sorted[:, -1] = False
         scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    return torch.multinomial(scores.softmax(-1), num_samples=1, generator=generator).squeeze(1)
 
 
 class Actor(nn.Module):
@@ -150,8 +150,17 @@ class Actor(nn.Module):
             yield
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings) -> GenerationOutput:
-        """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache."""
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        settings: GenerationSettings,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache.
+
+        ``generator`` (on the model's device) makes sampling independent of the global RNG.
+        """
         eos_ids, (batch, _) = self.eos_token_ids, input_ids.shape
         mask = attention_mask.long()
         positions = position_ids_from_mask(mask)
@@ -168,7 +177,7 @@ class Actor(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens, log_probs = [], []
         for step in range(settings.max_new_tokens):
-            token = sample_tokens(logits, settings)
+            token = sample_tokens(logits, settings, generator)
             token = torch.where(finished, self.pad_token_id, token)
             tokens.append(token)
             log_probs.append(log_probs_from_logits(logits, token, settings.scoring_temperature))

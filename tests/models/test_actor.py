@@ -37,7 +37,7 @@ def test_action_mask_includes_first_eos_only():
 def test_generate_masks_with_eos_mid_response_and_left_padding(actor, tokenizer, monkeypatch):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     steps = iter(torch.tensor([[5, 5, eos], [eos, 6, 6], [7, 7, 7], [8, 8, 8]]))  # one row per step
-    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, settings: next(steps))
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, settings, generator: next(steps))
     input_ids, attention_mask = prompts(tokenizer)
     assert attention_mask[0, 0] == 0, "the short prompt must be left-padded"
     out = actor.generate(input_ids, attention_mask, GenerationSettings(max_new_tokens=4, stop_at_eos=False))
@@ -52,7 +52,7 @@ def test_generate_masks_with_eos_mid_response_and_left_padding(actor, tokenizer,
 def test_generate_stops_when_every_row_ended(actor, tokenizer, monkeypatch):
     eos = tokenizer.eos_token_id
     calls = []
-    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s: calls.append(1) or torch.full((3,), eos))
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s, g: calls.append(1) or torch.full((3,), eos))
     out = actor.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=10))
     assert len(calls) == 1 and out.action_mask.shape == (3, 1)
 
@@ -61,7 +61,7 @@ def test_pad_equal_to_eos_keeps_first_eos(tiny_paths, tokenizer, monkeypatch):
     eos = tokenizer.eos_token_id
     actor = Actor(Actor.from_pretrained(tiny_paths["policy"], tokenizer).model, [eos], pad_token_id=eos)
     steps = iter(torch.tensor([[5, eos], [eos, 6], [7, eos]]))  # one row per decoding step
-    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s: next(steps))
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s, g: next(steps))
     out = actor.generate(*prompts(tokenizer, ("1+2=", "3+4=")), GenerationSettings(max_new_tokens=3, stop_at_eos=False))
     assert out.sequences[:, -3:].tolist() == [[5, eos, eos], [eos, eos, eos]]
     assert out.action_mask.tolist() == [[True, True, False], [True, False, False]]

@@ -1,0 +1,91 @@
+"""RolloutCallback: fills the PPO module's experience buffer at the start of every epoch."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lit_rlhf.rollout.maker import RolloutModels, make_experience, rollout_metrics
+
+
+class RolloutCallback(L.Callback):
+    """One rollout per epoch: this rank's prompts → generate → score → advantages → buffer.
+
+    Every random choice of rollout ``k`` is seeded by ``(seed, k, rank)``, so a resumed run
+    regenerates exactly what an uninterrupted one would.
+
+    Args:
+        seed: base seed of generation (the run's seed).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "rollout_prompts"):
+            raise RuntimeError("PPO needs a PromptDataModule (data: in the config) to draw rollout prompts from")
+        rollout = trainer.current_epoch
+        batch = datamodule.rollout_prompts(
+            rollout, pl_module.hparams.rollout_batch_size, trainer.global_rank, trainer.world_size
+        )
+        device = pl_module.device
+        generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + rollout * 1_009 + trainer.global_rank)
+        all_reduce = _all_reduce(trainer)
+        experience, timing = make_experience(
+            RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            pl_module.rollout_settings,
+            pl_module.score_responses,
+            pl_module.kl_controller.value,
+            rollout,
+            generator,
+            all_reduce,
+        )
+        pl_module.buffer.fill(experience)
+        metrics = rollout_metrics(experience, pl_module.actor.eos_token_ids, all_reduce)
+        metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
+        pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
+        metrics.update(_perf_metrics(timing, rollout, batch))
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in ("reward/mean", "rollout/kl"))
+        every = pl_module.hparams.log_samples_every_n_epochs
+        if every and rollout % every == 0 and trainer.is_global_zero:
+            _log_samples(trainer, pl_module, experience, batch["input_ids"].shape[1], rollout)
+
+
+def _perf_metrics(timing: dict[str, float], rollout: int, batch: dict) -> dict[str, torch.Tensor]:
+    return {
+        "perf/rollout": torch.tensor(float(rollout)),
+        "perf/generation_s": torch.tensor(timing["generation_s"]),
+        "perf/scoring_s": torch.tensor(timing["scoring_s"]),
+        "perf/generation_tokens_per_s": torch.tensor(timing["generated_tokens"] / max(timing["generation_s"], 1e-9)),
+        "rollout/prompts_truncated": batch["num_truncated"].float(),
+    }
+
+
+def _all_reduce(trainer: L.Trainer):
+    """Sum across ranks (identity in one process)."""
+    if trainer.world_size == 1:
+        return lambda x: x
+    return lambda x: trainer.strategy.reduce(x, reduce_op="sum")
+
+
+def _log_samples(trainer, pl_module, experience, prompt_len: int, rollout: int) -> None:
+    """A table of (prompt, response, reward) under a key per rollout, so older tables stay visible."""
+    n = min(pl_module.hparams.num_logged_samples, len(experience))
+    rows = experience.index(slice(0, n))
+    tok = pl_module.tokenizer
+    prompts = tok.batch_decode(rows.sequences[:, :prompt_len], skip_special_tokens=True)
+    responses = rows.sequences[:, prompt_len:].masked_fill(~rows.action_mask, tok.pad_token_id)
+    data = [
+        [rollout, p, r, float(s)]
+        for p, r, s in zip(prompts, tok.batch_decode(responses, skip_special_tokens=True), rows.scores, strict=True)
+    ]
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(
+                key=f"samples/rollout_{rollout}", columns=["rollout", "prompt", "response", "reward"], data=data
+            )

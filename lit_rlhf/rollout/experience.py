@@ -1,0 +1,108 @@
+"""Experience (one rollout's tensors) and ExperienceBuffer (the epoch's training set)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+
+@dataclass
+class Experience:
+    """Everything PPO needs about a batch of sampled responses. ``B`` rows, ``P+A`` tokens.
+
+    Attributes:
+        sequences: ``[B, P+A]`` long. Left-padded prompt, then the right-padded response.
+        attention_mask: ``[B, P+A]`` long. 1 for prompt tokens and response tokens up to the first EOS.
+        action_mask: ``[B, A]`` bool. True for response tokens up to and including the first EOS.
+        old_log_probs: ``[B, A]`` fp32. Actor log-probs at sampling time (the PPO ratio's denominator).
+        ref_log_probs: ``[B, A]`` fp32. Reference-policy log-probs of the same tokens.
+        values: ``[B, A]`` fp32. Critic value of the state before each action (zeros without a critic).
+        rewards: ``[B, A]`` fp32. Per-token rewards: KL penalty, plus the score at the last valid token.
+        advantages: ``[B, A]`` fp32. After whitening, where whitening applies.
+        returns: ``[B, A]`` fp32. Targets of the value loss.
+        scores: ``[B]`` fp32. Sequence reward after normalisation, clipping and the missing-EOS penalty.
+        kl: ``[B, A]`` fp32. Per-token KL estimate to the reference (the configured estimator).
+        rollout_id: ``[B]`` long. Which rollout (epoch) produced each row.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    old_log_probs: Tensor
+    ref_log_probs: Tensor
+    values: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    scores: Tensor
+    kl: Tensor
+    rollout_id: Tensor
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    def index(self, rows: Tensor | slice) -> Experience:
+        """The rows ``rows`` of every field."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+
+    def split(self, size: int) -> list[Experience]:
+        """Consecutive chunks of at most ``size`` rows."""
+        return [self.index(slice(start, start + size)) for start in range(0, len(self), size)]
+
+    def to(self, device: torch.device | str) -> Experience:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+class ExperienceBuffer(IterableDataset):
+    """The epoch's training set: ``size`` experiences, walked ``ppo_epochs`` times in shuffled mini-batches.
+
+    The train dataloader yields *index* mini-batches, which ``training_step`` resolves against the
+    buffer's current contents with :meth:`get`. Lightning builds the train iterator and fetches its
+    first batch before ``on_train_epoch_start``, when the rollout callback refills the buffer;
+    because the indices carry no data, every mini-batch of an epoch still comes from that epoch's
+    rollout. The order is seeded by ``(seed, epoch)``, so a resumed run draws the same mini-batches.
+
+    Args:
+        size: experiences per rollout on this rank (prompts per rollout x samples per prompt).
+        mini_batch_size: experiences per optimizer step.
+        ppo_epochs: passes over the buffer per rollout.
+        seed: the run's seed.
+    """
+
+    def __init__(self, size: int, mini_batch_size: int, ppo_epochs: int = 1, seed: int = 0) -> None:
+        if size % mini_batch_size:
+            raise ValueError(f"buffer size {size} is not a multiple of mini_batch_size={mini_batch_size}")
+        self.size, self.mini_batch_size, self.ppo_epochs, self.seed = size, mini_batch_size, ppo_epochs, seed
+        self.epoch = 0
+        self.experience: Experience | None = None
+
+    def __len__(self) -> int:
+        return self.ppo_epochs * self.size // self.mini_batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for _ in range(self.ppo_epochs):
+            yield from torch.randperm(self.size, generator=generator).split(self.mini_batch_size)
+
+    def fill(self, experience: Experience) -> None:
+        if len(experience) != self.size:
+            raise ValueError(f"rollout produced {len(experience)} experiences, the buffer holds {self.size}")
+        self.experience = experience
+
+    def get(self, indices: Tensor) -> Experience:
+        """The experiences at ``indices`` (a mini-batch from the dataloader)."""
+        if self.experience is None:
+            raise RuntimeError("the experience buffer is empty: the rollout callback has not run this epoch")
+        return self.experience.index(indices.to(self.experience.sequences.device))

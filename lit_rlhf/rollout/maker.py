@@ -1,0 +1,160 @@
+"""One rollout: prompts in, a filled ``Experience`` out."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.models import Actor, GenerationOutput, GenerationSettings, ValueModel
+from lit_rlhf.rollout.advantages import AdvantageSettings, AllReduce, compute_advantages, no_reduce
+from lit_rlhf.rollout.experience import Experience
+
+ScoreFn = Callable[[GenerationOutput, int], Tensor]
+
+
+@dataclass
+class RolloutModels:
+    """The models a rollout reads. ``reference=None`` means the actor with its LoRA adapter disabled."""
+
+    actor: Actor
+    critic: ValueModel | None
+    reference: Actor | None
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    generation: GenerationSettings
+    advantages: AdvantageSettings
+    n_samples_per_prompt: int = 1
+    micro_batch_size: int = 16
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None):
+    """Put modules in eval mode (no dropout, no grad-only behaviour), restoring their modes after."""
+    live = [m for m in modules if m is not None]
+    modes = [m.training for m in live]
+    for m in live:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(live, modes, strict=True):
+            m.train(mode)
+
+
+def in_micro_batches(fn: Callable[[Tensor, Tensor], Tensor], gen: GenerationOutput, size: int) -> Tensor:
+    """Apply ``fn(sequences, attention_mask)`` over row chunks of ``size`` and concatenate."""
+    return torch.cat([fn(s, m) for s, m in zip(gen.sequences.split(size), gen.attention_mask.split(size), strict=True)])
+
+
+@torch.no_grad()
+def make_experience(
+    models: RolloutModels,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    settings: RolloutSettings,
+    score_fn: ScoreFn,
+    kl_coef: float,
+    rollout_id: int,
+    generator: torch.Generator | None = None,
+    all_reduce: AllReduce = no_reduce,
+) -> tuple[Experience, dict[str, float]]:
+    """Generate, score and compute advantages for one batch of left-padded prompts.
+
+    1. Repeat each prompt ``n_samples_per_prompt`` times (a prompt's samples stay contiguous).
+    2. Generate with the actor (eval mode, no grad).
+    3. Score forwards in micro-batches: old log-probs (actor), reference log-probs (reference
+       model, or the actor with its adapter disabled), values (critic, if any).
+    4. Sequence scores through ``score_fn`` (reward model or reward function).
+    5. KL, token rewards, advantages and returns with ``lit_rlhf.functional``.
+
+    Returns:
+        The experience and timing statistics (seconds, tokens).
+    """
+    actor, critic, reference = models.actor, models.critic, models.reference
+    temperature, micro = settings.generation.scoring_temperature, settings.micro_batch_size
+    # 1.
+    input_ids = input_ids.repeat_interleave(settings.n_samples_per_prompt, dim=0)
+    attention_mask = attention_mask.repeat_interleave(settings.n_samples_per_prompt, dim=0)
+    with eval_mode(actor, critic, reference):
+        # 2.
+        start = time.perf_counter()
+        gen = actor.generate(input_ids, attention_mask, settings.generation, generator=generator)
+        generation_s = time.perf_counter() - start
+        num_actions = gen.action_mask.shape[1]
+        # 3.
+        start = time.perf_counter()
+        old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
+        if reference is None:
+            with actor.adapter_disabled():
+                ref_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
+        else:
+            ref_log_probs = in_micro_batches(lambda s, m: reference(s, m, num_actions, temperature), gen, micro)
+        if critic is not None:
+            values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro)
+        else:
+            values = torch.zeros_like(old_log_probs)
+        # 4.
+        scores = score_fn(gen, input_ids.shape[1])
+        scoring_s = time.perf_counter() - start
+    # 5.
+    start = time.perf_counter()
+    kl, rewards, advantages, returns = compute_advantages(
+        scores, old_log_probs, ref_log_probs, values, gen.action_mask, kl_coef, settings.advantages, all_reduce
+    )
+    experience = Experience(
+        sequences=gen.sequences,
+        attention_mask=gen.attention_mask,
+        action_mask=gen.action_mask,
+        old_log_probs=old_log_probs,
+        ref_log_probs=ref_log_probs,
+        values=values,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        scores=scores,
+        kl=kl,
+        rollout_id=torch.full_like(scores, rollout_id, dtype=torch.long),
+    )
+    timing = {
+        "generation_s": generation_s,
+        "scoring_s": scoring_s,
+        "advantages_s": time.perf_counter() - start,
+        "generated_tokens": float(gen.action_mask.sum()),
+    }
+    return experience, timing
+
+
+def ends_with_eos(sequences: Tensor, action_mask: Tensor, eos_token_ids: Tensor) -> Tensor:
+    """``[B]`` bool: the response's last valid token is an EOS (it was not cut at max_new_tokens)."""
+    last = action_mask.long().sum(-1).clamp_min(1) - 1
+    responses = sequences[:, -action_mask.shape[1] :]
+    return torch.isin(responses.gather(1, last.unsqueeze(1)).squeeze(1), eos_token_ids)
+
+
+def rollout_metrics(
+    experience: Experience, eos_token_ids: Tensor, all_reduce: AllReduce = no_reduce
+) -> dict[str, Tensor]:
+    """Reward, KL, length and EOS statistics of a rollout, reduced over all ranks."""
+    mask = experience.action_mask
+    lengths = mask.sum(-1).float()
+    has_eos = ends_with_eos(experience.sequences, mask, eos_token_ids)
+    k1_kl = torch.where(mask, experience.old_log_probs - experience.ref_log_probs, 0.0).sum(-1)
+    rows = torch.stack([experience.scores, experience.scores.square(), k1_kl, lengths, has_eos.float()])
+    sums = all_reduce(torch.cat([rows.sum(-1), torch.tensor([float(len(experience))], device=rows.device)]))
+    count = sums[-1]
+    mean = sums[:-1] / count
+    var = (sums[1] - count * mean[0].square()).clamp_min(0) / (count - 1).clamp_min(1)
+    return {
+        "reward/mean": mean[0],
+        "reward/std": var.sqrt(),
+        "rollout/kl": mean[2],
+        "rollout/response_length": mean[3],
+        "rollout/eos_rate": mean[4],
+    }

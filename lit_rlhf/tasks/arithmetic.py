@@ -1,0 +1,60 @@
+"""The embedded task: two-digit addition and subtraction, with a verifiable answer.
+
+Prompts look like ``07+45=`` or ``83-26=`` (a >= b for subtraction, so answers are 0..198); the
+correct response is the decimal answer followed by EOS. Every prompt has the same length, so a
+batch needs no padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+from torch import Tensor
+
+OPERATORS = ("+", "-")
+
+
+def all_problems() -> list[str]:
+    """Every prompt of the task, in a fixed order (10,000 sums and 5,050 differences)."""
+    sums = [f"{a:02d}+{b:02d}=" for a in range(100) for b in range(100)]
+    differences = [f"{a:02d}-{b:02d}=" for a in range(100) for b in range(a + 1)]
+    return sums + differences
+
+
+def solve(prompt: str) -> str:
+    """The correct response to ``prompt`` (``"07+45="`` -> ``"52"``)."""
+    a, op, b = int(prompt[:2]), prompt[2], int(prompt[3:5])
+    return str(a + b if op == "+" else a - b)
+
+
+def exact_match_reward(prompts: list[str], responses: list[str]) -> Tensor:
+    """1.0 where the response is exactly the right answer, else 0.0 (a verifiable reward)."""
+    return torch.tensor([float(r.strip() == solve(p.strip())) for p, r in zip(prompts, responses, strict=True)])
+
+
+def corpus() -> list[str]:
+    """Texts to train the character tokenizer on: every digit and operator of the task."""
+    return [p + solve(p) for p in all_problems()[:200]] + ["0123456789+-="]
+
+
+def split_problems(seed: int = 0, test: int = 500, dev: int = 500, ppo: int = 1000) -> dict[str, list[str]]:
+    """Disjoint prompt splits: ``test``, ``dev``, ``ppo`` and the rest for ``train`` (SFT and reward model)."""
+    problems = all_problems()
+    random.Random(seed).shuffle(problems)
+    cuts = {"test": (0, test), "dev": (test, test + dev), "ppo": (test + dev, test + dev + ppo)}
+    splits = {name: problems[a:b] for name, (a, b) in cuts.items()}
+    splits["train"] = problems[test + dev + ppo :]
+    return splits
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Write records atomically (a partial file never replaces a good one)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
