@@ -1,5 +1,6 @@
 # make test   create .venv, install the pinned versions (CPU torch), run the test suite
 # make lint   ruff check + format check (make test runs it too)
+# make demo   build the tiny offline assets (once) and run PPO on them with configs/ppo_tiny.yaml
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: install test lint clean
+.PHONY: install test lint demo assets clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,16 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check lit_rlhf tests
 	$(VENV)/bin/ruff format --check lit_rlhf tests
+
+assets: install
+	$(PY) -m lit_rlhf.tasks.assets --out assets/tiny
+
+assets/tiny/policy/config.json: | install
+	$(PY) -m lit_rlhf.tasks.assets --out assets/tiny
+
+demo: install assets/tiny/policy/config.json
+	$(PY) train.py fit --config configs/ppo_tiny.yaml
+	@echo "Logs: runs/ppo_tiny (W&B offline run in runs/ppo_tiny/wandb, checkpoints in runs/ppo_tiny/checkpoints)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

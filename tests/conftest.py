@@ -32,3 +32,11 @@ def tiny_paths(tmp_path_factory, tokenizer) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, str]:
+    """The arithmetic task's tiny assets (policy, reward model, prompt files), built once."""
+    from lit_rlhf.tasks.assets import build_tiny_assets
+
+    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")), hidden_size=32, num_layers=1)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
@@ -252,7 +252,13 @@ class PPOModule(L.LightningModule):
         return optimizers, schedulers
 
     def train_dataloader(self) -> DataLoader:
-        """Index mini-batches into the experience buffer (see ``ExperienceBuffer``)."""
+        """Index mini-batches into the experience buffer (see ``ExperienceBuffer``).
+
+        The order is drawn from the epoch the trainer is in when the iterator is built, which is
+        also right after a resume.
+        """
+        self.buffer.seed = run_seed()
+        self.buffer.set_epoch(lambda: self.current_epoch)
         return DataLoader(self.buffer, batch_size=None)
 
     def training_step(self, indices: Tensor) -> None:
@@ -297,20 +303,14 @@ class PPOModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The rollout callback always comes with the module (a configured one is replaced)."""
-        return [RolloutCallback(seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))]
-
-    def on_fit_start(self) -> None:
-        self.buffer.set_epoch(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        self.buffer.set_epoch(self.current_epoch + 1)
+        return [RolloutCallback(seed=run_seed())]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
             del state[key]
         checkpoint["kl_controller"] = self.kl_controller.state_dict()
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = rng_states()
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.experiment.id
@@ -324,7 +324,7 @@ class PPOModule(L.LightningModule):
         if "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            set_rng_states(checkpoint["rng_states"])
 
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         """Write the actor (``actor/``) and critic (``critic/``) as Hugging Face checkpoints."""
@@ -334,6 +334,26 @@ class PPOModule(L.LightningModule):
             paths["critic"] = f"{directory}/critic"
             self.critic.save_pretrained(paths["critic"], merge_lora=merge_lora, tokenizer=self.tokenizer)
         return paths
+
+
+def run_seed() -> int:
+    """The run's seed, as ``seed_everything`` (the config's ``seed_everything``) set it."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def rng_states() -> dict:
+    """Torch (CPU, CUDA) and Python RNG states, in types that load with ``weights_only=True``."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _make_optimizer(factory: OptimizerCallable | None, model: torch.nn.Module, default_lr: float):

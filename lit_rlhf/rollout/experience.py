@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,17 +82,18 @@ class ExperienceBuffer(IterableDataset):
         if size % mini_batch_size:
             raise ValueError(f"buffer size {size} is not a multiple of mini_batch_size={mini_batch_size}")
         self.size, self.mini_batch_size, self.ppo_epochs, self.seed = size, mini_batch_size, ppo_epochs, seed
-        self.epoch = 0
+        self.epoch_source: Callable[[], int] = lambda: 0
         self.experience: Experience | None = None
 
     def __len__(self) -> int:
         return self.ppo_epochs * self.size // self.mini_batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int | Callable[[], int]) -> None:
+        """The epoch whose order ``__iter__`` draws: a number, or a callable read at each ``__iter__``."""
+        self.epoch_source = epoch if callable(epoch) else (lambda: epoch)
 
     def __iter__(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_source())
         for _ in range(self.ppo_epochs):
             yield from torch.randperm(self.size, generator=generator).split(self.mini_batch_size)
 

@@ -1,6 +1,6 @@
 """Build the offline tiny assets: tokenizer, tiny policy and reward model, prompt files.
 
-    python -m lit_rlhf.tasks.assets --out assets/tiny
+python -m lit_rlhf.tasks.assets --out assets/tiny
 """
 
 from __future__ import annotations

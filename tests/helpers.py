@@ -1,0 +1,58 @@
+"""Small PPO set-ups shared by the module, rollout and CLI tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from lit_rlhf import PPOModule, PromptDataModule
+
+SEVEN = "7"
+
+
+class SevensPPO(PPOModule):
+    """A rule-based reward: the fraction of response characters that are '7'."""
+
+    def compute_reward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([r.count(SEVEN) / max(1, len(r)) for r in responses])
+
+
+def sevens_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    return torch.tensor([r.count(SEVEN) / max(1, len(r)) for r in responses])
+
+
+def small_module(assets: dict[str, str], cls: type[PPOModule] = SevensPPO, **overrides) -> PPOModule:
+    settings = dict(
+        actor_path=assets["policy"],
+        max_new_tokens=4,
+        rollout_batch_size=16,
+        score_micro_batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        ppo_epochs=2,
+        kl_coef=0.01,
+        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    settings.update(overrides)
+    return cls(**settings)
+
+
+def trainer(tmp_path, max_epochs: int, callbacks=(), **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        limit_val_batches=kwargs.pop("limit_val_batches", 0),
+        **kwargs,
+    )
+
+
+def datamodule(assets: dict[str, str], **kwargs) -> PromptDataModule:
+    return PromptDataModule(assets["prompts"], val_path=assets["val_prompts"], val_batch_size=16, **kwargs)

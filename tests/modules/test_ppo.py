@@ -1,0 +1,302 @@
+"""PPOModule end to end on the tiny task: data flow, learning, critic-free runs, resume, bad input."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf import PPOModule
+from lit_rlhf.modules.ppo import lr_schedule
+from lit_rlhf.modules.ppo_step import ppo_micro_step
+from lit_rlhf.rollout.rewards import RewardError
+from tests.helpers import SevensPPO, datamodule, small_module, trainer
+
+
+class Recorder(L.Callback):
+    """Records, for every training step, the epoch and the rollout ids / buffer rows it trained on."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        rows = module.buffer.get(batch)
+        self.steps.append((trainer.current_epoch, batch.tolist(), rows.rollout_id.tolist()))
+
+
+def fit(tmp_path, module, epochs, callbacks=(), **kwargs):
+    L.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, epochs, callbacks, **kwargs)
+    t.fit(module, datamodule=datamodule(module.assets))
+    return t
+
+
+@pytest.fixture
+def make(tiny_assets):
+    def build(cls=SevensPPO, **overrides):
+        module = small_module(tiny_assets, cls, **overrides)
+        module.assets = tiny_assets
+        return module
+
+    return build
+
+
+def metrics(t):
+    import pandas as pd
+
+    return pd.read_csv(f"{t.logger.log_dir}/metrics.csv")
+
+
+def test_every_mini_batch_comes_from_its_epochs_rollout_and_each_experience_is_used_ppo_epochs_times(make, tmp_path):
+    recorder = Recorder()
+    fit(tmp_path, make(ppo_epochs=3), 2, [recorder])
+    assert len(recorder.steps) == 2 * 3 * 16 // 8
+    for epoch in (0, 1):
+        steps = [s for s in recorder.steps if s[0] == epoch]
+        assert all(set(ids) == {epoch} for _, _, ids in steps)
+        used = torch.bincount(torch.tensor([i for _, rows, _ in steps for i in rows]), minlength=16)
+        assert used.tolist() == [3] * 16
+
+
+def test_first_mini_batch_ratio_is_exactly_one(make, tmp_path):
+    seen = {}
+
+    class Check(SevensPPO):
+        def training_step(self, indices):
+            if not seen:
+                batch = self.buffer.get(indices)
+                log_probs = self.actor(batch.sequences, batch.attention_mask, batch.num_actions, 1.0)
+                seen["max_diff"] = (log_probs - batch.old_log_probs)[batch.action_mask].abs().max().item()
+                critic_values = self.critic(batch.sequences, batch.attention_mask, batch.num_actions)
+                seen["value_diff"] = (critic_values - batch.values)[batch.action_mask].abs().max().item()
+            return super().training_step(indices)
+
+    fit(tmp_path, make(Check), 1)
+    assert seen["max_diff"] < 1e-5 and seen["value_diff"] < 1e-5
+
+
+def test_custom_reward_rises_and_large_kl_stays_closer_to_reference(make, tmp_path):
+    free = fit(tmp_path / "free", make(kl_coef=0.0), 10)
+    tied = fit(tmp_path / "tied", make(kl_coef=2.0), 10)
+    rewards = metrics(free)["reward/mean"].dropna().tolist()
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    kl_free = metrics(free)["rollout/kl"].dropna().tolist()[-3:]
+    kl_tied = metrics(tied)["rollout/kl"].dropna().tolist()[-3:]
+    assert sum(kl_tied) < 0.7 * sum(kl_free), (kl_free, kl_tied)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo", "reinforce_pp"])
+def test_critic_free_estimators_train_without_a_critic(make, tmp_path, estimator):
+    module = make(
+        advantage_estimator=estimator,
+        n_samples_per_prompt=4,
+        rollout_batch_size=4,
+        kl_penalty="loss",
+        kl_estimator="k3",
+        kl_coef=0.05,
+    )
+    t = fit(tmp_path, module, 2)
+    assert module.critic is None and not isinstance(module.optimizers(), list)
+    logged = metrics(t).columns
+    assert "policy/kl_loss" in logged and "critic/loss" not in logged
+
+
+def test_frozen_models_unchanged_trainable_changed_and_left_out_of_checkpoints(make, tmp_path):
+    module = make(reward_path=None)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    t = fit(tmp_path, module, 1)
+    after = module.state_dict()
+    for key, value in after.items():
+        if key.startswith("reference."):
+            assert torch.equal(value, before[key]), key
+    changed = [k for k in after if k.startswith(("actor.", "critic.")) and not torch.equal(after[k], before[k])]
+    assert any(k.startswith("actor.") for k in changed) and any(k.startswith("critic.") for k in changed)
+    assert all(not p.requires_grad for p in module.reference.parameters())
+    optimized = {id(p) for opt in module.optimizers() for g in opt.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in module.reference.parameters()}
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    assert not any(k.startswith(("reference.", "reward_model.")) for k in saved["state_dict"])
+    assert "kl_controller" in saved and "rng_states" in saved
+
+
+def test_reward_model_path_scores_with_the_frozen_reward_model(make, tmp_path):
+    module = make(PPOModule, reward_path=module_assets(make)["reward"])
+    fit(tmp_path, module, 1)
+    assert module.reward_model is not None and module.reward_shares_tokenizer
+    exp = module.buffer.experience
+    expected = module.reward_model.score(exp.sequences, exp.attention_mask)
+    torch.testing.assert_close(exp.scores, expected, atol=1e-6, rtol=1e-6)
+
+
+def module_assets(make):
+    return make().assets
+
+
+def test_resume_continues_the_same_trajectory(make, tmp_path):
+    full = fit(tmp_path / "full", make(), 3)
+    first = fit(tmp_path / "first", make(), 2)
+    ckpt = tmp_path / "after2.ckpt"
+    first.save_checkpoint(ckpt)
+    L.seed_everything(0, verbose=False)  # the run's seed, as the config would set it ...
+    torch.rand(1000)  # ... but the global RNG elsewhere in its stream must not matter
+    resumed = trainer(tmp_path / "resumed", 3)
+    module = make()
+    resumed.fit(module, datamodule=datamodule(module.assets), ckpt_path=str(ckpt))
+    a = metrics(full).dropna(subset=["reward/mean"]).set_index("epoch")
+    b = metrics(resumed).dropna(subset=["reward/mean"]).set_index("epoch")
+    for key in ("reward/mean", "rollout/kl", "rollout/response_length"):
+        assert a.loc[2, key] == pytest.approx(b.loc[2, key], rel=1e-5, abs=1e-6), key
+    steps_a = metrics(full).dropna(subset=["policy/loss"])
+    steps_b = metrics(resumed).dropna(subset=["policy/loss"])
+    assert steps_a[steps_a.epoch == 2]["policy/loss"].tolist() == pytest.approx(
+        steps_b[steps_b.epoch == 2]["policy/loss"].tolist(), rel=1e-4, abs=1e-6
+    )
+
+
+def test_micro_batch_accumulation_gives_the_full_mini_batch_gradient(make, tmp_path):
+    module = make()
+    fit(tmp_path, module, 1)
+    batch = module.buffer.experience.index(slice(0, 8))
+    for row, length in enumerate([1, 4, 2, 3, 4, 1, 3, 2]):  # rows of different lengths
+        batch.action_mask[row, length:] = False
+        batch.attention_mask[row, batch.sequences.shape[1] - batch.num_actions + length :] = 0
+
+    def grads(micro_size):
+        actor, critic = copy.deepcopy(module.actor), copy.deepcopy(module.critic)
+        total = batch.action_mask.sum()
+        for micro in batch.split(micro_size):
+            loss, _ = ppo_micro_step(actor, critic, micro, module.loss_weights, 0.1, 1.0)
+            (loss * micro.action_mask.sum() / total).backward()
+        return [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()] if p.grad is not None]
+
+    for full, accumulated in zip(grads(8), grads(2), strict=True):
+        torch.testing.assert_close(accumulated, full, atol=1e-6, rtol=1e-5)
+
+
+def test_generation_settings_override_checkpoint_generation_config(tiny_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["policy"])
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.05, top_k=1, top_p=0.1)
+    model.save_pretrained(tmp_path / "policy")
+    from lit_rlhf.models import Actor, GenerationSettings, load_tokenizer
+
+    tok = load_tokenizer(tiny_assets["policy"])
+    actor = Actor.from_pretrained(str(tmp_path / "policy"), tok)
+    prompts = tok(["12+34="] * 64, return_tensors="pt")
+    out = actor.generate(prompts.input_ids, prompts.attention_mask, GenerationSettings(max_new_tokens=1))
+    # the checkpoint's top_k=1 would give one token; temperature 1 over a random model gives many
+    assert out.sequences[:, -1].unique().numel() > 3
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_schedule(warmup=2, decay="cosine", total=6)
+    assert [round(f(s), 6) for s in range(7)] == [
+        0.5,
+        1.0,
+        1.0,
+        round(0.5 * (1 + 0.7071067811865476), 6),
+        0.5,
+        round(0.5 * (1 - 0.7071067811865476), 6),
+        0.0,
+    ]
+    assert lr_schedule(0, "constant", None)(100) == 1.0
+    with pytest.raises(ValueError, match="max_epochs"):
+        lr_schedule(0, "cosine", None)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+class NaNReward(PPOModule):
+    def compute_reward(self, prompts, responses):
+        scores = torch.zeros(len(prompts))
+        scores[3] = float("nan")
+        return scores
+
+
+class ShortReward(PPOModule):
+    def compute_reward(self, prompts, responses):
+        return torch.zeros(len(prompts) - 1)
+
+
+class RaisingReward(PPOModule):
+    def compute_reward(self, prompts, responses):
+        raise KeyError("judge offline")
+
+
+@pytest.mark.parametrize(
+    "cls,message",
+    [
+        (NaNReward, r"reward NaNReward.compute_reward returned nan for sample 3 \(prompt '\d\d[+-]\d\d='"),
+        (ShortReward, r"reward ShortReward.compute_reward returned shape \(15,\); expected \(16,\)"),
+        (RaisingReward, r"reward RaisingReward.compute_reward raised KeyError"),
+    ],
+)
+def test_bad_rewards_stop_the_run_with_a_clear_error(make, tmp_path, cls, message):
+    with pytest.raises(RewardError, match=message):
+        fit(tmp_path, make(cls), 1)
+
+
+def test_reward_fn_by_name(make, tmp_path):
+    module = make(PPOModule, reward_fn="tests.helpers.sevens_reward")
+    fit(tmp_path, module, 1)
+    assert module.buffer.experience.scores.max() <= 1.0
+    with pytest.raises(ValueError, match="cannot import reward_fn"):
+        make(PPOModule, reward_fn="tests.helpers.nope")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(advantage_estimator="ppo2"), "unknown advantage_estimator 'ppo2'; valid: gae, grpo"),
+        (dict(kl_estimator="k9"), "unknown kl_estimator"),
+        (dict(kl_penalty="loss", kl_estimator="k1"), "use k2 or k3"),
+        (dict(advantage_estimator="grpo", n_samples_per_prompt=1), "n_samples_per_prompt >= 2"),
+        (dict(advantage_estimator="grpo", n_samples_per_prompt=2, whiten_advantages=True), "whiten twice"),
+        (dict(mini_batch_size=5), "multiple of mini_batch_size"),
+        (dict(load_in_4bit=True), "lora_rank > 0"),
+    ],
+)
+def test_invalid_settings_name_the_settings(make, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make(**overrides)
+
+
+def test_no_reward_source_is_an_error(tiny_assets):
+    with pytest.raises(ValueError, match="no reward"):
+        PPOModule(actor_path=tiny_assets["policy"])
+
+
+def test_empty_prompt_file_fails_before_models_load(make, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    module = make()
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        trainer(tmp_path, 1).fit(module, datamodule=datamodule({"prompts": str(empty), "val_prompts": str(empty)}))
+    assert module.actor is None, "no model may be loaded before the data is checked"
+
+
+def test_missing_prompt_file_and_field(make, tmp_path):
+    from lit_rlhf import PromptDataModule
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        trainer(tmp_path, 1).fit(make(), datamodule=PromptDataModule(str(tmp_path / "nope.jsonl")))
+    records = tmp_path / "q.jsonl"
+    records.write_text('{"question": "1+1="}\n')
+    with pytest.raises(KeyError, match="prompt field 'prompt' not found .* fields are \\['question'\\]"):
+        trainer(tmp_path, 1).fit(make(), datamodule=PromptDataModule(str(records)))
+
+
+def test_lora_actor_uses_its_disabled_adapter_as_reference(make, tmp_path):
+    module = make(lora_rank=4, lora_alpha=8)
+    fit(tmp_path, module, 2)
+    assert module.reference is None and module.actor.has_adapter
+    exp = module.buffer.experience
+    with torch.no_grad(), module.actor.adapter_disabled():
+        base = module.actor(exp.sequences, exp.attention_mask, exp.num_actions)
+    torch.testing.assert_close(exp.ref_log_probs, base, atol=1e-5, rtol=1e-5)
+    assert (exp.old_log_probs - exp.ref_log_probs).abs().max() > 1e-4, "the adapter has moved the policy"

@@ -1,0 +1,116 @@
+"""One rollout's experience equals a hand computation with lit_rlhf.functional on the same tensors."""
+
+import pytest
+import torch
+
+from lit_rlhf import functional as F
+from lit_rlhf.models import Actor, GenerationSettings, ValueModel, load_tokenizer
+from lit_rlhf.rollout.advantages import AdvantageSettings
+from lit_rlhf.rollout.maker import RolloutModels, RolloutSettings, make_experience, rollout_metrics
+
+
+@pytest.fixture
+def models(tiny_assets):
+    tok = load_tokenizer(tiny_assets["policy"])
+    actor = Actor.from_pretrained(tiny_assets["policy"], tok)
+    with torch.no_grad():  # make the reference differ from the actor so the KL is not zero
+        for p in actor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = Actor.from_pretrained(tiny_assets["policy"], tok)
+    critic = ValueModel.from_pretrained(tiny_assets["reward"])
+    reward = ValueModel.from_pretrained(tiny_assets["reward"])
+    prompts = tok(["12+34=", "07-03=", "99+99="], return_tensors="pt")
+    return tok, RolloutModels(actor, critic, reference), reward, prompts
+
+
+def test_gae_experience_matches_hand_computation(models):
+    tok, rollout_models, reward, prompts = models
+    settings = RolloutSettings(
+        GenerationSettings(max_new_tokens=5, temperature=0.8),
+        AdvantageSettings("gae", gamma=0.99, lam=0.9, kl_estimator="k1", whiten=True),
+        n_samples_per_prompt=2,
+        micro_batch_size=4,
+    )
+    exp, timing = make_experience(
+        rollout_models,
+        prompts.input_ids,
+        prompts.attention_mask,
+        settings,
+        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        kl_coef=0.1,
+        rollout_id=3,
+    )
+    # prompts are repeated in contiguous groups
+    assert torch.equal(exp.sequences[:, :6], prompts.input_ids.repeat_interleave(2, 0))
+    seq, attn, mask, A = exp.sequences, exp.attention_mask, exp.action_mask, exp.num_actions
+    with torch.no_grad():
+        old = rollout_models.actor(seq, attn, A, 0.8)
+        ref = rollout_models.reference(seq, attn, A, 0.8)
+        values = rollout_models.critic(seq, attn, A)
+        scores = reward.score(seq, attn)
+    kl = F.approx_kl(old, ref, "k1") * mask
+    rewards = F.token_rewards(scores, kl, mask, 0.1)
+    adv, returns = F.gae(rewards, values, mask, 0.99, 0.9)
+    adv = F.masked_whiten(adv, mask) * mask
+    for name, expected in dict(
+        old_log_probs=old,
+        ref_log_probs=ref,
+        values=values,
+        scores=scores,
+        kl=kl,
+        rewards=rewards,
+        advantages=adv,
+        returns=returns,
+    ).items():
+        torch.testing.assert_close(getattr(exp, name), expected, atol=1e-5, rtol=1e-5, msg=name)
+    assert exp.rollout_id.tolist() == [3] * 6
+    assert timing["generated_tokens"] == mask.sum().item()
+    metrics = rollout_metrics(exp, rollout_models.actor.eos_token_ids)
+    torch.testing.assert_close(metrics["reward/mean"], scores.mean())
+    torch.testing.assert_close(metrics["rollout/kl"], kl.sum(-1).mean(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_estimators_broadcast_group_advantages_without_critic(models, method):
+    tok, rollout_models, reward, prompts = models
+    rollout_models.critic = None
+    settings = RolloutSettings(
+        GenerationSettings(max_new_tokens=4),
+        AdvantageSettings(method, kl_in_reward=False, whiten=False, group_size=4, kl_estimator="k3"),
+        n_samples_per_prompt=4,
+    )
+    exp, _ = make_experience(
+        rollout_models,
+        prompts.input_ids,
+        prompts.attention_mask,
+        settings,
+        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        kl_coef=0.1,
+        rollout_id=0,
+    )
+    expected = F.group_advantages(exp.scores, 4, method)
+    mask = exp.action_mask
+    # with gamma = 1 and no KL in the reward, every valid token carries its sequence's group advantage
+    torch.testing.assert_close(exp.advantages, expected.unsqueeze(1) * mask, atol=1e-6, rtol=1e-6)
+    assert torch.all(exp.values == 0)
+
+
+def test_reinforce_pp_whitens_discounted_returns(models):
+    tok, rollout_models, reward, prompts = models
+    rollout_models.critic = None
+    settings = RolloutSettings(
+        GenerationSettings(max_new_tokens=4), AdvantageSettings("reinforce_pp", gamma=1.0, whiten=True)
+    )
+    exp, _ = make_experience(
+        rollout_models,
+        prompts.input_ids,
+        prompts.attention_mask,
+        settings,
+        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        kl_coef=0.1,
+        rollout_id=0,
+    )
+    mask = exp.action_mask
+    returns = exp.rewards.flip(-1).cumsum(-1).flip(-1) * mask  # reward-to-go
+    torch.testing.assert_close(exp.returns, returns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exp.advantages, F.masked_whiten(returns, mask) * mask, atol=1e-5, rtol=1e-5)
