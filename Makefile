@@ -1,6 +1,7 @@
 # make test   create .venv, install the pinned versions (CPU torch), run the test suite
 # make lint   ruff check + format check (make test runs it too)
-# make demo   build the tiny offline assets (once) and run PPO on them with configs/ppo_tiny.yaml
+# make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO -> report
+# make assets rebuild the demo's data, SFT and reward-model checkpoints
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -29,15 +30,28 @@ lint: install
 	$(VENV)/bin/ruff check lit_rlhf tests
 	$(VENV)/bin/ruff format --check lit_rlhf tests
 
+# The embedded pipeline. Each stage's output is a file target, so a second `make demo` goes
+# straight to PPO; `make assets` rebuilds the data and the SFT and reward-model checkpoints.
+DEMO := assets/demo
+TIMED = start=$$(date +%s); $(1) && echo $$(( $$(date +%s) - start )) > $(2)
+
+$(DEMO)/base/config.json: | install
+	$(PY) -m lit_rlhf.tasks.demo prepare --out $(DEMO)
+
+$(DEMO)/sft/config.json: $(DEMO)/base/config.json configs/sft_tiny.yaml
+	$(call TIMED,$(PY) train.py fit --config configs/sft_tiny.yaml,$(DEMO)/sft_seconds.txt)
+
+$(DEMO)/rm/config.json: $(DEMO)/sft/config.json configs/rm_tiny.yaml
+	$(call TIMED,$(PY) train.py fit --config configs/rm_tiny.yaml,$(DEMO)/rm_seconds.txt)
+
 assets: install
-	$(PY) -m lit_rlhf.tasks.assets --out assets/tiny
+	rm -rf $(DEMO)
+	$(MAKE) $(DEMO)/rm/config.json
 
-assets/tiny/policy/config.json: | install
-	$(PY) -m lit_rlhf.tasks.assets --out assets/tiny
-
-demo: install assets/tiny/policy/config.json
-	$(PY) train.py fit --config configs/ppo_tiny.yaml
-	@echo "Logs: runs/ppo_tiny (W&B offline run in runs/ppo_tiny/wandb, checkpoints in runs/ppo_tiny/checkpoints)"
+demo: install $(DEMO)/rm/config.json
+	$(call TIMED,$(PY) train.py fit --config configs/ppo_tiny.yaml,$(DEMO)/ppo_seconds.txt)
+	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny --export_dir runs/ppo_tiny/export
+	@echo "Logs: runs/ppo_tiny (W&B offline run in runs/ppo_tiny/wandb, CSV metrics, checkpoints, demo.png)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

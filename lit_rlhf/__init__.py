@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 # Lazy exports: `import lit_rlhf.functional` must not pull in Lightning or transformers.
 _EXPORTS = {
     "PPOModule": "lit_rlhf.modules",
+    "SFTModule": "lit_rlhf.modules",
+    "RewardModelModule": "lit_rlhf.modules",
+    "SFTDataModule": "lit_rlhf.data",
+    "PreferenceDataModule": "lit_rlhf.data",
     "PromptDataModule": "lit_rlhf.data",
     "RolloutCallback": "lit_rlhf.rollout",
     "Experience": "lit_rlhf.rollout",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,42 +25,65 @@ def run(args, tmp_path, check=True):
     return out
 
 
-def tiny_overrides(assets, root):
-    return [
-        "--model.init_args.actor_path",
-        assets["policy"],
-        "--model.init_args.reward_path",
-        assets["reward"],
-        "--data.init_args.path",
-        assets["prompts"],
-        "--data.init_args.val_path",
-        assets["val_prompts"],
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.logger.init_args.save_dir",
-        str(root),
-    ]
+def tiny_overrides(assets, root) -> list[str]:
+    """A second --config that points configs/ppo_tiny.yaml at the tiny assets and a temporary run dir."""
+    override = {
+        "trainer": {
+            "default_root_dir": str(root),
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": "lit-rlhf", "save_dir": str(root)},
+                },
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
+            ],
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0},
+                },
+            ],
+        },
+        "model": {
+            "init_args": {
+                "actor_path": assets["policy"],
+                "reward_path": assets["reward"],
+                "export_dir": str(root / "export"),
+                "rollout_batch_size": 64,
+                "score_micro_batch_size": 64,
+                "mini_batch_size": 32,
+                "micro_batch_size": 32,
+            }
+        },
+        "data": {"init_args": {"path": assets["prompts"], "val_path": assets["val_prompts"], "val_batch_size": 64}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "override.yaml").write_text(yaml.safe_dump(override))
+    return ["--config", str(root / "override.yaml")]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT) for c in CONFIGS])
 def test_every_shipped_config_instantiates(config, tiny_assets):
+    """Every YAML parses and builds its module, datamodule and trainer (model paths pointed at tiny assets)."""
     from lit_rlhf.cli import LitRLHFCLI
 
-    cli = LitRLHFCLI(
-        args=[
-            "--config",
-            config,
-            "--model.init_args.actor_path",
-            tiny_assets["policy"],
-            "--data.init_args.path",
-            tiny_assets["prompts"],
-            "--trainer.logger",
-            "false",
-            *([] if torch.cuda.is_available() else ["--trainer.accelerator", "cpu"]),  # GPU configs on CPU CI
-        ],
-        run=False,
-    )
-    assert cli.model.hparams.actor_path == tiny_assets["policy"]
+    with open(config) as f:
+        model_class = yaml.safe_load(f)["model"]["class_path"]
+    path_arg = "actor_path" if model_class.endswith("PPOModule") else "model_path"
+    args = [
+        "--config",
+        config,
+        f"--model.init_args.{path_arg}",
+        tiny_assets["policy"],
+        "--data.init_args.path",
+        tiny_assets["prompts"],
+        "--trainer.logger",
+        "false",
+    ]
+    if not torch.cuda.is_available():
+        args += ["--trainer.accelerator", "cpu"]  # GPU configs still parse and build on a CPU machine
+    cli = LitRLHFCLI(args=args, run=False)
+    assert getattr(cli.model.hparams, path_arg) == tiny_assets["policy"]
     assert cli.trainer is not None and cli.datamodule is not None
 
 
@@ -84,7 +108,15 @@ def test_fit_resume_export_through_train_py(tiny_assets, tmp_path):
     runs = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     data = Path(runs[0]).read_bytes()
-    for key in (b"reward/mean", b"rollout/kl", b"policy/loss", b"critic/loss", b"val/reward", b"samples/rollout_0"):
+    for key in (
+        b"reward/mean",
+        b"rollout/kl",
+        b"policy/loss",
+        b"critic/loss",
+        b"val/reward",
+        b"val/accuracy",
+        b"samples/rollout_0",
+    ):
         assert key in data, key
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
@@ -129,10 +161,6 @@ def test_custom_reward_subclass_through_class_path_and_validate(tiny_assets, tmp
         "tests.helpers.SevensPPO",
         "--model.init_args.reward_path",
         "null",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.init_args.save_dir",
-        str(root),
         "--trainer.max_epochs",
         "1",
     ]

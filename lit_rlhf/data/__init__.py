@@ -2,5 +2,6 @@
 
 from lit_rlhf.data.files import load_records
 from lit_rlhf.data.prompts import PromptDataModule
+from lit_rlhf.data.sft import PreferenceDataModule, SFTDataModule
 
-__all__ = ["PromptDataModule", "load_records"]
+__all__ = ["PreferenceDataModule", "PromptDataModule", "SFTDataModule", "load_records"]

@@ -209,6 +209,7 @@ class Actor(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             logits_to_keep=num_actions + 1,
+            use_cache=False,
         )
         return out.logits[:, :-1]
 

@@ -67,7 +67,10 @@ class ValueModel(nn.Module):
         inner = self._inner
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
         ).last_hidden_state
         if isinstance(positions, Tensor):
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]

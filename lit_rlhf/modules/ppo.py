@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Literal
@@ -20,6 +19,7 @@ from lit_rlhf.models import GenerationOutput, GenerationSettings, load_tokenizer
 from lit_rlhf.models.loading import AttnImplementation, DType
 from lit_rlhf.modules.ppo_setup import build_models, validate_settings
 from lit_rlhf.modules.ppo_step import PPOLossWeights, ppo_micro_step, step_optimizer
+from lit_rlhf.modules.schedule import cosine_with_warmup
 from lit_rlhf.rollout.advantages import CRITIC_FREE, AdvantageEstimator, AdvantageSettings
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import ExperienceBuffer
@@ -86,6 +86,10 @@ class PPOModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass.
         log_samples_every_n_epochs: log a table of sample generations every N rollouts (0 = never).
         num_logged_samples: rows in each sample table.
+        val_metrics: extra validation metrics, ``name: package.module.function`` with the reward
+            signature ``(prompts, responses) -> Tensor[B]``; logged as ``val/<name>`` (e.g. a task's
+            exact-match accuracy, which does not depend on the reward model).
+        export_dir: where ``on_train_end`` writes the actor and critic as Hugging Face checkpoints.
     """
 
     def __init__(
@@ -139,6 +143,8 @@ class PPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         log_samples_every_n_epochs: int = 1,
         num_logged_samples: int = 8,
+        val_metrics: dict[str, str] | None = None,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["actor_optimizer", "critic_optimizer"])
@@ -147,6 +153,7 @@ class PPOModule(L.LightningModule):
         self.uses_critic = advantage_estimator not in CRITIC_FREE
         validate_settings(self.hparams, custom_reward=self._has_custom_reward())
         self.reward_fn = import_reward_fn(reward_fn) if reward_fn else None
+        self.val_metric_fns = {name: import_reward_fn(path) for name, path in (val_metrics or {}).items()}
         self.generation = GenerationSettings(max_new_tokens, temperature, top_p, top_k)
         self.val_generation = GenerationSettings(
             max_new_tokens, temperature if val_temperature is None else val_temperature, top_p, top_k
@@ -170,7 +177,8 @@ class PPOModule(L.LightningModule):
         self.buffer = ExperienceBuffer(rollout_batch_size * n_samples_per_prompt, mini_batch_size, ppo_epochs)
         self.actor = self.critic = self.reference = self.reward_model = None
         self.reward_tokenizer, self.reward_shares_tokenizer = None, False
-        self.val_reward = MeanMetric()
+        self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
+        self.val_metric_means = torch.nn.ModuleDict({name: MeanMetric() for name in self.val_metric_fns})
 
     # --- models -------------------------------------------------------------------------------
 
@@ -184,7 +192,9 @@ class PPOModule(L.LightningModule):
         models = build_models(self.hparams, self.uses_critic, need_reward_model=self._needs_reward_model())
         # all four are submodules so that strategies move (and shard) them; the frozen ones are
         # dropped from checkpoints in on_save_checkpoint and reloaded from their paths
-        self.actor, self.critic, self.reference = models.actor, models.critic, models.reference
+        self.actor, self.critic, self.reference = models.actor.train(), models.critic, models.reference
+        if self.critic is not None:
+            self.critic.train()  # train mode matters for gradient checkpointing; dropout is off anyway
         self.reward_model, self.reward_tokenizer = models.reward_model, models.reward_tokenizer
         self.reward_shares_tokenizer = models.reward_shares_tokenizer
 
@@ -247,7 +257,7 @@ class PPOModule(L.LightningModule):
         if self.uses_critic:
             optimizers.append(_make_optimizer(self.critic_optimizer, self.critic, CRITIC_LR))
         total = self.trainer.max_epochs * len(self.buffer) if self.trainer.max_epochs else None
-        schedule = lr_schedule(self.hparams.warmup_updates, self.hparams.lr_decay, total)
+        schedule = cosine_with_warmup(self.hparams.warmup_updates, self.hparams.lr_decay, total)
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
 
@@ -295,9 +305,27 @@ class PPOModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(10_007 + batch_idx)
         gen = self.actor.generate(batch["input_ids"], batch["attention_mask"], self.val_generation, generator)
-        scores = self.score_responses(gen, batch["input_ids"].shape[1])
-        self.val_reward.update(scores)
+        prompt_len, num_actions = batch["input_ids"].shape[1], gen.action_mask.shape[1]
+        self.val_reward.update(self.score_responses(gen, prompt_len))
         self.log("val/reward", self.val_reward, on_epoch=True, prog_bar=True)
+        temperature = self.val_generation.scoring_temperature
+        log_probs = self.actor(gen.sequences, gen.attention_mask, num_actions, temperature)
+        if self.reference is None:
+            with self.actor.adapter_disabled():
+                ref_log_probs = self.actor(gen.sequences, gen.attention_mask, num_actions, temperature)
+        else:
+            ref_log_probs = self.reference(gen.sequences, gen.attention_mask, num_actions, temperature)
+        self.val_kl.update(torch.where(gen.action_mask, log_probs - ref_log_probs, 0.0).sum(-1))
+        self.log("val/kl", self.val_kl, on_epoch=True)
+        if self.val_metric_fns:
+            prompts, responses = self.decode(gen, prompt_len)
+            for name, fn in self.val_metric_fns.items():
+                self.val_metric_means[name].update(call_reward(fn, name, prompts, responses, self.device))
+                self.log(f"val/{name}", self.val_metric_means[name], on_epoch=True, prog_bar=True)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.export_pretrained(self.hparams.export_dir)
 
     # --- checkpoints and export ---------------------------------------------------------------
 
@@ -361,19 +389,3 @@ def _make_optimizer(factory: OptimizerCallable | None, model: torch.nn.Module, d
     if factory is None:
         return torch.optim.AdamW(params, lr=default_lr, foreach=True)
     return factory(params)
-
-
-def lr_schedule(warmup: int, decay: str, total: int | None):
-    """Multiplier per optimizer step: linear warm-up to 1, then constant or cosine to 0 at ``total``."""
-    if decay == "cosine" and not total:
-        raise ValueError("lr_decay='cosine' needs trainer.max_epochs to know the run's length")
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier

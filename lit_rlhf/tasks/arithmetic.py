@@ -35,6 +35,50 @@ def exact_match_reward(prompts: list[str], responses: list[str]) -> Tensor:
     return torch.tensor([float(r.strip() == solve(p.strip())) for p, r in zip(prompts, responses, strict=True)])
 
 
+def wrong_answer(prompt: str, rng: random.Random, kinds: tuple[str, ...] = ("offset", "digit")) -> str:
+    """A plausible wrong answer: off by 1..5, or one digit replaced, dropped or inserted."""
+    right = solve(prompt)
+    while True:
+        kind = rng.choice(kinds)
+        if kind == "offset":
+            candidate = str(int(right) + rng.choice([-5, -4, -3, -2, -1, 1, 2, 3, 4, 5]))
+        else:
+            digits, i = list(right), rng.randrange(len(right))
+            edit = rng.choice(["replace", "drop", "insert"])
+            if edit == "replace":
+                digits[i] = rng.choice("0123456789")
+            elif edit == "drop" and len(digits) > 1:
+                del digits[i]
+            else:
+                digits.insert(i, rng.choice("0123456789"))
+            candidate = "".join(digits)
+        if candidate != right and not candidate.startswith("-") and (candidate == "0" or not candidate.startswith("0")):
+            return candidate
+
+
+def sft_records(prompts: list[str], n: int, wrong_fraction: float, seed: int) -> list[dict]:
+    """``n`` demonstrations; a ``wrong_fraction`` of them answer off by 1..5 (a noisy SFT set)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt = rng.choice(prompts)
+        noisy = rng.random() < wrong_fraction
+        records.append(
+            {"prompt": prompt, "response": wrong_answer(prompt, rng, ("offset",)) if noisy else solve(prompt)}
+        )
+    return records
+
+
+def preference_records(prompts: list[str], n: int, seed: int) -> list[dict]:
+    """``n`` (prompt, chosen = right answer, rejected = wrong answer) pairs, wrong answers of every kind."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt = rng.choice(prompts)
+        records.append({"prompt": prompt, "chosen": solve(prompt), "rejected": wrong_answer(prompt, rng)})
+    return records
+
+
 def corpus() -> list[str]:
     """Texts to train the character tokenizer on: every digit and operator of the task."""
     return [p + solve(p) for p in all_problems()[:200]] + ["0123456789+-="]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lit_rlhf import PPOModule
-from lit_rlhf.modules.ppo import lr_schedule
 from lit_rlhf.modules.ppo_step import ppo_micro_step
+from lit_rlhf.modules.schedule import cosine_with_warmup as lr_schedule
 from lit_rlhf.rollout.rewards import RewardError
 from tests.helpers import SevensPPO, datamodule, small_module, trainer
 
