@@ -74,7 +74,7 @@ def evaluate(
     }
 
 
-def plot(metrics_csv: str, out_png: str) -> None:
+def plot(metrics_csv: str, out_png: str, sft_accuracy: float | None = None) -> None:
     """Reward per rollout and held-out accuracy per validation, from the PPO run's CSV log."""
     import matplotlib
 
@@ -91,7 +91,10 @@ def plot(metrics_csv: str, out_png: str) -> None:
     left.set_ylabel("reward-model score", color="tab:blue")
     right = left.twinx()
     right.plot(accuracy.index, accuracy.values, "o-", color="tab:green", label="held-out accuracy (T = 1)")
+    if sft_accuracy is not None:
+        right.axhline(sft_accuracy, color="tab:gray", linestyle="--", label="SFT policy (test prompts)")
     right.set_ylabel("held-out exact-match accuracy", color="tab:green")
+    right.legend(loc="lower right")
     right.set_ylim(0, 1)
     fig.suptitle("lit_rlhf embedded demo: PPO on noisy-SFT arithmetic")
     fig.tight_layout()
@@ -125,7 +128,7 @@ def report(assets: str, run: str, export_dir: str) -> dict:
     csvs = sorted(glob.glob(f"{run}/**/metrics.csv", recursive=True), key=os.path.getmtime)
     summary = {"before": rows["SFT policy"], "after": rows["PPO policy"], "gain_points": 100 * gain, "seconds": timings}
     if csvs:
-        plot(csvs[-1], f"{run}/demo.png")
+        plot(csvs[-1], f"{run}/demo.png", rows["SFT policy"]["accuracy"])
         summary["plot"] = f"{run}/demo.png"
         print(f"plot: {run}/demo.png")
     with open(f"{run}/demo_summary.json", "w") as f:
