@@ -300,3 +300,41 @@ def test_lora_actor_uses_its_disabled_adapter_as_reference(make, tmp_path):
         base = module.actor(exp.sequences, exp.attention_mask, exp.num_actions)
     torch.testing.assert_close(exp.ref_log_probs, base, atol=1e-5, rtol=1e-5)
     assert (exp.old_log_probs - exp.ref_log_probs).abs().max() > 1e-4, "the adapter has moved the policy"
+
+
+def test_score_settings_penalty_clip_and_normalisation(make):
+    from lit_rlhf.models import GenerationOutput
+
+    eos = 2
+    responses = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8]])  # the second was cut at max_new_tokens
+    prompts = torch.tensor([[1, 5, 4, 6]] * 2)
+    action_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    gen = GenerationOutput(
+        torch.cat([prompts, responses], 1),
+        torch.cat([torch.ones_like(prompts), action_mask.long()], 1),
+        action_mask,
+        torch.zeros(2, 4),
+    )
+
+    class Fixed(PPOModule):
+        def compute_reward(self, prompts, responses):
+            return torch.tensor([3.0, 0.5])
+
+    module = make(Fixed, missing_eos_penalty=1.0, reward_clip=2.0)
+    module.configure_model()
+    # missing-EOS penalty first (0.5 - 1 = -0.5), then clipping to [-2, 2] (3 -> 2)
+    torch.testing.assert_close(module.score_responses(gen, 4), torch.tensor([2.0, -0.5]))
+
+    rm_module = make(PPOModule, reward_path=make().assets["reward"], normalize_reward=True)
+    rm_module.configure_model()
+    rm_module.reward_model.set_normalization(0.25, 4.0)
+    raw = rm_module.reward_model.score(gen.sequences, gen.attention_mask)
+    torch.testing.assert_close(rm_module.score_responses(gen, 4), (raw - 0.25) / 4.0)
+
+
+def test_adaptive_kl_controller_moves_the_coefficient_during_training(make, tmp_path):
+    module = make(kl_target=1000.0, kl_horizon=100, kl_coef=0.1)
+    t = fit(tmp_path, module, 3)
+    coefs = metrics(t)["rollout/kl_coef"].dropna().tolist()
+    # KL far below target: error clipped to -0.2, 16 samples per rollout -> beta *= 1 - 0.2 * 16 / 100
+    assert coefs == pytest.approx([0.1, 0.1 * 0.968, 0.1 * 0.968**2], rel=1e-6)
