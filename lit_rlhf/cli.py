@@ -45,9 +45,10 @@ class LitRLHFCLI(LightningCLI):
     def before_fit(self) -> None:
         """A run resumed with ``--ckpt_path`` keeps logging to the W&B run it started."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not os.path.isfile(ckpt_path):
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not os.path.exists(ckpt_path):
             return
-        run_id = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("wandb_run_id")
+        metadata = os.path.join(ckpt_path, "meta.pt") if os.path.isdir(ckpt_path) else ckpt_path  # FSDP2: a folder
+        run_id = torch.load(metadata, map_location="cpu", weights_only=False, mmap=True).get("wandb_run_id")
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and run_id and logger._experiment is None:
                 logger._id = run_id
@@ -73,13 +74,13 @@ def export(args: list[str]) -> dict[str, str]:
     parser.add_argument("--export_dir", required=True, help="output directory (actor/ and critic/ inside)")
     parser.add_argument("--merge_lora", default="true", choices=["true", "false"], help="merge LoRA into the weights")
     known, rest = parser.parse_known_args(args)
-    if not os.path.isfile(known.ckpt_path):
+    if not os.path.exists(known.ckpt_path):
         raise FileNotFoundError(f"checkpoint {known.ckpt_path!r} does not exist")
     cli = LitRLHFCLI(args=rest, run=False)
     module = cli.model
     if not hasattr(module, "export_pretrained"):
         raise ValueError(f"{type(module).__name__} has no export_pretrained(); nothing to export")
-    checkpoint = torch.load(known.ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(known.ckpt_path)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
@@ -87,6 +88,17 @@ def export(args: list[str]) -> dict[str, str]:
     for name, path in paths.items():
         print(f"exported {name} to {path}")
     return paths
+
+
+def load_checkpoint(path: str) -> dict:
+    """A whole checkpoint in CPU memory: a ``.ckpt`` file, or an FSDP2 (distributed) checkpoint folder."""
+    if os.path.isdir(path):
+        from pathlib import Path
+
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import random
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -17,6 +14,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.functional import KLEstimator
 from lit_rlhf.models import GenerationOutput, GenerationSettings, load_tokenizer
 from lit_rlhf.models.loading import AttnImplementation, DType
+from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_setup import build_models, validate_settings
 from lit_rlhf.modules.ppo_step import PPOLossWeights, ppo_micro_step, step_optimizer
 from lit_rlhf.modules.schedule import cosine_with_warmup
@@ -84,6 +82,9 @@ class PPOModule(L.LightningModule):
         lora_target_modules: modules that get adapters (``all-linear`` or a list of names).
         load_in_4bit: load base weights in 4-bit NF4 (gpu extra; needs LoRA).
         gradient_checkpointing: recompute activations in the backward pass.
+        gather_for_generation: under FSDP2, gather the actor's full weights once per rollout for
+            generation (one extra full copy of the actor per rank while generating) instead of
+            all-gathering every layer for every generated token (slow, but no extra memory).
         log_samples_every_n_epochs: log a table of sample generations every N rollouts (0 = never).
         num_logged_samples: rows in each sample table.
         val_metrics: extra validation metrics, ``name: package.module.function`` with the reward
@@ -141,6 +142,7 @@ class PPOModule(L.LightningModule):
         lora_target_modules: list[str] | str = "all-linear",
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
+        gather_for_generation: bool = True,
         log_samples_every_n_epochs: int = 1,
         num_logged_samples: int = 8,
         val_metrics: dict[str, str] | None = None,
@@ -166,6 +168,7 @@ class PPOModule(L.LightningModule):
             ),
             n_samples_per_prompt=n_samples_per_prompt,
             micro_batch_size=score_micro_batch_size,
+            gather_for_generation=gather_for_generation,
         )
         self.loss_weights = PPOLossWeights(
             clip_eps, clip_eps_high, dual_clip, value_clip_eps, entropy_coef, kl_estimator, kl_penalty == "loss"
@@ -197,13 +200,11 @@ class PPOModule(L.LightningModule):
             self.critic.train()  # train mode matters for gradient checkpointing; dropout is off anyway
         self.reward_model, self.reward_tokenizer = models.reward_model, models.reward_tokenizer
         self.reward_shares_tokenizer = models.reward_shares_tokenizer
+        if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2
+            shard_models(self, self._device_mesh, self.trainer.precision)
 
     def _needs_reward_model(self) -> bool:
         return self.reward_fn is None and not self._has_custom_reward()
-
-    @property
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        return ("reference.", "reward_model.")
 
     # --- rewards ------------------------------------------------------------------------------
 
@@ -275,10 +276,13 @@ class PPOModule(L.LightningModule):
         batch = self.buffer.get(indices)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        total_tokens = batch.action_mask.sum()
+        local_tokens = batch.action_mask.sum()
+        # gradients are averaged over ranks, so dividing by the mean token count per rank makes the
+        # update the token mean over the whole (global) mini-batch
+        mean_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="mean")
         stats: dict[str, Tensor] = {}
         for micro in batch.split(self.hparams.micro_batch_size):
-            weight = micro.action_mask.sum() / total_tokens
+            tokens = micro.action_mask.sum()
             loss, micro_stats = ppo_micro_step(
                 self.actor,
                 self.critic if self.uses_critic else None,
@@ -287,9 +291,9 @@ class PPOModule(L.LightningModule):
                 self.kl_controller.value,
                 self.generation.scoring_temperature,
             )
-            self.manual_backward(loss * weight)
+            self.manual_backward(loss * tokens / mean_tokens)
             for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value * weight
+                stats[key] = stats.get(key, 0.0) + value * tokens / local_tokens
         stats["policy/grad_norm"] = step_optimizer(optimizers[0], self.actor, self.hparams.actor_max_grad_norm)
         if self.uses_critic:
             stats["critic/grad_norm"] = step_optimizer(optimizers[1], self.critic, self.hparams.critic_max_grad_norm)
@@ -324,7 +328,7 @@ class PPOModule(L.LightningModule):
                 self.log(f"val/{name}", self.val_metric_means[name], on_epoch=True, prog_bar=True)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if self.hparams.export_dir:
             self.export_pretrained(self.hparams.export_dir)
 
     # --- checkpoints and export ---------------------------------------------------------------
@@ -334,54 +338,18 @@ class PPOModule(L.LightningModule):
         return [RolloutCallback(seed=run_seed())]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
-            del state[key]
-        checkpoint["kl_controller"] = self.kl_controller.state_dict()
-        checkpoint["rng_states"] = rng_states()
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                checkpoint["wandb_run_id"] = logger.experiment.id
+        save_extras(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith(self.frozen_prefixes):
-                state[key] = value
-        if "kl_controller" in checkpoint:
-            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        load_extras(self, checkpoint)
 
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
-        """Write the actor (``actor/``) and critic (``critic/``) as Hugging Face checkpoints."""
-        paths = {"actor": f"{directory}/actor"}
-        self.actor.save_pretrained(paths["actor"], merge_lora=merge_lora, tokenizer=self.tokenizer)
-        if self.uses_critic:
-            paths["critic"] = f"{directory}/critic"
-            self.critic.save_pretrained(paths["critic"], merge_lora=merge_lora, tokenizer=self.tokenizer)
-        return paths
+        """Write the actor (``actor/``) and critic (``critic/``) as Hugging Face checkpoints.
 
-
-def run_seed() -> int:
-    """The run's seed, as ``seed_everything`` (the config's ``seed_everything``) set it."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def rng_states() -> dict:
-    """Torch (CPU, CUDA) and Python RNG states, in types that load with ``weights_only=True``."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        Under FSDP2 every rank must call this (the full weights are gathered); rank 0 writes.
+        """
+        return export_models(self, directory, merge_lora)
 
 
 def _make_optimizer(factory: OptimizerCallable | None, model: torch.nn.Module, default_lr: float):

@@ -58,11 +58,17 @@ class PPOModels:
     reward_shares_tokenizer: bool
 
 
-def build_models(hp: Any, uses_critic: bool, need_reward_model: bool) -> PPOModels:
-    """Load actor, critic, reference and reward model; freeze the last two."""
+def load_settings(hp: Any) -> tuple[LoadSettings, LoadSettings]:
+    """How the trainable (actor, critic) and the frozen (reference, reward) models are loaded."""
     lora = LoraSettings(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
     trainable = LoadSettings(hp.dtype, hp.attn_implementation, lora, hp.load_in_4bit, hp.gradient_checkpointing)
-    frozen = LoadSettings(hp.dtype, hp.attn_implementation, load_in_4bit=hp.load_in_4bit)
+    return trainable, LoadSettings(hp.dtype, hp.attn_implementation, load_in_4bit=hp.load_in_4bit)
+
+
+def build_models(hp: Any, uses_critic: bool, need_reward_model: bool) -> PPOModels:
+    """Load actor, critic, reference and reward model; freeze the last two."""
+    trainable, frozen = load_settings(hp)
+    lora = trainable.lora
     tokenizer = load_tokenizer(hp.actor_path)
     actor = Actor.from_pretrained(hp.actor_path, tokenizer, trainable)
     reference = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -33,24 +35,28 @@ class RolloutCallback(L.Callback):
         device = pl_module.device
         generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + rollout * 1_009 + trainer.global_rank)
         all_reduce = _all_reduce(trainer)
-        experience, timing = make_experience(
-            RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            pl_module.rollout_settings,
-            pl_module.score_responses,
-            pl_module.kl_controller.value,
-            rollout,
-            generator,
-            all_reduce,
-        )
+        with fsdp1_full_params(trainer):
+            experience, timing = make_experience(
+                RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                pl_module.rollout_settings,
+                pl_module.score_responses,
+                pl_module.kl_controller.value,
+                rollout,
+                generator,
+                all_reduce,
+            )
         pl_module.buffer.fill(experience)
         metrics = rollout_metrics(experience, pl_module.actor.eos_token_ids, all_reduce)
         metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
         pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
         metrics.update(_perf_metrics(timing, rollout, batch))
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in ("reward/mean", "rollout/kl"))
+            # already reduced over ranks; sync_dist makes Lightning average identical values (no warning)
+            pl_module.log(
+                key, value, on_step=False, on_epoch=True, prog_bar=key in ("reward/mean", "rollout/kl"), sync_dist=True
+            )
         every = pl_module.hparams.log_samples_every_n_epochs
         if every and rollout % every == 0 and trainer.is_global_zero:
             _log_samples(trainer, pl_module, experience, batch["input_ids"].shape[1], rollout)
@@ -64,6 +70,20 @@ def _perf_metrics(timing: dict[str, float], rollout: int, batch: dict) -> dict[s
         "perf/generation_tokens_per_s": torch.tensor(timing["generated_tokens"] / max(timing["generation_s"], 1e-9)),
         "rollout/prompts_truncated": batch["num_truncated"].float(),
     }
+
+
+def fsdp1_full_params(trainer: L.Trainer):
+    """Under Lightning's ``FSDPStrategy`` (FSDP1) gather all weights once for the whole rollout.
+
+    FSDP2 (``ModelParallelStrategy``) gathers only the actor, in ``make_experience``.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
 
 
 def _all_reduce(trainer: L.Trainer):

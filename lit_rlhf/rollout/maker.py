@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lit_rlhf.models import Actor, GenerationOutput, GenerationSettings, ValueModel
+from lit_rlhf.models.sharding import gathered
 from lit_rlhf.rollout.advantages import AdvantageSettings, AllReduce, compute_advantages, no_reduce
 from lit_rlhf.rollout.experience import Experience
 
@@ -32,6 +33,7 @@ class RolloutSettings:
     advantages: AdvantageSettings
     n_samples_per_prompt: int = 1
     micro_batch_size: int = 16
+    gather_for_generation: bool = True
 
 
 @contextlib.contextmanager
@@ -68,7 +70,8 @@ def make_experience(
     """Generate, score and compute advantages for one batch of left-padded prompts.
 
     1. Repeat each prompt ``n_samples_per_prompt`` times (a prompt's samples stay contiguous).
-    2. Generate with the actor (eval mode, no grad).
+    2. Generate with the actor (eval mode, no grad); a sharded actor's weights are gathered once
+       for the whole generation, not per token (``gather_for_generation``).
     3. Score forwards in micro-batches: old log-probs (actor), reference log-probs (reference
        model, or the actor with its adapter disabled), values (critic, if any).
     4. Sequence scores through ``score_fn`` (reward model or reward function).
@@ -85,7 +88,8 @@ def make_experience(
     with eval_mode(actor, critic, reference):
         # 2.
         start = time.perf_counter()
-        gen = actor.generate(input_ids, attention_mask, settings.generation, generator=generator)
+        with gathered(actor.model, settings.gather_for_generation):
+            gen = actor.generate(input_ids, attention_mask, settings.generation, generator=generator)
         generation_s = time.perf_counter() - start
         num_actions = gen.action_mask.shape[1]
         # 3.

@@ -1,0 +1,120 @@
+"""PPOModule's state beyond weights (seeds, RNG, KL controller), sharding, and Hugging Face export."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lit_rlhf.models import Actor, ValueModel
+from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_model
+
+FROZEN_PREFIXES = ("reference.", "reward_model.")
+
+
+def run_seed() -> int:
+    """The run's seed, as ``seed_everything`` (the config's ``seed_everything``) set it."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def rng_states() -> dict:
+    """Torch (CPU, CUDA) and Python RNG states, in types that load with ``weights_only=True``."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_extras(module, checkpoint: dict) -> None:
+    """Drop the frozen models (reloaded from their paths) and add KL controller, RNG and W&B run id.
+
+    A sharded (FSDP2 distributed) checkpoint keeps the frozen shards: distributed loading reads
+    the whole model state, and each rank writes only its shard of them.
+    """
+    state = checkpoint["state_dict"]
+    if not is_sharded(module.actor.model):
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+    checkpoint["kl_controller"] = module.kl_controller.state_dict()
+    checkpoint["rng_states"] = rng_states()
+    for logger in module.loggers:
+        if isinstance(logger, WandbLogger):
+            checkpoint["wandb_run_id"] = logger.experiment.id
+
+
+def load_extras(module, checkpoint: dict) -> None:
+    """Put the freshly loaded frozen weights back into the checkpoint's state dict, restore the rest."""
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and not is_sharded(module.actor.model):
+        for key, value in module.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES):
+                state.setdefault(key, value)
+    if "kl_controller" in checkpoint:
+        module.kl_controller.load_state_dict(checkpoint["kl_controller"])
+    if "rng_states" in checkpoint:
+        set_rng_states(checkpoint["rng_states"])
+
+
+def shard_models(module, mesh: Any, precision: str | None) -> None:
+    """FSDP2 over the data-parallel mesh: every model, trainable and frozen, sharded per decoder layer."""
+    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "lit_rlhf shards with FSDP2 only: set ModelParallelStrategy(data_parallel_size=<world size>, "
+            "tensor_parallel_size=1)"
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = None
+    if precision is not None and "bf16-mixed" in str(precision):
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    data_parallel = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+    for wrapper in (module.actor, module.reference):
+        if wrapper is not None:
+            shard_model(wrapper.model, data_parallel, policy)
+    for wrapper in (module.critic, module.reward_model):
+        if wrapper is not None:
+            shard_model(wrapper.model, data_parallel, policy, separate_backbone=True)
+
+
+def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, str]:
+    """Write actor (and critic) as single Hugging Face checkpoints; under FSDP2 all ranks must call it
+    (the full weights are gathered collectively) and rank 0 writes.
+    """
+    trainer = module._trainer
+    writer = trainer is None or trainer.is_global_zero
+    paths = {}
+    parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.uses_critic else [])
+    for name, wrapper in parts:
+        state = full_state_dict(wrapper.model)
+        paths[name] = f"{directory}/{name}"
+        if not writer:
+            continue
+        if is_sharded(wrapper.model):
+            wrapper = _unsharded_copy(module, name, wrapper, state)
+        wrapper.save_pretrained(paths[name], merge_lora=merge_lora, tokenizer=module.tokenizer)
+    return paths
+
+
+def _unsharded_copy(module, name: str, sharded, state: dict):
+    """A plain (CPU) copy of a sharded model, rebuilt from its path and loaded with the gathered weights."""
+    from lit_rlhf.modules.ppo_setup import load_settings
+
+    hp = module.hparams
+    settings = load_settings(hp)[0]
+    if name == "actor":
+        copy = Actor.from_pretrained(hp.actor_path, module.tokenizer, settings)
+    else:
+        copy = ValueModel.from_pretrained(hp.critic_path or hp.reward_path or hp.actor_path, settings)
+        copy.set_normalization(sharded.reward_mean.item(), sharded.reward_std.item())
+    copy.model.load_state_dict(state)
+    return copy

@@ -1,0 +1,173 @@
+"""Distributed checks, launched by tests/distributed/test_distributed.py (torchrun, gloo, CPU).
+
+python worker.py train --strategy single|ddp|fsdp --assets DIR --out FILE
+python worker.py stats --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import lit_rlhf.rollout.callback as callback_module  # noqa: E402
+from lit_rlhf import functional as F  # noqa: E402
+from lit_rlhf.models.sharding import full_state_dict  # noqa: E402
+from lit_rlhf.rollout.advantages import global_whiten  # noqa: E402
+from lit_rlhf.rollout.experience import Experience  # noqa: E402
+from lit_rlhf.rollout.maker import rollout_metrics  # noqa: E402
+from tests.helpers import SevensPPO, datamodule  # noqa: E402
+
+ROWS = 8
+
+
+def fixed_experience(module) -> Experience:
+    """8 experiences of different lengths, identical on every rank (seeded)."""
+    actor, critic = module.actor, module.critic
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 14, (ROWS, 6), generator=g)
+    responses = torch.randint(3, 14, (ROWS, 5), generator=g)
+    sequences = torch.cat([prompts, responses], 1)
+    action_mask = torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 5, 1, 2]).unsqueeze(1)
+    attention_mask = torch.cat([torch.ones_like(prompts), action_mask.long()], 1)
+    with torch.no_grad():
+        old = actor(sequences, attention_mask, 5)
+        values = critic(sequences, attention_mask, 5)
+    advantages = F.masked_whiten(torch.randn(ROWS, 5, generator=g), action_mask) * action_mask
+    zeros = torch.zeros(ROWS, 5)
+    return Experience(
+        sequences,
+        attention_mask,
+        action_mask,
+        old,
+        old - 0.01 * torch.rand(ROWS, 5, generator=g),
+        values,
+        zeros,
+        advantages,
+        values + advantages,
+        torch.zeros(ROWS),
+        zeros,
+        torch.zeros(ROWS, dtype=torch.long),
+    )
+
+
+def train(args) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    per_rank = ROWS // world
+    module = SevensPPO(
+        actor_path=f"{args.assets}/policy",
+        max_new_tokens=5,
+        rollout_batch_size=per_rank,
+        score_micro_batch_size=per_rank,
+        mini_batch_size=per_rank,
+        micro_batch_size=2,
+        ppo_epochs=1,
+        critic_path=f"{args.assets}/reward",
+        actor_max_grad_norm=None,
+        critic_max_grad_norm=None,
+        actor_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        critic_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+    )
+
+    def fixed_rollout(models, input_ids, attention_mask, settings, score_fn, kl_coef, rollout_id, generator, reduce):
+        experience = fixed_experience(module)
+        return experience.index(slice(rank * per_rank, (rank + 1) * per_rank)), {
+            "generation_s": 0.0,
+            "scoring_s": 0.0,
+            "advantages_s": 0.0,
+            "generated_tokens": 1.0,
+        }
+
+    callback_module.make_experience = fixed_rollout
+    strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
+    if args.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    assets = {"prompts": f"{args.assets}/prompts.jsonl", "val_prompts": f"{args.assets}/val_prompts.jsonl"}
+    trainer.fit(module, datamodule=datamodule(assets))
+    state = {f"actor.{k}": v for k, v in full_state_dict(module.actor.model).items()}
+    state.update({f"critic.{k}": v for k, v in full_state_dict(module.critic.model).items()})
+    # log-probs of the (possibly sharded) trained actor, and its single-checkpoint export
+    sequences = fixed_experience(module).sequences[:2]
+    with torch.no_grad():
+        state["log_probs"] = module.actor(sequences, torch.ones_like(sequences), 5)
+    module.export_pretrained(f"{args.out}.export")
+    if trainer.is_global_zero:
+        torch.save(state, args.out)
+
+
+def stats(args) -> None:
+    """Two ranks with half the rows each reduce to the single-process statistics."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(1)
+    values, mask = torch.randn(8, 6, generator=g), torch.rand(8, 6, generator=g) > 0.3
+    mask[:, 0] = True
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+
+    def all_reduce(x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    whitened = global_whiten(values[rows], mask[rows], all_reduce)
+    gathered = [torch.zeros_like(whitened) for _ in range(world)]
+    dist.all_gather(gathered, whitened)
+    scores = torch.randn(8, generator=g)
+    exp = Experience(
+        torch.randint(3, 14, (8, 10), generator=g),
+        torch.ones(8, 10, dtype=torch.long),
+        mask,
+        values,
+        values * 0.5,
+        values,
+        values,
+        values,
+        values,
+        scores,
+        values,
+        torch.zeros(8, dtype=torch.long),
+    )
+    eos = torch.tensor([2])
+    distributed = rollout_metrics(exp.index(rows), eos, all_reduce)
+    single = rollout_metrics(exp, eos)
+    if rank == 0:
+        result = {
+            "whiten_max_diff": (torch.cat(gathered) - F.masked_whiten(values, mask)).abs().max().item(),
+            "metrics_max_diff": max(abs(distributed[k].item() - single[k].item()) for k in single),
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["train", "stats"])
+    parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp"])
+    parser.add_argument("--assets")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    train(args) if args.mode == "train" else stats(args)
