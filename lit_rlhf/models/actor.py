@@ -35,6 +35,7 @@ class GenerationSettings:
         top_p: nucleus sampling mass (1.0 disables it).
         top_k: keep only the k most likely tokens (0 disables it).
         stop_at_eos: stop decoding once every row has produced an EOS token.
+        suppress_token_ids: token ids that are never sampled (their logits are masked out).
     """
 
     max_new_tokens: int = 64
@@ -42,6 +43,7 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 0
     stop_at_eos: bool = True
+    suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -87,6 +89,8 @@ def action_mask_from_responses(responses: Tensor, eos_token_ids: Tensor) -> Tens
 
 def sample_tokens(logits: Tensor, settings: GenerationSettings, generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from ``logits [B, V]`` (temperature, then top-k, then top-p)."""
+    if settings.suppress_token_ids:
+        logits = logits.index_fill(-1, logits.new_tensor(settings.suppress_token_ids, dtype=torch.long), float("-inf"))
     if settings.temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / settings.temperature

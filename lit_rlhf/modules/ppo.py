@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import lightning as L
@@ -44,6 +45,7 @@ class PPOModule(L.LightningModule):
         top_p: nucleus sampling mass (1.0 = off).
         top_k: top-k sampling (0 = off).
         n_samples_per_prompt: responses per prompt (contiguous groups for group estimators).
+        suppress_token_ids: token ids never sampled (e.g. pad/bos, or EOS for fixed-length responses).
         val_temperature: validation sampling temperature (None = ``temperature``; 0 = greedy).
         advantage_estimator: ``gae`` (critic), or critic-free ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``.
         clip_eps: PPO ratio clip.
@@ -105,6 +107,7 @@ class PPOModule(L.LightningModule):
         top_p: float = 1.0,
         top_k: int = 0,
         n_samples_per_prompt: int = 1,
+        suppress_token_ids: list[int] | None = None,
         val_temperature: float | None = None,
         advantage_estimator: AdvantageEstimator = "gae",
         clip_eps: float = 0.2,
@@ -156,9 +159,10 @@ class PPOModule(L.LightningModule):
         validate_settings(self.hparams, custom_reward=self._has_custom_reward())
         self.reward_fn = import_reward_fn(reward_fn) if reward_fn else None
         self.val_metric_fns = {name: import_reward_fn(path) for name, path in (val_metrics or {}).items()}
-        self.generation = GenerationSettings(max_new_tokens, temperature, top_p, top_k)
-        self.val_generation = GenerationSettings(
-            max_new_tokens, temperature if val_temperature is None else val_temperature, top_p, top_k
+        suppress = tuple(suppress_token_ids or ())
+        self.generation = GenerationSettings(max_new_tokens, temperature, top_p, top_k, suppress_token_ids=suppress)
+        self.val_generation = dataclasses.replace(
+            self.generation, temperature=temperature if val_temperature is None else val_temperature
         )
         whiten = advantage_estimator != "grpo" if whiten_advantages is None else whiten_advantages
         self.rollout_settings = RolloutSettings(

@@ -23,6 +23,7 @@ class RolloutCallback(L.Callback):
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+        self.last_timing: dict[str, float] = {}  # the latest rollout's phase seconds (benchmarks read it)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -48,6 +49,7 @@ class RolloutCallback(L.Callback):
                 all_reduce,
             )
         pl_module.buffer.fill(experience)
+        self.last_timing = timing
         metrics = rollout_metrics(experience, pl_module.actor.eos_token_ids, all_reduce)
         metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
         pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)

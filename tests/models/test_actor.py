@@ -209,3 +209,12 @@ def test_generation_settings_validate():
         GenerationSettings(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
+
+
+def test_suppressed_tokens_are_never_sampled(actor, tokenizer):
+    input_ids, attention_mask = prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=12, temperature=5.0, suppress_token_ids=(0, 1, 2), stop_at_eos=False)
+    out = actor.generate(input_ids.repeat(8, 1), attention_mask.repeat(8, 1), settings)
+    responses = out.sequences[:, input_ids.shape[1] :]
+    assert not torch.isin(responses, torch.tensor([0, 1, 2])).any()
+    assert out.action_mask.all(), "without EOS every response runs to max_new_tokens"

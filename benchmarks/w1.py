@@ -1,0 +1,224 @@
+"""W1: lit_rlhf's PPO (or GRPO) throughput on the shared W1 workload, through the real training path.
+
+    python benchmarks/w1.py --assets ~/.cache/w1-bench/w1_assets --out results/lit_rlhf_w1_run1.json
+    python benchmarks/w1.py --variant grpo --assets ... --out results/lit_rlhf_grpo_w1_run1.json
+    python benchmarks/w1.py --response-len 96 --prompts 128 ...      # cost-curve points
+
+Runs the same PPOModule, RolloutCallback and Trainer that `lit-rlhf fit` runs (1 warm-up + 5 timed
+iterations; one iteration = one epoch = rollout + PPO updates), and writes a JSON result with the
+fields the shared summarize.py reads. Imports nothing from the shared harness: the FLOP model and
+the matmul ceiling are computed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lit_rlhf import PPOModule, PromptDataModule  # noqa: E402
+
+WARMUP, TIMED = 1, 5
+
+
+class TokenPrompts(PromptDataModule):
+    """W1's prompts are token ids already (24 each, no padding): serve them as they are."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.ids: list[list[int]] = []
+
+    def setup(self, stage: str) -> None:
+        with open(self.hparams.path) as f:
+            self.ids = [json.loads(line)["input_ids"] for line in f]
+        self.train_prompts = [str(i) for i in range(len(self.ids))]
+
+    def rollout_prompts(self, rollout: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+        start = (rollout * batch_size * world_size + rank * batch_size) % (len(self.ids) - batch_size + 1)
+        input_ids = torch.tensor(self.ids[start : start + batch_size])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "num_truncated": torch.tensor(0)}
+
+    def val_dataloader(self):
+        return []
+
+
+class IterationTimer(L.Callback):
+    """Wall time of each epoch (= one W1 iteration) and its split into phases."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.phases: list[dict[str, float]] = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        total = time.perf_counter() - self.start
+        timing = next(c for c in trainer.callbacks if hasattr(c, "last_timing")).last_timing
+        rollout = timing["generation_s"] + timing["scoring_s"] + timing["advantages_s"]
+        self.seconds.append(total)
+        self.phases.append(
+            {
+                "1_generation": timing["generation_s"],
+                "2_scoring": timing["scoring_s"],
+                "3_advantages": timing["advantages_s"],
+                "4_training": total - rollout,
+            }
+        )
+
+
+def matmul_gflops(n: int = 2048, reps: int = 7) -> dict:
+    """fp32 n^3 matmul rate now (median and best of ``reps``): the machine's speed for this run."""
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(2):
+        torch.matmul(a, b, out=c)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        times.append(time.perf_counter() - start)
+    flop = 2 * n**3 / 1e9
+    return {"median": round(flop / statistics.median(times), 1), "best": round(flop / min(times), 1)}
+
+
+def flops_per_iteration(config, rows: int, prompt_len: int, response_len: int, critic: bool) -> dict:
+    """Matmul FLOPs of one iteration (multiply-add = 2): generation with a KV cache, scoring forwards
+    over all tokens (old, reference, and with a critic value and reward), training = 3x forward."""
+    d, layers, ffn, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    body = layers * (4 * d * d + 3 * d * ffn)  # q, k, v, o + gate, up, down (no GQA in W1)
+    total_len = prompt_len + response_len
+
+    def attention(query_positions) -> float:  # QK^T and AV over causal context, per layer
+        return rows * layers * 4 * d * sum(p + 1 for p in query_positions)
+
+    generation = 2 * body * rows * (total_len - 1) + 2 * d * vocab * rows * response_len
+    generation += attention(range(total_len - 1))
+    lm_forward = 2 * (body + d * vocab) * rows * total_len + attention(range(total_len))
+    value_forward = 2 * (body + d) * rows * total_len + attention(range(total_len))
+    scoring = 2 * lm_forward + (2 * value_forward if critic else value_forward)
+    training = 3 * lm_forward + (3 * value_forward if critic else 0)
+    return {
+        "generation": generation,
+        "scoring": scoring,
+        "training": training,
+        "total": generation + scoring + training,
+    }
+
+
+def build_module(assets: Path, workdir: Path, variant: str, prompts: int, response_len: int) -> PPOModule:
+    # lit_rlhf loads a tokenizer beside each model: give the policy and reward dirs W1's tokenizer
+    for name in ("policy", "reward"):
+        shutil.copytree(assets / name, workdir / name)
+        for f in (assets / "tokenizer").iterdir():
+            shutil.copy(f, workdir / name / f.name)
+    group = 4 if variant == "grpo" else 1
+    common = dict(
+        actor_path=str(workdir / "policy"),
+        reward_path=str(workdir / "reward"),
+        max_new_tokens=response_len,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        suppress_token_ids=[0, 1, 2],
+        n_samples_per_prompt=group,
+        rollout_batch_size=prompts // group,
+        score_micro_batch_size=prompts,
+        mini_batch_size=prompts // 4,
+        micro_batch_size=prompts // 4,
+        ppo_epochs=1,
+        clip_eps=0.2,
+        kl_coef=0.05,
+        gamma=1.0,
+        lam=0.95,
+        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, foreach=True),
+        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, foreach=True),
+        log_samples_every_n_epochs=0,
+    )
+    if variant == "grpo":
+        return PPOModule(**common, advantage_estimator="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.04)
+    return PPOModule(**common, advantage_estimator="gae", value_clip_eps=0.2, kl_estimator="k1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--assets", type=Path, required=True, help="W1 assets (tokenizer/, policy/, reward/, prompts.jsonl)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="result JSON path")
+    parser.add_argument("--variant", choices=["ppo", "grpo"], default="ppo")
+    parser.add_argument("--prompts", type=int, default=64, help="sequences per rollout (W1: 64)")
+    parser.add_argument("--response-len", type=int, default=48, help="sampled tokens per sequence (W1: 48)")
+    args = parser.parse_args()
+    for need in ("tokenizer", "policy", "reward", "prompts.jsonl"):
+        if not (args.assets / need).exists():
+            sys.exit(f"W1 assets missing {args.assets / need}: build them with the shared make_w1_assets.py")
+    torch.set_num_threads(2)
+    L.seed_everything(0, verbose=False)
+    matmul_before = matmul_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        module = build_module(args.assets, Path(tmp), args.variant, args.prompts, args.response_len)
+        timer = IterationTimer()
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=WARMUP + TIMED,
+            callbacks=[timer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl")))
+        config = module.actor.model.config
+    matmul_after = matmul_gflops()
+    timed, phases = timer.seconds[WARMUP:], timer.phases[WARMUP:]
+    median = statistics.median(timed)
+    rows = args.prompts
+    flops = flops_per_iteration(config, rows, 24, args.response_len, critic=args.variant == "ppo")
+    ceiling = 0.5 * (matmul_before["median"] + matmul_after["median"]) * 1e9
+    name = f"lit_rlhf_{'grpo_' if args.variant == 'grpo' else ''}w1"
+    if (args.prompts, args.response_len) != (64, 48):
+        name += f"_p{args.prompts}_r{args.response_len}"
+    result = {
+        "benchmark": name,
+        "iter_seconds_timed": [round(t, 4) for t in timed],
+        "median_s_per_iter": round(median, 4),
+        "generated_tokens_per_iter": rows * args.response_len,
+        "generated_tokens_per_s": round(rows * args.response_len / median, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "phase_median_s": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
+        "matmul_2048_gflops_before": matmul_before,
+        "matmul_2048_gflops_after": matmul_after,
+        "flops_per_iter": flops,
+        "lower_bound_s": round(flops["total"] / ceiling, 4),
+        "ratio_to_lower_bound": round(median / (flops["total"] / ceiling), 3),
+        "versions": {"torch": torch.__version__, "lightning": L.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"median {median:.3f} s/iter  ({', '.join(f'{t:.3f}' for t in timed)})")
+    print(f"phases {result['phase_median_s']}")
+    print(
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB; matmul {matmul_before['median']}/{matmul_after['median']} GFLOP/s; "
+        f"ratio to FLOP bound {result['ratio_to_lower_bound']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
