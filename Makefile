@@ -22,13 +22,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 test: install
-	$(VENV)/bin/ruff check lit_rlhf tests
-	$(VENV)/bin/ruff format --check lit_rlhf tests
+	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
+	$(VENV)/bin/ruff format --check lit_rlhf tests benchmarks train.py
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check lit_rlhf tests
-	$(VENV)/bin/ruff format --check lit_rlhf tests
+	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
+	$(VENV)/bin/ruff format --check lit_rlhf tests benchmarks train.py
 
 # The embedded pipeline. Each stage's output is a file target, so a second `make demo` goes
 # straight to PPO; `make assets` rebuilds the data and the SFT and reward-model checkpoints.

@@ -215,7 +215,8 @@ def main() -> None:
     print(f"median {median:.3f} s/iter  ({', '.join(f'{t:.3f}' for t in timed)})")
     print(f"phases {result['phase_median_s']}")
     print(
-        f"peak RSS {result['peak_rss_mib']:.0f} MiB; matmul {matmul_before['median']}/{matmul_after['median']} GFLOP/s; "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB; "
+        f"matmul {matmul_before['median']}/{matmul_after['median']} GFLOP/s; "
         f"ratio to FLOP bound {result['ratio_to_lower_bound']:.2f}x"
     )
 
