@@ -141,7 +141,6 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
         micro_batch_size=prompts // 4,
         ppo_epochs=1,
         clip_eps=0.2,
-        kl_coef=0.05,
         gamma=1.0,
         lam=0.95,
         actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, foreach=True),
@@ -150,7 +149,7 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
     )
     if variant == "grpo":
         return PPOModule(**common, advantage_estimator="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.04)
-    return PPOModule(**common, advantage_estimator="gae", value_clip_eps=0.2, kl_estimator="k1")
+    return PPOModule(**common, advantage_estimator="gae", value_clip_eps=0.2, kl_estimator="k1", kl_coef=0.05)
 
 
 def main() -> None:

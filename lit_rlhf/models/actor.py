@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, StaticCache
 
 from lit_rlhf.functional import entropy_from_logits, log_probs_from_logits
 from lit_rlhf.models.loading import (
@@ -165,15 +165,17 @@ class Actor(nn.Module):
 
         ``generator`` (on the model's device) makes sampling independent of the global RNG.
         """
-        eos_ids, (batch, _) = self.eos_token_ids, input_ids.shape
-        mask = attention_mask.long()
-        positions = position_ids_from_mask(mask)
-        cache = DynamicCache(config=self.model.config)
+        eos_ids, (batch, prompt_len) = self.eos_token_ids, input_ids.shape
+        # a pre-allocated cache: decoding writes into it instead of concatenating K/V every step
+        cache = StaticCache(config=self.model.config, max_cache_len=prompt_len + settings.max_new_tokens)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, settings.max_new_tokens)], dim=1)
+        positions = position_ids_from_mask(attention_mask)
         logits = self.model(
             input_ids=input_ids,
-            attention_mask=mask,
+            attention_mask=mask[:, :prompt_len],
             position_ids=positions,
             past_key_values=cache,
+            cache_position=torch.arange(prompt_len, device=input_ids.device),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -188,12 +190,13 @@ class Actor(nn.Module):
             finished = finished | torch.isin(token, eos_ids)
             if step == settings.max_new_tokens - 1 or (settings.stop_at_eos and bool(finished.all())):
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            length = prompt_len + step + 1
             logits = self.model(
                 input_ids=token.unsqueeze(1),
-                attention_mask=mask,
+                attention_mask=mask[:, :length],
                 position_ids=next_position,
                 past_key_values=cache,
+                cache_position=torch.tensor([length - 1], device=input_ids.device),
                 use_cache=True,
             ).logits[:, -1]
             next_position = next_position + 1
@@ -223,14 +226,22 @@ class Actor(nn.Module):
         return log_probs_from_logits(logits, sequences[:, -num_actions:], temperature)
 
     def log_probs_and_entropy(
-        self, sequences: Tensor, attention_mask: Tensor, num_actions: int, temperature: float = 1.0
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        num_actions: int,
+        temperature: float = 1.0,
+        entropy_grad: bool = True,
     ) -> ActionLogits:
-        """Action log-probs and per-token entropy ``[B, A]`` from one forward pass."""
+        """Action log-probs and per-token entropy ``[B, A]`` from one forward pass.
+
+        ``entropy_grad=False`` computes the entropy outside the autograd graph (for logging only),
+        so the backward pass skips a softmax over the vocabulary.
+        """
         logits = self.action_logits(sequences, attention_mask, num_actions)
-        return ActionLogits(
-            log_probs_from_logits(logits, sequences[:, -num_actions:], temperature),
-            entropy_from_logits(logits, temperature),
-        )
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
+        return ActionLogits(log_probs_from_logits(logits, sequences[:, -num_actions:], temperature), entropy)
 
     def save_pretrained(
         self, path: str, merge_lora: bool = True, tokenizer: PreTrainedTokenizerBase | None = None

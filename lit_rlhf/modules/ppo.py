@@ -84,6 +84,8 @@ class PPOModule(L.LightningModule):
         lora_target_modules: modules that get adapters (``all-linear`` or a list of names).
         load_in_4bit: load base weights in 4-bit NF4 (gpu extra; needs LoRA).
         gradient_checkpointing: recompute activations in the backward pass.
+        recompute_old_log_probs: compute the rollout's old log-probs with a separate full forward
+            instead of reusing the sampler's (same within float tolerance; one more forward pass).
         gather_for_generation: under FSDP2, gather the actor's full weights once per rollout for
             generation (one extra full copy of the actor per rank while generating) instead of
             all-gathering every layer for every generated token (slow, but no extra memory).
@@ -146,6 +148,7 @@ class PPOModule(L.LightningModule):
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
         gather_for_generation: bool = True,
+        recompute_old_log_probs: bool = False,
         log_samples_every_n_epochs: int = 1,
         num_logged_samples: int = 8,
         val_metrics: dict[str, str] | None = None,
@@ -173,6 +176,7 @@ class PPOModule(L.LightningModule):
             n_samples_per_prompt=n_samples_per_prompt,
             micro_batch_size=score_micro_batch_size,
             gather_for_generation=gather_for_generation,
+            recompute_old_log_probs=recompute_old_log_probs,
         )
         self.loss_weights = PPOLossWeights(
             clip_eps, clip_eps_high, dual_clip, value_clip_eps, entropy_coef, kl_estimator, kl_penalty == "loss"

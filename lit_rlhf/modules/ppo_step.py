@@ -35,7 +35,9 @@ def ppo_micro_step(
     Actor and critic share no parameters, so their losses are summed into one backward pass.
     """
     mask, num_actions = micro.action_mask, micro.num_actions
-    log_probs, entropy = actor.log_probs_and_entropy(micro.sequences, micro.attention_mask, num_actions, temperature)
+    log_probs, entropy = actor.log_probs_and_entropy(
+        micro.sequences, micro.attention_mask, num_actions, temperature, entropy_grad=weights.entropy_coef != 0
+    )
     clip = (weights.clip_eps, weights.clip_eps_high)
     loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, weights.dual_clip)
     mean_entropy = F.masked_mean(entropy, mask)
@@ -45,7 +47,8 @@ def ppo_micro_step(
         "policy/clip_fraction": F.clip_fraction(log_probs.detach(), micro.old_log_probs, mask, *clip),
         "policy/approx_kl": F.masked_mean(F.approx_kl(log_probs.detach(), micro.old_log_probs, "k3"), mask),
     }
-    loss = loss - weights.entropy_coef * mean_entropy
+    if weights.entropy_coef:
+        loss = loss - weights.entropy_coef * mean_entropy
     if weights.kl_in_loss:
         kl = F.masked_mean(F.approx_kl(log_probs, micro.ref_log_probs, weights.kl_estimator), mask)
         stats["policy/kl_loss"] = kl.detach()

@@ -34,6 +34,7 @@ class RolloutSettings:
     n_samples_per_prompt: int = 1
     micro_batch_size: int = 16
     gather_for_generation: bool = True
+    recompute_old_log_probs: bool = False
 
 
 @contextlib.contextmanager
@@ -72,8 +73,10 @@ def make_experience(
     1. Repeat each prompt ``n_samples_per_prompt`` times (a prompt's samples stay contiguous).
     2. Generate with the actor (eval mode, no grad); a sharded actor's weights are gathered once
        for the whole generation, not per token (``gather_for_generation``).
-    3. Score forwards in micro-batches: old log-probs (actor), reference log-probs (reference
-       model, or the actor with its adapter disabled), values (critic, if any).
+    3. Score forwards in micro-batches: reference log-probs (reference model, or the actor with its
+       adapter disabled), values (critic, if any). Old log-probs are the ones the sampler computed
+       while decoding (equal to a full forward's within float tolerance), unless
+       ``recompute_old_log_probs`` asks for a separate actor forward.
     4. Sequence scores through ``score_fn`` (reward model or reward function).
     5. KL, token rewards, advantages and returns with ``lit_rlhf.functional``.
 
@@ -94,7 +97,10 @@ def make_experience(
         num_actions = gen.action_mask.shape[1]
         # 3.
         start = time.perf_counter()
-        old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
+        if settings.recompute_old_log_probs:
+            old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
+        else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
+            old_log_probs = gen.log_probs
         if reference is None:
             with actor.adapter_disabled():
                 ref_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)

@@ -338,3 +338,14 @@ def test_adaptive_kl_controller_moves_the_coefficient_during_training(make, tmp_
     coefs = metrics(t)["rollout/kl_coef"].dropna().tolist()
     # KL far below target: error clipped to -0.2, 16 samples per rollout -> beta *= 1 - 0.2 * 16 / 100
     assert coefs == pytest.approx([0.1, 0.1 * 0.968, 0.1 * 0.968**2], rel=1e-6)
+
+
+def test_recompute_old_log_probs_uses_a_full_forward(make, tmp_path):
+    module = make(recompute_old_log_probs=True)
+    fit(tmp_path, module, 1)
+    exp = module.buffer.experience
+    before_update = make(recompute_old_log_probs=True)  # same seed, same weights as the rollout saw
+    before_update.configure_model()
+    with torch.no_grad():
+        forward = before_update.actor(exp.sequences, exp.attention_mask, exp.num_actions, 1.0)
+    assert torch.equal(exp.old_log_probs, forward)
