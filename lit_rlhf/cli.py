@@ -102,12 +102,12 @@ def load_checkpoint(path: str) -> dict:
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     default_wandb_mode()
-    if args and args[0] == "export":
-        export(args[1:])
+    if argv and argv[0] == "export":
+        export(argv[1:])
         return
-    LitRLHFCLI(args=args)
+    LitRLHFCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
