@@ -1,7 +1,7 @@
 """W1: lit_rlhf's PPO (or GRPO) throughput on the shared W1 workload, through the real training path.
 
     python benchmarks/w1.py --assets ~/.cache/w1-bench/w1_assets --out results/lit_rlhf_w1_run1.json
-    python benchmarks/w1.py --variant grpo --assets ... --out results/lit_rlhf_grpo_w1_run1.json
+    python benchmarks/w1.py --variant grpo --assets ... --out results/lit_rlhf_grpo_w1_run1.json   # W1-GRPO
     python benchmarks/w1.py --response-len 96 --prompts 128 ...      # cost-curve points
 
 Runs the same PPOModule, RolloutCallback and Trainer that `lit-rlhf fit` runs (1 warm-up + 5 timed
@@ -56,6 +56,13 @@ class TokenPrompts(PromptDataModule):
         return []
 
 
+class DigitFractionPPO(PPOModule):
+    """W1-GRPO's rule-based reward: the share of digit characters in each response (no reward model)."""
+
+    def compute_reward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([sum(c.isdigit() for c in r) / max(1, len(r)) for r in responses])
+
+
 class IterationTimer(L.Callback):
     """Wall time of each epoch (= one W1 iteration) and its split into phases."""
 
@@ -97,7 +104,11 @@ def matmul_gflops(n: int = 2048, reps: int = 7) -> dict:
 
 def flops_per_iteration(config, rows: int, prompt_len: int, response_len: int, critic: bool) -> dict:
     """Matmul FLOPs of one iteration (multiply-add = 2): generation with a KV cache, scoring forwards
-    over all tokens (old, reference, and with a critic value and reward), training = 3x forward."""
+    over all tokens (old, reference, and for PPO value and reward), training = 3x forward.
+
+    The old-log-prob forward is counted although lit_rlhf reuses the sampler's log-probs: the bound
+    is the workload's, the same for every trainer.
+    """
     d, layers, ffn, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
     body = layers * (4 * d * d + 3 * d * ffn)  # q, k, v, o + gate, up, down (no GQA in W1)
     total_len = prompt_len + response_len
@@ -109,7 +120,7 @@ def flops_per_iteration(config, rows: int, prompt_len: int, response_len: int, c
     generation += attention(range(total_len - 1))
     lm_forward = 2 * (body + d * vocab) * rows * total_len + attention(range(total_len))
     value_forward = 2 * (body + d) * rows * total_len + attention(range(total_len))
-    scoring = 2 * lm_forward + (2 * value_forward if critic else value_forward)
+    scoring = 2 * lm_forward + (2 * value_forward if critic else 0)  # old + reference (+ value, reward)
     training = 3 * lm_forward + (3 * value_forward if critic else 0)
     return {
         "generation": generation,
@@ -148,7 +159,10 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
         log_samples_every_n_epochs=0,
     )
     if variant == "grpo":
-        return PPOModule(**common, advantage_estimator="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.04)
+        common.pop("reward_path")
+        return DigitFractionPPO(
+            **common, advantage_estimator="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.05
+        )
     return PPOModule(**common, advantage_estimator="gae", value_clip_eps=0.2, kl_estimator="k1", kl_coef=0.05)
 
 
