@@ -31,3 +31,17 @@ def load_records(path: str, split: str = "train") -> list[dict]:
     if len(dataset) == 0:
         raise ValueError(f"dataset {path!r} is empty; it needs at least one record")
     return dataset.to_list()
+
+
+def split_train_val(records: list, path: str, val_records: list | None, val_size: int, seed: int) -> tuple[list, list]:
+    """``(train, val)``: ``val_records`` when given, else ``val_size`` records split off at random (seeded)."""
+    if val_records is not None:
+        return records, val_records
+    if not val_size:
+        return records, []
+    if val_size >= len(records):
+        raise ValueError(f"val_size={val_size} leaves no training records out of {len(records)} in {path!r}")
+    import torch
+
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]

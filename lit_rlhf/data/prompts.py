@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.files import load_records
+from lit_rlhf.data.files import load_records, split_train_val
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,8 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_prompts:
             return
         hp = self.hparams
-        prompts = self._read(hp.path)
-        if hp.val_path is not None:
-            self.val_prompts = self._read(hp.val_path)
-        elif hp.val_size:
-            if hp.val_size >= len(prompts):
-                raise ValueError(
-                    f"val_size={hp.val_size} leaves no training prompts out of {len(prompts)} in {hp.path!r}"
-                )
-            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-            self.val_prompts = [prompts[i] for i in order[: hp.val_size]]
-            prompts = [prompts[i] for i in order[hp.val_size :]]
-        self.train_prompts = prompts
+        val = self._read(hp.val_path) if hp.val_path is not None else None
+        self.train_prompts, self.val_prompts = split_train_val(self._read(hp.path), hp.path, val, hp.val_size, hp.seed)
         self.tokenizer = self._tokenizer()
 
     def _read(self, path: str) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.files import load_records
+from lit_rlhf.data.files import load_records, split_train_val
 
 IGNORE_INDEX = -100
 
@@ -66,16 +66,8 @@ class PairDataModule(L.LightningDataModule):
         if self.train_records:
             return
         hp = self.hparams
-        records = self._read(hp.path)
-        if hp.val_path is not None:
-            self.val_records = self._read(hp.val_path)
-        elif hp.val_size:
-            if hp.val_size >= len(records):
-                raise ValueError(f"val_size={hp.val_size} leaves no training records in {hp.path!r}")
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-            self.val_records = [records[i] for i in order[: hp.val_size]]
-            records = [records[i] for i in order[hp.val_size :]]
-        self.train_records = records
+        val = self._read(hp.val_path) if hp.val_path is not None else None
+        self.train_records, self.val_records = split_train_val(self._read(hp.path), hp.path, val, hp.val_size, hp.seed)
         # tokenised once here, not in every batch's collate
         self.train_examples = [self.encode(r) for r in self.train_records]
         self.val_examples = [self.encode(r) for r in self.val_records]

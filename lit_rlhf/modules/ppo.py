@@ -18,7 +18,7 @@ from lit_rlhf.models.loading import AttnImplementation, DType
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_setup import build_models, validate_settings
 from lit_rlhf.modules.ppo_step import PPOLossWeights, ppo_micro_step, step_optimizer
-from lit_rlhf.modules.schedule import cosine_with_warmup
+from lit_rlhf.modules.schedule import cosine_with_warmup, make_optimizer
 from lit_rlhf.rollout.advantages import CRITIC_FREE, AdvantageEstimator, AdvantageSettings
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import ExperienceBuffer
@@ -262,9 +262,9 @@ class PPOModule(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizers = [_make_optimizer(self.actor_optimizer, self.actor, ACTOR_LR)]
+        optimizers = [make_optimizer(self.actor_optimizer, self.actor, ACTOR_LR)]
         if self.uses_critic:
-            optimizers.append(_make_optimizer(self.critic_optimizer, self.critic, CRITIC_LR))
+            optimizers.append(make_optimizer(self.critic_optimizer, self.critic, CRITIC_LR))
         total = self.trainer.max_epochs * len(self.buffer) if self.trainer.max_epochs else None
         schedule = cosine_with_warmup(self.hparams.warmup_updates, self.hparams.lr_decay, total)
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
@@ -358,10 +358,3 @@ class PPOModule(L.LightningModule):
         Under FSDP2 every rank must call this (the full weights are gathered); rank 0 writes.
         """
         return export_models(self, directory, merge_lora)
-
-
-def _make_optimizer(factory: OptimizerCallable | None, model: torch.nn.Module, default_lr: float):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if factory is None:
-        return torch.optim.AdamW(params, lr=default_lr, foreach=True)
-    return factory(params)

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.models import LoadSettings, LoraSettings, ValueModel, load_tokenizer
 from lit_rlhf.models.loading import AttnImplementation, DType
-from lit_rlhf.modules.schedule import optimizer_with_schedule
+from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0) -> Tensor:
@@ -95,8 +95,7 @@ class RewardModelModule(L.LightningModule):
             self.val_scores.clear()
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params) if self.optimizer else torch.optim.AdamW(params, lr=1e-5, foreach=True)
+        optimizer = make_optimizer(self.optimizer, self.model, default_lr=1e-5)
         return optimizer_with_schedule(optimizer, self.hparams.warmup_steps, self.hparams.lr_decay, self.trainer)
 
     def on_train_end(self) -> None:

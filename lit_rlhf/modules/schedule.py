@@ -1,4 +1,4 @@
-"""Learning-rate schedules shared by the modules."""
+"""Optimizers and learning-rate schedules shared by the modules."""
 
 from __future__ import annotations
 
@@ -31,3 +31,11 @@ def optimizer_with_schedule(optimizer, warmup: int, decay: str, trainer) -> dict
     schedule = cosine_with_warmup(warmup, decay, trainer.estimated_stepping_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def make_optimizer(factory, model: torch.nn.Module, default_lr: float) -> torch.optim.Optimizer:
+    """``factory`` (an ``OptimizerCallable``) over ``model``'s trainable parameters, or AdamW at ``default_lr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if factory is None:
+        return torch.optim.AdamW(params, lr=default_lr, foreach=True)
+    return factory(params)

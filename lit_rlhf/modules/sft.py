@@ -12,7 +12,7 @@ from torch import Tensor
 from lit_rlhf.data.sft import IGNORE_INDEX
 from lit_rlhf.models import Actor, LoadSettings, LoraSettings, load_tokenizer
 from lit_rlhf.models.loading import AttnImplementation, DType
-from lit_rlhf.modules.schedule import optimizer_with_schedule
+from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
 
 
 class SFTModule(L.LightningModule):
@@ -86,8 +86,7 @@ class SFTModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/token_accuracy": accuracy}, prog_bar=True)
 
     def configure_optimizers(self):
-        params = [p for p in self.actor.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params) if self.optimizer else torch.optim.AdamW(params, lr=2e-5, foreach=True)
+        optimizer = make_optimizer(self.optimizer, self.actor, default_lr=2e-5)
         return optimizer_with_schedule(optimizer, self.hparams.warmup_steps, self.hparams.lr_decay, self.trainer)
 
     def on_train_end(self) -> None:
