@@ -23,8 +23,8 @@ from lit_rlhf.rollout.advantages import CRITIC_FREE, AdvantageEstimator, Advanta
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import ExperienceBuffer
 from lit_rlhf.rollout.kl_control import AdaptiveKLController, KLController
-from lit_rlhf.rollout.maker import RolloutSettings, ends_with_eos, in_micro_batches
-from lit_rlhf.rollout.rewards import call_reward, import_reward_fn
+from lit_rlhf.rollout.maker import RolloutSettings, ends_with_eos, in_micro_batches, reference_log_probs
+from lit_rlhf.rollout.rewards import call_reward, check_scores, import_reward_fn
 
 ACTOR_LR, CRITIC_LR = 1e-6, 1e-5
 
@@ -237,8 +237,7 @@ class PPOModule(L.LightningModule):
                 gen,
                 hp.score_micro_batch_size,
             )
-            prompts, responses = self.decode(gen, prompt_len)
-            scores = call_reward(lambda p, r: scores, "reward model", prompts, responses, self.device)
+            scores = check_scores(scores, "reward model", len(scores), lambda i: self.decode_row(gen, prompt_len, i))
         else:
             prompts, responses = self.decode(gen, prompt_len)
             fn, name = (self.reward_fn, hp.reward_fn) if self.reward_fn else (self.compute_reward, self._reward_name())
@@ -252,6 +251,13 @@ class PPOModule(L.LightningModule):
 
     def _reward_name(self) -> str:
         return f"{type(self).__qualname__}.compute_reward"
+
+    def decode_row(self, gen: GenerationOutput, prompt_len: int, row: int) -> tuple[str, str]:
+        """Prompt and response text of one row (for error messages)."""
+        prompts, responses = self.decode(
+            gen._replace(sequences=gen.sequences[row : row + 1], action_mask=gen.action_mask[row : row + 1]), prompt_len
+        )
+        return prompts[0], responses[0]
 
     def decode(self, gen: GenerationOutput, prompt_len: int) -> tuple[list[str], list[str]]:
         """Prompt and response texts (special tokens dropped; responses end at their first EOS)."""
@@ -320,14 +326,15 @@ class PPOModule(L.LightningModule):
         prompt_len, num_actions = batch["input_ids"].shape[1], gen.action_mask.shape[1]
         self.val_reward.update(self.score_responses(gen, prompt_len))
         self.log("val/reward", self.val_reward, on_epoch=True, prog_bar=True)
-        temperature = self.val_generation.scoring_temperature
-        log_probs = self.actor(gen.sequences, gen.attention_mask, num_actions, temperature)
-        if self.reference is None:
-            with self.actor.adapter_disabled():
-                ref_log_probs = self.actor(gen.sequences, gen.attention_mask, num_actions, temperature)
-        else:
-            ref_log_probs = self.reference(gen.sequences, gen.attention_mask, num_actions, temperature)
-        self.val_kl.update(torch.where(gen.action_mask, log_probs - ref_log_probs, 0.0).sum(-1))
+        ref_log_probs = reference_log_probs(
+            self.actor,
+            self.reference,
+            gen.sequences,
+            gen.attention_mask,
+            num_actions,
+            self.val_generation.scoring_temperature,
+        )  # the policy's own log-probs come from the sampler: no second actor forward
+        self.val_kl.update(torch.where(gen.action_mask, gen.log_probs - ref_log_probs, 0.0).sum(-1))
         self.log("val/kl", self.val_kl, on_epoch=True)
         if self.val_metric_fns:
             prompts, responses = self.decode(gen, prompt_len)

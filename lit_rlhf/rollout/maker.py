@@ -56,6 +56,21 @@ def in_micro_batches(fn: Callable[[Tensor, Tensor], Tensor], gen: GenerationOutp
     return torch.cat([fn(s, m) for s, m in zip(gen.sequences.split(size), gen.attention_mask.split(size), strict=True)])
 
 
+def reference_log_probs(
+    actor: Actor,
+    reference: Actor | None,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    num_actions: int,
+    temperature: float,
+) -> Tensor:
+    """Reference-policy log-probs ``[B, A]``: the reference model, or the actor with its adapter disabled."""
+    if reference is not None:
+        return reference(sequences, attention_mask, num_actions, temperature)
+    with actor.adapter_disabled():
+        return actor(sequences, attention_mask, num_actions, temperature)
+
+
 @torch.no_grad()
 def make_experience(
     models: RolloutModels,
@@ -101,11 +116,9 @@ def make_experience(
             old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
         else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
             old_log_probs = gen.log_probs
-        if reference is None:
-            with actor.adapter_disabled():
-                ref_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
-        else:
-            ref_log_probs = in_micro_batches(lambda s, m: reference(s, m, num_actions, temperature), gen, micro)
+        ref_log_probs = in_micro_batches(
+            lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro
+        )
         if critic is not None:
             values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro)
         else:

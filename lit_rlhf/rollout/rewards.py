@@ -30,7 +30,7 @@ def import_reward_fn(path: str) -> RewardFn:
 
 
 def call_reward(fn: RewardFn, name: str, prompts: list[str], responses: list[str], device: torch.device) -> Tensor:
-    """Call ``fn`` and check its result: a finite float tensor of shape ``[B]``.
+    """Call ``fn`` and check its result (see :func:`check_scores`).
 
     Raises:
         RewardError: naming the reward ``name`` and, for bad values, the offending sample.
@@ -40,15 +40,24 @@ def call_reward(fn: RewardFn, name: str, prompts: list[str], responses: list[str
     except Exception as err:
         raise RewardError(f"reward {name} raised {type(err).__name__}: {err}") from err
     scores = torch.as_tensor(scores, dtype=torch.float32, device=device)
-    if scores.shape != (len(prompts),):
+    return check_scores(scores, name, len(prompts), lambda i: (prompts[i], responses[i]))
+
+
+def check_scores(scores: Tensor, name: str, batch_size: int, sample: Callable[[int], tuple[str, str]]) -> Tensor:
+    """Check that ``scores`` is a finite tensor of shape ``[batch_size]``.
+
+    ``sample(i)`` gives the prompt and response of row ``i``; it is called only to describe a bad row.
+    """
+    if scores.shape != (batch_size,):
         raise RewardError(
-            f"reward {name} returned shape {tuple(scores.shape)}; expected ({len(prompts)},): one score per response"
+            f"reward {name} returned shape {tuple(scores.shape)}; expected ({batch_size},): one score per response"
         )
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):  # one sync per scoring call
+        i = int((~finite).nonzero()[0])
+        prompt, response = sample(i)
         raise RewardError(
             f"reward {name} returned {scores[i].item()} for sample {i} "
-            f"(prompt {prompts[i]!r}, response {responses[i]!r}); rewards must be finite"
+            f"(prompt {prompt!r}, response {response!r}); rewards must be finite"
         )
     return scores

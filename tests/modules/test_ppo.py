@@ -1,6 +1,7 @@
 """PPOModule end to end on the tiny task: data flow, learning, critic-free runs, resume, bad input."""
 
 import copy
+import re
 
 import lightning as L
 import pytest
@@ -349,3 +350,18 @@ def test_recompute_old_log_probs_uses_a_full_forward(make, tmp_path):
     with torch.no_grad():
         forward = before_update.actor(exp.sequences, exp.attention_mask, exp.num_actions, 1.0)
     assert torch.equal(exp.old_log_probs, forward)
+
+
+def test_reward_model_returning_nan_names_the_sample(make, monkeypatch):
+    from lit_rlhf.models import GenerationOutput
+
+    module = make(PPOModule, reward_path=make().assets["reward"])
+    module.configure_model()
+    sequences = torch.tensor([[1, 5, 4, 6, 7, 2], [1, 6, 4, 5, 8, 2]])
+    gen = GenerationOutput(sequences, torch.ones_like(sequences), torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2))
+    monkeypatch.setattr(module.reward_model, "score", lambda s, m, normalize=False: torch.tensor([0.5, float("nan")]))
+    prompt, response = module.decode_row(gen, 4, 1)
+    with pytest.raises(
+        RewardError, match=re.escape(f"reward model returned nan for sample 1 (prompt '{prompt}', response")
+    ):
+        module.score_responses(gen, 4)
