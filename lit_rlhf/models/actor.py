@@ -23,6 +23,7 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
+from lit_rlhf.models.padding import pack_rows, unpack, valid_window
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,16 @@ class Actor(nn.Module):
         model: a ``*ForCausalLM`` model, or a peft model wrapping one.
         eos_token_ids: token ids that end a response.
         pad_token_id: id written after a row's EOS.
+        padding_free: pack the rows of every scoring/training forward into one row without padding
+            (worth it with ``flash_attention_2``; see ``lit_rlhf.models.padding``).
     """
 
-    def __init__(self, model: nn.Module, eos_token_ids: list[int], pad_token_id: int) -> None:
+    def __init__(
+        self, model: nn.Module, eos_token_ids: list[int], pad_token_id: int, padding_free: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
+        self.padding_free = padding_free
         self.register_buffer("eos_token_ids", torch.tensor(eos_token_ids, dtype=torch.long), persistent=False)
         self.pad_token_id = pad_token_id
 
@@ -210,15 +216,32 @@ class Actor(nn.Module):
         )
 
     def action_logits(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:
-        """Logits ``[B, A, V]`` that predicted each of the last ``num_actions`` tokens."""
+        """Logits ``[B, A, V]`` that predicted each of the last ``num_actions`` tokens.
+
+        Padding is skipped (``lit_rlhf.models.padding``): columns that are padding in every row are
+        never computed, and with ``padding_free`` the rows are packed into one. Logits at positions
+        that predict padding are zeros then; they are masked out by every loss.
+        """
+        if self.padding_free:
+            packed = pack_rows(sequences, attention_mask)
+            predictors = packed.index[:, -num_actions - 1 : -1]  # the token before each action
+            logits = self.model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                logits_to_keep=predictors[predictors >= 0],
+                use_cache=False,
+            ).logits[0]
+            return unpack(logits, predictors)
+        start, end = valid_window(attention_mask, num_actions)
+        kept = num_actions - (sequences.shape[1] - end)
         out = self.model(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=num_actions + 1,
+            input_ids=sequences[:, start:end],
+            attention_mask=attention_mask[:, start:end],
+            position_ids=position_ids_from_mask(attention_mask[:, start:end]),
+            logits_to_keep=kept + 1,
             use_cache=False,
         )
-        return out.logits[:, :-1]
+        return torch.nn.functional.pad(out.logits[:, :-1], (0, 0, 0, num_actions - kept))
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, num_actions: int, temperature: float = 1.0) -> Tensor:
         """Log-probs ``[B, A]`` (fp32) of the last ``num_actions`` tokens of ``sequences``."""

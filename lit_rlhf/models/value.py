@@ -16,6 +16,7 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
+from lit_rlhf.models.padding import pack_rows, unpack, valid_window
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -29,11 +30,14 @@ class ValueModel(nn.Module):
     Args:
         model: a ``*ForSequenceClassification`` model with ``num_labels=1`` (or a peft model
             wrapping one). Its own pooling is bypassed; the backbone and head are called directly.
+        padding_free: pack the rows of every forward into one row without padding (worth it with
+            ``flash_attention_2``; see ``lit_rlhf.models.padding``).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, padding_free: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.padding_free = padding_free
         config = self._inner.config
         mean, std = getattr(config, "reward_mean", 0.0), getattr(config, "reward_std", 1.0)
         self.register_buffer("reward_mean", torch.tensor(float(mean)), persistent=False)
@@ -63,31 +67,52 @@ class ValueModel(nn.Module):
             model = model.base_model.model
         return model
 
-    def _token_scores(self, sequences: Tensor, attention_mask: Tensor, positions: slice | Tensor) -> Tensor:
+    def _hidden(self, sequences: Tensor, attention_mask: Tensor, columns: Tensor) -> Tensor:
+        """Backbone outputs ``[B, k, H]`` at ``columns [B, k]`` of each row.
+
+        Padding is skipped as in ``Actor.action_logits``: all-padding columns are trimmed, and with
+        ``padding_free`` the rows are packed into one. Outputs at padding tokens are zeros then.
+        """
         inner = self._inner
         backbone = getattr(inner, inner.base_model_prefix)
+        if self.padding_free:
+            packed = pack_rows(sequences, attention_mask)
+            hidden = backbone(
+                input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
+            ).last_hidden_state[0]
+            wanted = torch.where(columns >= 0, packed.index.gather(1, columns.clamp_min(0)), -1)
+            return unpack(hidden[wanted[wanted >= 0]], wanted)
+        start, end = valid_window(attention_mask)
         hidden = backbone(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            input_ids=sequences[:, start:end],
+            attention_mask=attention_mask[:, start:end],
+            position_ids=position_ids_from_mask(attention_mask[:, start:end]),
             use_cache=False,
         ).last_hidden_state
-        if isinstance(positions, Tensor):
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-        else:
-            hidden = hidden[:, positions]
-        return _head(inner)(hidden).squeeze(-1).float()
+        inside = (columns >= start) & (columns < end)
+        index = (columns - start).clamp(0, end - start - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        picked = hidden.gather(1, index)
+        return torch.where(inside.unsqueeze(-1), picked, 0.0)
+
+    def _token_scores(self, sequences: Tensor, attention_mask: Tensor, columns: Tensor) -> Tensor:
+        hidden = self._hidden(sequences, attention_mask, columns)
+        return _head(self._inner)(hidden).squeeze(-1).float()
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:
-        """Values ``[B, A]`` (fp32) of the last ``num_actions`` tokens, read at the token before each."""
-        return self._token_scores(sequences, attention_mask, slice(-num_actions - 1, -1))
+        """Values ``[B, A]`` (fp32) of the last ``num_actions`` tokens, read at the token before each.
+
+        Values at positions that predict padding are not meaningful (zeros after trimming).
+        """
+        total = sequences.shape[1]
+        columns = torch.arange(total - num_actions - 1, total - 1, device=sequences.device)
+        return self._token_scores(sequences, attention_mask, columns.expand(sequences.shape[0], -1))
 
     def score(self, sequences: Tensor, attention_mask: Tensor, normalize: bool = False) -> Tensor:
         """Scores ``[B]`` at each row's last valid token (``attention_mask`` right-padded after it).
 
         With ``normalize=True`` the stored reward mean/std are applied: ``(s - mean) / std``.
         """
-        scores = self._token_scores(sequences, attention_mask, _last_token_index(attention_mask))
+        scores = self._token_scores(sequences, attention_mask, _last_token_index(attention_mask).unsqueeze(1))[:, 0]
         if normalize:
             scores = (scores - self.reward_mean) / self.reward_std
         return scores

@@ -84,6 +84,11 @@ class PPOModule(L.LightningModule):
         lora_target_modules: modules that get adapters (``all-linear`` or a list of names).
         load_in_4bit: load base weights in 4-bit NF4 (gpu extra; needs LoRA).
         gradient_checkpointing: recompute activations in the backward pass.
+        padding_free: pack the rows of every scoring and training forward into one row without
+            padding (position ids restart per row). Pays off with ``flash_attention_2`` (varlen
+            kernels); with ``sdpa``/``eager`` attention runs over the packed length with a
+            block-diagonal mask, so leave it off there. Columns that are padding in every row are
+            skipped either way.
         recompute_old_log_probs: compute the rollout's old log-probs with a separate full forward
             instead of reusing the sampler's (same within float tolerance; one more forward pass).
         gather_for_generation: under FSDP2, gather the actor's full weights once per rollout for
@@ -147,6 +152,7 @@ class PPOModule(L.LightningModule):
         lora_target_modules: list[str] | str = "all-linear",
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
+        padding_free: bool = False,
         gather_for_generation: bool = True,
         recompute_old_log_probs: bool = False,
         log_samples_every_n_epochs: int = 1,

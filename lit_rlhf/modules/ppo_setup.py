@@ -82,6 +82,9 @@ def build_models(hp: Any, uses_critic: bool, need_reward_model: bool) -> PPOMode
         reward_model = freeze(ValueModel.from_pretrained(hp.reward_path, frozen))
         reward_tokenizer = load_tokenizer(hp.reward_path, padding_side="right")
         shares = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+    for model in (actor, critic, reference, reward_model):
+        if model is not None:
+            model.padding_free = hp.padding_free
     return PPOModels(actor, critic, reference, reward_model, reward_tokenizer, shares)
 
 

@@ -1,0 +1,103 @@
+"""Padding-free forwards: trimmed and packed forwards give the padded forward's log-probs and values."""
+
+import pytest
+import torch
+
+from lit_rlhf.functional import log_probs_from_logits
+from lit_rlhf.models import Actor, ValueModel
+from lit_rlhf.models.padding import pack_rows, unpack, valid_window
+
+
+def test_valid_window_drops_columns_that_are_padding_in_every_row():
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0]])
+    assert valid_window(mask) == (2, 7)
+    # with 4 actions the column before them (index 3) and one action column are kept
+    assert valid_window(torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]]), 4) == (1, 5)
+    assert valid_window(torch.zeros(2, 5, dtype=torch.long)) == (0, 5)
+    assert valid_window(torch.ones(3, 6, dtype=torch.long), 2) == (0, 6)
+
+
+def test_pack_rows_positions_restart_per_row_and_unpack_inverts():
+    seq = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    packed = pack_rows(seq, mask)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert packed.index.tolist() == [[-1, -1, 0, 1, 2], [3, 4, 5, 6, -1]]
+    values = packed.input_ids[0].float() * 10
+    assert unpack(values, packed.index).tolist() == [[0, 0, 50, 60, 70], [80, 90, 100, 110, 0]]
+
+
+def rollout_batch(tokenizer, num_actions=7, extra_left=2, extra_right=3):
+    """Left-padded prompts + right-padded responses ending at different lengths, with whole columns
+    of padding on both sides (as a micro-batch of a larger rollout has)."""
+    enc = tokenizer(["1+2=", "12+34=", "7+7=", "40-3="], return_tensors="pt", padding=True)
+    rows, prompt_len = enc.input_ids.shape
+    gen = torch.Generator().manual_seed(0)
+    responses = torch.randint(3, len(tokenizer), (rows, num_actions), generator=gen)
+    lengths = torch.tensor([num_actions - extra_right, 2, 1, num_actions - extra_right - 1])
+    action_mask = torch.arange(num_actions) < lengths.unsqueeze(1)
+    responses = torch.where(action_mask, responses, tokenizer.pad_token_id)
+    pad = torch.full((rows, extra_left), tokenizer.pad_token_id)
+    sequences = torch.cat([pad, enc.input_ids, responses], 1)
+    attention_mask = torch.cat([torch.zeros_like(pad), enc.attention_mask, action_mask.long()], 1)
+    return sequences, attention_mask, action_mask
+
+
+def alone(sequences, attention_mask, fn):
+    """``fn(valid_tokens [1, n])`` for each row on its own, without any padding."""
+    return [fn(s[m.bool()].unsqueeze(0)) for s, m in zip(sequences, attention_mask, strict=True)]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_actor_log_probs_and_gradients_equal_the_unpadded_rows(tiny_paths, tokenizer, padding_free):
+    actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
+    num_actions = action_mask.shape[1]
+
+    expected = []
+    for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
+        n = int(action_mask[row].sum())
+        logits = actor.model(input_ids=tokens).logits[0, -n - 1 : -1]
+        expected.append(log_probs_from_logits(logits, tokens[0, -n:]))
+    widths = []
+    record = lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape)  # noqa: E731
+    hook = actor.model.register_forward_pre_hook(record, with_kwargs=True)
+    actor.padding_free = padding_free
+    log_probs = actor(sequences, attention_mask, num_actions)
+    hook.remove()
+    assert log_probs.shape == action_mask.shape
+    for row, want in enumerate(expected):
+        torch.testing.assert_close(log_probs[row, action_mask[row]], want, atol=1e-5, rtol=1e-5)
+    # the forward never saw the all-padding columns (packed: not a single padding token)
+    valid = int(attention_mask.sum())
+    assert widths == [(1, valid)] if padding_free else widths == [(4, sequences.shape[1] - 2 - 3)]
+
+    # gradients of a masked loss equal the plain padded forward's
+    loss = torch.where(action_mask, log_probs, 0.0).sum()
+    grads = torch.autograd.grad(loss, list(actor.parameters()))
+    plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
+    plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
+    plain_grads = torch.autograd.grad(torch.where(action_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_values_and_scores_equal_the_unpadded_rows(tiny_paths, tokenizer, padding_free):
+    critic = ValueModel.from_pretrained(tiny_paths["reward"])
+    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
+    num_actions = action_mask.shape[1]
+    critic.padding_free = padding_free
+    values = critic(sequences, attention_mask, num_actions)
+    scores = critic.score(sequences, attention_mask)
+    critic.padding_free = False
+    for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
+        n, ones = int(action_mask[row].sum()), torch.ones_like(tokens)
+        want_values = critic(tokens, ones, n)[0]
+        torch.testing.assert_close(values[row, action_mask[row]], want_values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scores[row], critic.score(tokens, ones)[0], atol=1e-5, rtol=1e-5)
