@@ -154,8 +154,8 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
         clip_eps=0.2,
         gamma=1.0,
         lam=0.95,
-        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, foreach=True),
-        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, foreach=True),
+        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True),
+        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True),
         log_samples_every_n_epochs=0,
     )
     if variant == "grpo":

@@ -365,3 +365,47 @@ def test_reward_model_returning_nan_names_the_sample(make, monkeypatch):
         RewardError, match=re.escape(f"reward model returned nan for sample 1 (prompt '{prompt}', response")
     ):
         module.score_responses(gen, 4)
+
+
+def test_padding_free_rollout_and_updates_equal_the_padded_ones(make, tmp_path):
+    runs = {}
+    for packed in (False, True):
+        module = make(reward_path=make().assets["reward"], cls=PPOModule, max_new_tokens=6, padding_free=packed)
+        runs[packed] = (module, metrics(fit(tmp_path / str(packed), module, 1)))
+    (padded, padded_log), (packed, packed_log) = runs[False], runs[True]
+    a, b = padded.buffer.experience, packed.buffer.experience
+    assert torch.equal(a.sequences, b.sequences)  # generation is untouched
+    assert not a.attention_mask.all(), "the rollout must contain padding for this test to mean anything"
+    mask = a.action_mask
+    for field in ("ref_log_probs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(b, field)[mask], getattr(a, field)[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.scores, a.scores, atol=1e-5, rtol=1e-5)
+    for key in ("policy/loss", "critic/loss", "policy/approx_kl"):
+        got, want = packed_log[key].dropna().to_numpy(), padded_log[key].dropna().to_numpy()
+        assert len(got) == len(want) == 4
+        assert abs(got - want).max() < 1e-4, (key, got, want)
+
+
+def test_default_adamw_is_fused_and_steps_like_foreach(tiny_paths, tokenizer):
+    from lit_rlhf.models import Actor
+    from lit_rlhf.modules.schedule import adamw_kernel, make_optimizer
+
+    models = [Actor.from_pretrained(tiny_paths["policy"], tokenizer) for _ in range(2)]
+    fused = make_optimizer(None, models[0], default_lr=1e-2)
+    foreach = torch.optim.AdamW(models[1].parameters(), lr=1e-2, foreach=True)
+    assert fused.defaults["fused"] is True
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, optimizer in zip(models, (fused, foreach), strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # three Adam steps of lr 1e-2 move every weight by about 3e-2: the comparison is not vacuous
+    initial = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+    moved = [(a - b).abs().mean() for a, b in zip(models[0].parameters(), initial.parameters(), strict=True)]
+    assert min(moved) > 1e-2
+    # parameters the fused kernel does not take fall back to foreach
+    assert adamw_kernel([torch.zeros(2, dtype=torch.long)]) == {"foreach": True}
