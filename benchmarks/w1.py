@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lit_rlhf import PPOModule, PromptDataModule  # noqa: E402
+from lit_rlhf.rewards import RewardModel  # noqa: E402
 
 WARMUP, TIMED = 1, 5
 
@@ -50,7 +51,13 @@ class TokenPrompts(PromptDataModule):
     def rollout_prompts(self, rollout: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
         start = (rollout * batch_size * world_size + rank * batch_size) % (len(self.ids) - batch_size + 1)
         input_ids = torch.tensor(self.ids[start : start + batch_size])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "num_truncated": torch.tensor(0)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "num_truncated": torch.tensor(0),
+            "prompts": [""] * batch_size,  # the rewards here read responses only
+            "columns": {},
+        }
 
     def val_dataloader(self):
         return []
@@ -137,33 +144,37 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
         for f in (assets / "tokenizer").iterdir():
             shutil.copy(f, workdir / name / f.name)
     group = 4 if variant == "grpo" else 1
-    common = dict(
-        actor_path=str(workdir / "policy"),
-        reward_path=str(workdir / "reward"),
-        max_new_tokens=response_len,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        suppress_token_ids=[0, 1, 2],
-        n_samples_per_prompt=group,
-        rollout_batch_size=prompts // group,
-        score_micro_batch_size=prompts,
-        mini_batch_size=prompts // 4,
-        micro_batch_size=prompts // 4,
-        ppo_epochs=1,
-        clip_eps=0.2,
-        gamma=1.0,
-        lam=0.95,
-        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True),
-        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True),
+    settings = dict(
+        models={"actor_path": str(workdir / "policy")},
+        generation={
+            "max_new_tokens": response_len,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "suppress_token_ids": (0, 1, 2),
+            "n_samples_per_prompt": group,
+        },
+        rollout={"rollout_batch_size": prompts // group, "score_micro_batch_size": prompts},
+        algorithm={
+            "advantage_estimator": "grpo" if variant == "grpo" else "gae",
+            "mini_batch_size": prompts // 4,
+            "micro_batch_size": prompts // 4,
+            "ppo_epochs": 1,
+            "clip_eps": 0.2,
+            "value_clip_eps": 0.2,
+            "gamma": 1.0,
+            "lam": 0.95,
+        },
+        optim={
+            "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
+            "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
+        },
         log_samples_every_n_epochs=0,
     )
     if variant == "grpo":
-        common.pop("reward_path")
-        return DigitFractionPPO(
-            **common, advantage_estimator="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.05
-        )
-    return PPOModule(**common, advantage_estimator="gae", value_clip_eps=0.2, kl_estimator="k1", kl_coef=0.05)
+        return DigitFractionPPO(**settings, kl={"penalty": "loss", "estimator": "k3", "coef": 0.05})
+    rewards = [RewardModel(str(workdir / "reward"), micro_batch_size=prompts)]
+    return PPOModule(**settings, rewards=rewards, kl={"estimator": "k1", "coef": 0.05})
 
 
 def main() -> None:

@@ -15,6 +15,18 @@ _EXPORTS = {
     "RolloutCallback": "lit_rlhf.rollout",
     "Experience": "lit_rlhf.rollout",
     "ExperienceBuffer": "lit_rlhf.rollout",
+    "RewardFunction": "lit_rlhf.rewards",
+    "RewardModel": "lit_rlhf.rewards",
+    "RemoteReward": "lit_rlhf.rewards",
+    "PPOModelSettings": "lit_rlhf.settings",
+    "ModelSettings": "lit_rlhf.settings",
+    "LoraSettings": "lit_rlhf.settings",
+    "GenerationSettings": "lit_rlhf.settings",
+    "RolloutSettings": "lit_rlhf.settings",
+    "AlgorithmSettings": "lit_rlhf.settings",
+    "KLSettings": "lit_rlhf.settings",
+    "OptimizerSettings": "lit_rlhf.settings",
+    "PPOOptimSettings": "lit_rlhf.settings",
 }
 
 

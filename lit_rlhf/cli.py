@@ -3,6 +3,7 @@
 lit-rlhf fit --config configs/ppo_tiny.yaml [--model.actor_path ...] [--ckpt_path last.ckpt]
 lit-rlhf validate --config configs/ppo_tiny.yaml
 lit-rlhf export --config configs/ppo_tiny.yaml --ckpt_path last.ckpt --export_dir out/ [--merge_lora false]
+lit-rlhf serve-reward --reward_path DIR [--host 127.0.0.1 --port 8000]
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def main(args: list[str] | None = None) -> None:
     default_wandb_mode()
     if argv and argv[0] == "export":
         export(argv[1:])
+        return
+    if argv and argv[0] == "serve-reward":
+        from lit_rlhf.rewards.server import serve
+
+        serve(argv[1:])
         return
     LitRLHFCLI(args=args)  # None: LightningCLI reads sys.argv itself
 

@@ -11,7 +11,7 @@ SEVEN = "7"
 
 
 class SevensPPO(PPOModule):
-    """A rule-based reward: the fraction of response characters that are '7'."""
+    """A rule-based reward: the fraction of response characters that are '7' (a two-argument override)."""
 
     def compute_reward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return torch.tensor([r.count(SEVEN) / max(1, len(r)) for r in responses])
@@ -21,21 +21,28 @@ def sevens_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
     return torch.tensor([r.count(SEVEN) / max(1, len(r)) for r in responses])
 
 
+SMALL = {
+    "generation": {"max_new_tokens": 4},
+    "rollout": {"rollout_batch_size": 16, "score_micro_batch_size": 8},
+    "algorithm": {"mini_batch_size": 8, "micro_batch_size": 4, "ppo_epochs": 2},
+    "kl": {"coef": 0.01},
+}
+
+
 def small_module(assets: dict[str, str], cls: type[PPOModule] = SevensPPO, **overrides) -> PPOModule:
-    settings = dict(
-        actor_path=assets["policy"],
-        max_new_tokens=4,
-        rollout_batch_size=16,
-        score_micro_batch_size=8,
-        mini_batch_size=8,
-        micro_batch_size=4,
-        ppo_epochs=2,
-        kl_coef=0.01,
-        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-    )
-    settings.update(overrides)
-    return cls(**settings)
+    """A PPO module on the tiny assets; each group in ``overrides`` (a dict) updates the small defaults."""
+    groups = {name: dict(fields) for name, fields in SMALL.items()}
+    groups["models"] = {"actor_path": assets["policy"]}
+    groups["optim"] = {
+        "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3)},
+        "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},
+    }
+    for name, value in overrides.items():
+        if isinstance(value, dict) and name in groups:
+            groups[name].update(value)
+        else:
+            groups[name] = value
+    return cls(**groups)
 
 
 def trainer(tmp_path, max_epochs: int, callbacks=(), **kwargs) -> L.Trainer:

@@ -46,13 +46,11 @@ def tiny_overrides(assets, root) -> list[str]:
         },
         "model": {
             "init_args": {
-                "actor_path": assets["policy"],
-                "reward_path": assets["reward"],
+                "models": {"actor_path": assets["policy"]},
+                "rewards": [{"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": assets["reward"]}}],
                 "export_dir": str(root / "export"),
-                "rollout_batch_size": 64,
-                "score_micro_batch_size": 64,
-                "mini_batch_size": 32,
-                "micro_batch_size": 32,
+                "rollout": {"rollout_batch_size": 64, "score_micro_batch_size": 64},
+                "algorithm": {"mini_batch_size": 32, "micro_batch_size": 32},
             }
         },
         "data": {"init_args": {"path": assets["prompts"], "val_path": assets["val_prompts"], "val_batch_size": 64}},
@@ -62,29 +60,60 @@ def tiny_overrides(assets, root) -> list[str]:
     return ["--config", str(root / "override.yaml")]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT) for c in CONFIGS])
-def test_every_shipped_config_instantiates(config, tiny_assets):
-    """Every YAML parses and builds its module, datamodule and trainer (model paths pointed at tiny assets)."""
-    from lit_rlhf.cli import LitRLHFCLI
-
+def config_args(config: str, assets: dict[str, str]) -> list[str]:
+    """``--config`` plus the overrides that point a shipped config at the tiny assets on a CPU."""
     with open(config) as f:
         model_class = yaml.safe_load(f)["model"]["class_path"]
-    path_arg = "actor_path" if model_class.endswith("PPOModule") else "model_path"
-    args = [
-        "--config",
-        config,
-        f"--model.init_args.{path_arg}",
-        tiny_assets["policy"],
-        "--data.init_args.path",
-        tiny_assets["prompts"],
-        "--trainer.logger",
-        "false",
-    ]
+    path_arg = "models.actor_path" if model_class.endswith("PPOModule") else "models.path"
+    args = ["--config", config, f"--model.init_args.{path_arg}", assets["policy"]]
+    args += ["--data.init_args.path", assets["prompts"], "--trainer.logger", "false"]
     if not torch.cuda.is_available():
         args += ["--trainer.accelerator", "cpu"]  # GPU configs still parse and build on a CPU machine
+    return args
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT) for c in CONFIGS])
+def test_every_shipped_config_instantiates_and_print_config_round_trips(config, tiny_assets, tmp_path, capsys):
+    """Every YAML builds its module, datamodule and trainer; ``--print_config`` output parses back to itself."""
+    from lit_rlhf.cli import LitRLHFCLI
+
+    args = config_args(config, tiny_assets)
     cli = LitRLHFCLI(args=args, run=False)
-    assert getattr(cli.model.hparams, path_arg) == tiny_assets["policy"]
+    assert cli.model.models.__dict__.get("actor_path", cli.model.models.__dict__.get("path")) == tiny_assets["policy"]
     assert cli.trainer is not None and cli.datamodule is not None
+    with pytest.raises(SystemExit):
+        LitRLHFCLI(args=["fit", *args, "--print_config"])
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        LitRLHFCLI(args=["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+    config_only = {k: v for k, v in yaml.safe_load(printed).items() if k not in ("ckpt_path", "weights_only")}
+    (tmp_path / "config_only.yaml").write_text(yaml.safe_dump(config_only))
+    again = LitRLHFCLI(args=["--config", str(tmp_path / "config_only.yaml")], run=False)
+    assert again.model.hparams == cli.model.hparams
+
+
+def test_groups_from_the_cli_reach_the_module(tiny_assets):
+    """A nested group field set on the command line is the value the module uses."""
+    from lit_rlhf.cli import LitRLHFCLI
+
+    args = config_args(os.path.join(ROOT, "configs", "ppo_tiny_verifiable.yaml"), tiny_assets)
+    args += ["--model.init_args.generation.max_new_tokens", "8", "--model.init_args.kl.coef", "0.2"]
+    args += ["--model.init_args.models.lora.rank", "4", "--model.init_args.optim.actor.max_grad_norm", "0.5"]
+    module = LitRLHFCLI(args=args, run=False).model
+    assert module.generation.max_new_tokens == 8 and module.kl.coef == 0.2 and module.kl_controller.value == 0.2
+    assert module.models.lora.rank == 4 and module.optim.actor.max_grad_norm == 0.5
+    assert [(c.name, c.weight) for c in module.rewards] == [("reward_model", 1.0), ("exact_match_reward", 0.5)]
+    actor_optimizer = module.optim.actor.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(actor_optimizer, torch.optim.AdamW) and actor_optimizer.defaults["lr"] == 1e-4
+
+
+def test_a_bad_setting_is_named_before_any_model_loads(tiny_assets, tmp_path):
+    args = config_args(os.path.join(ROOT, "configs", "ppo_tiny.yaml"), tiny_assets)
+    out = run(["fit", *args, "--model.init_args.algorithm.lam", "5"], tmp_path, check=False)
+    assert out.returncode != 0
+    assert "algorithm.lam must be in [0, 1], got 5" in out.stderr
 
 
 @pytest.mark.slow
@@ -159,8 +188,6 @@ def test_custom_reward_subclass_through_class_path_and_validate(tiny_assets, tmp
         *tiny_overrides(tiny_assets, root),
         "--model.class_path",
         "tests.helpers.SevensPPO",
-        "--model.init_args.reward_path",
-        "null",
         "--trainer.max_epochs",
         "1",
     ]
@@ -169,6 +196,37 @@ def test_custom_reward_subclass_through_class_path_and_validate(tiny_assets, tmp
     assert "reward/mean" in metrics.splitlines()[0]
     out = run(["validate", *args], tmp_path)
     assert "val/reward" in out.stdout
+
+
+@pytest.mark.slow
+def test_two_reward_components_through_the_cli_log_each_and_their_weighted_sum(tiny_assets, tmp_path):
+    """configs/ppo_tiny_verifiable.yaml: the reward model (weight 1) + exact match on the answer column (0.5)."""
+    root = tmp_path / "run"
+    config = os.path.join(ROOT, "configs", "ppo_tiny_verifiable.yaml")
+    overrides = tiny_overrides(tiny_assets, root)
+    rewards = [
+        {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"], "weight": 1.0}},
+        {
+            "class_path": "lit_rlhf.rewards.RewardFunction",
+            "init_args": {"fn": "lit_rlhf.tasks.arithmetic.exact_match_reward", "weight": 0.5},
+        },
+    ]
+    override = yaml.safe_load((root / "override.yaml").read_text())
+    override["model"]["init_args"]["rewards"] = rewards
+    override["model"]["init_args"]["generation"] = {"max_new_tokens": 4, "suppress_token_ids": [0, 1]}
+    (root / "override.yaml").write_text(yaml.safe_dump(override))
+    run(["fit", "--config", config, *overrides, "--trainer.max_epochs", "3"], tmp_path)
+    import pandas as pd
+
+    frame = pd.read_csv(glob.glob(str(root / "**" / "metrics.csv"), recursive=True)[0])
+    rollouts = frame.dropna(subset=["reward/score"])
+    assert len(rollouts) == 3
+    for _, row in rollouts.iterrows():
+        weighted = row["reward/reward_model"] + 0.5 * row["reward/exact_match_reward"]
+        assert row["reward/score"] == pytest.approx(weighted, rel=1e-5, abs=1e-6)
+        # reward/mean is what PPO trains on: the score after the missing-EOS penalty of the config
+        assert row["reward/mean"] <= row["reward/score"] + 1e-6
+    assert set(rollouts["reward/exact_match_reward"]) <= {i / 64 for i in range(65)}  # 64 prompts, 0/1 each
 
 
 def test_console_script_is_declared():

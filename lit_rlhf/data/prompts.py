@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -14,12 +15,20 @@ from lit_rlhf.data.files import load_records, split_train_val
 log = logging.getLogger(__name__)
 
 
+class PromptRecord(NamedTuple):
+    """One prompt: its text and every other field of its record (the reward's ``columns``)."""
+
+    text: str
+    columns: dict
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts from a local JSONL/JSON/Parquet/CSV file or a datasets-hub name.
 
     The training prompts are not a dataloader: the rollout callback asks for each rollout's prompts
     with :meth:`rollout_prompts`, a deterministic function of the rollout index (so resuming needs
-    no iterator state). Validation prompts come through ``val_dataloader``.
+    no iterator state). Validation prompts come through ``val_dataloader``. Every other field of a
+    record (e.g. ``answer``) travels with its prompt to the reward as a column.
 
     Args:
         path: prompt file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``) or a datasets-hub name.
@@ -50,8 +59,8 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.train_prompts: list[str] = []
-        self.val_prompts: list[str] = []
+        self.train_prompts: list[PromptRecord] = []
+        self.val_prompts: list[PromptRecord] = []
         self.tokenizer = None
         self.truncated = 0
 
@@ -63,12 +72,12 @@ class PromptDataModule(L.LightningDataModule):
         self.train_prompts, self.val_prompts = split_train_val(self._read(hp.path), hp.path, val, hp.val_size, hp.seed)
         self.tokenizer = self._tokenizer()
 
-    def _read(self, path: str) -> list[str]:
+    def _read(self, path: str) -> list[PromptRecord]:
         records = load_records(path, split=self.hparams.split)
         field = self.hparams.field
         if field not in records[0]:
             raise KeyError(f"prompt field {field!r} not found in {path!r}; its fields are {sorted(records[0])}")
-        return [str(r[field]) for r in records]
+        return [PromptRecord(str(r[field]), {k: v for k, v in r.items() if k != field}) for r in records]
 
     def _tokenizer(self):
         if self.hparams.tokenizer_path is not None:
@@ -80,14 +89,23 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("PromptDataModule needs tokenizer_path, or a LightningModule with a tokenizer")
         return module.tokenizer
 
-    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Left-padded ``input_ids``/``attention_mask``; over-long prompts keep their last tokens."""
+    def render(self, text: str) -> str:
+        """The prompt as the policy sees it: the chat template applied (if set)."""
+        if not self.hparams.apply_chat_template:
+            return text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+
+    def collate(self, records: list[PromptRecord]) -> dict:
+        """A batch: left-padded ``input_ids``/``attention_mask``, the rendered ``prompts`` and ``columns``.
+
+        Over-long prompts keep their last ``max_prompt_len`` tokens (counted in ``num_truncated``).
+        """
         tok, max_len = self.tokenizer, self.hparams.max_prompt_len
-        if self.hparams.apply_chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
+        texts = [self.render(r.text) for r in records]
+        if self.hparams.apply_chat_template:  # the template writes the special tokens itself
             ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
         else:
-            ids = tok(prompts).input_ids
+            ids = tok(texts).input_ids
         cut = sum(len(x) > max_len for x in ids)
         if cut:
             self.truncated += cut
@@ -100,10 +118,18 @@ class PromptDataModule(L.LightningDataModule):
             if x:
                 input_ids[row, -len(x) :] = torch.tensor(x)
                 attention_mask[row, -len(x) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "num_truncated": torch.tensor(cut)}
+        names = list(records[0].columns) if records else []
+        columns = {name: [r.columns.get(name) for r in records] for name in names}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "num_truncated": torch.tensor(cut),
+            "prompts": texts,
+            "columns": columns,
+        }
 
     def rollout_prompts(self, rollout: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
-        """This rank's ``batch_size`` prompts for rollout number ``rollout``.
+        """This rank's ``batch_size`` prompts for rollout number ``rollout`` (a :meth:`collate` batch).
 
         All ranks walk one shuffled order of the prompts (reshuffled on every pass, seeded), each
         taking its own slice, so ``world_size`` ranks together see ``world_size * batch_size``
@@ -116,7 +142,7 @@ class PromptDataModule(L.LightningDataModule):
         epoch, slot = divmod(rollout, per_pass)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + epoch))
         start = slot * per_rollout + rank * batch_size
-        return self.encode([self.train_prompts[i] for i in order[start : start + batch_size].tolist()])
+        return self.collate([self.train_prompts[i] for i in order[start : start + batch_size].tolist()])
 
     def train_dataloader(self) -> DataLoader:
         """PPO trains on its experience buffer, not on prompts: the module's loader is used."""
@@ -124,5 +150,5 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_prompts, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.encode
+            self.val_prompts, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate
         )

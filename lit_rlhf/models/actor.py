@@ -7,7 +7,6 @@ import copy
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -16,48 +15,15 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, StaticCa
 
 from lit_rlhf.functional import entropy_from_logits, log_probs_from_logits
 from lit_rlhf.models.loading import (
-    LoadSettings,
     check_model_path,
     disable_dropout,
     load_error,
+    model_kwargs,
     position_ids_from_mask,
     prepare,
 )
 from lit_rlhf.models.padding import pack_rows, unpack, valid_window
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How responses are sampled. These always win over a checkpoint's ``generation_config.json``.
-
-    Attributes:
-        max_new_tokens: response length limit ``A``.
-        temperature: softmax temperature; 0 means greedy decoding.
-        top_p: nucleus sampling mass (1.0 disables it).
-        top_k: keep only the k most likely tokens (0 disables it).
-        stop_at_eos: stop decoding once every row has produced an EOS token.
-        suppress_token_ids: token ids that are never sampled (their logits are masked out).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_at_eos: bool = True
-    suppress_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(
-                f"invalid sampling settings: temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
-            )
-
-    @property
-    def scoring_temperature(self) -> float:
-        """Temperature for log-probs: the sampling one (1.0 for greedy decoding)."""
-        return self.temperature if self.temperature > 0 else 1.0
+from lit_rlhf.settings import GenerationSettings, LoadSettings
 
 
 class GenerationOutput(NamedTuple):
@@ -138,14 +104,15 @@ class Actor(nn.Module):
             if adapter:
                 model = _load_adapter(path, settings)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, **settings.model_kwargs())
+                model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(settings))
         except OSError as err:
             raise load_error(path, err) from err
         if not adapter:
             model = prepare(model, settings, task_type="CAUSAL_LM")
         disable_dropout(model)
         eos = tokenizer.eos_token_id
-        return cls(model, [eos] if isinstance(eos, int) else list(eos), tokenizer.pad_token_id)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        return cls(model, eos_ids, tokenizer.pad_token_id, padding_free=settings.padding_free)
 
     @property
     def has_adapter(self) -> bool:
@@ -284,5 +251,5 @@ def _load_adapter(path: str, settings: LoadSettings) -> nn.Module:
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_path = json.load(f)["base_model_name_or_path"]
     check_model_path(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, **settings.model_kwargs())
+    base = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(settings))
     return PeftModel.from_pretrained(base, path, is_trainable=True)

@@ -9,53 +9,28 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_rlhf.settings import DType, LoadSettings, LoraSettings
+
 log = logging.getLogger(__name__)
 
-DType = Literal["float32", "bfloat16", "float16"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 GPU_EXTRA_HINT = "install the GPU extra: pip install 'lit_rlhf[gpu]'"
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA adapter settings (peft). ``rank=0`` means no adapter."""
-
-    rank: int = 0
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default="all-linear")
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How to load a pretrained model: precision, attention kernel, adapters and memory savers."""
-
-    dtype: DType = "float32"
-    attn_implementation: AttnImplementation = "sdpa"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
-
-    def model_kwargs(self) -> dict:
-        """Keyword arguments for ``from_pretrained`` (validated: missing extras raise here)."""
-        kwargs: dict = {"dtype": getattr(torch, self.dtype), "attn_implementation": self.attn_implementation}
-        if self.attn_implementation == "flash_attention_2":
-            require_extra("flash_attn", "attn_implementation='flash_attention_2'")
-            if not torch.cuda.is_available():
-                raise RuntimeError("attn_implementation='flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
-        if self.load_in_4bit:
-            kwargs["quantization_config"] = _four_bit_config(self.dtype)
-        return kwargs
+def model_kwargs(settings: LoadSettings) -> dict:
+    """Keyword arguments for ``from_pretrained`` (validated: missing extras raise here)."""
+    kwargs: dict = {"dtype": getattr(torch, settings.dtype), "attn_implementation": settings.attn_implementation}
+    if settings.attn_implementation == "flash_attention_2":
+        require_extra("flash_attn", "attn_implementation='flash_attention_2'")
+        if not torch.cuda.is_available():
+            raise RuntimeError("attn_implementation='flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
+    if settings.load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(settings.dtype)
+    return kwargs
 
 
 def require_extra(module: str, feature: str) -> None:

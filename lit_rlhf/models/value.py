@@ -9,14 +9,15 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from lit_rlhf.models.loading import (
-    LoadSettings,
     check_model_path,
     disable_dropout,
     load_error,
+    model_kwargs,
     position_ids_from_mask,
     prepare,
 )
 from lit_rlhf.models.padding import pack_rows, unpack, valid_window
+from lit_rlhf.settings import LoadSettings
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -51,13 +52,13 @@ class ValueModel(nn.Module):
         """
         check_model_path(path)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **settings.model_kwargs())
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(settings))
         except OSError as err:
             raise load_error(path, err) from err
         head_name = next(name for name in HEAD_NAMES if hasattr(model, name))
         model = prepare(model, settings, task_type="SEQ_CLS", modules_to_save=[head_name])
         disable_dropout(model)
-        return cls(model)
+        return cls(model, padding_free=settings.padding_free)
 
     @property
     def _inner(self) -> nn.Module:

@@ -11,8 +11,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lit_rlhf.models import Actor, ValueModel
 from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_model
+from lit_rlhf.rewards import RewardModel
 
-FROZEN_PREFIXES = ("reference.", "reward_model.")
+FROZEN_PREFIXES = ("reference.", "rewards.")
 
 
 def run_seed() -> int:
@@ -81,7 +82,8 @@ def shard_models(module, mesh: Any, precision: str | None) -> None:
     for wrapper in (module.actor, module.reference):
         if wrapper is not None:
             shard_model(wrapper.model, data_parallel, policy)
-    for wrapper in (module.critic, module.reward_model):
+    reward_models = [c.model for c in module.rewards if isinstance(c, RewardModel) and c.model is not None]
+    for wrapper in [module.critic, *reward_models]:
         if wrapper is not None:
             shard_model(wrapper.model, data_parallel, policy, separate_backbone=True)
 
@@ -93,7 +95,7 @@ def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, 
     trainer = module._trainer
     writer = trainer is None or trainer.is_global_zero
     paths = {}
-    parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.uses_critic else [])
+    parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.critic is not None else [])
     for name, wrapper in parts:
         state = full_state_dict(wrapper.model)
         paths[name] = f"{directory}/{name}"
@@ -107,14 +109,10 @@ def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, 
 
 def _unsharded_copy(module, name: str, sharded, state: dict):
     """A plain (CPU) copy of a sharded model, rebuilt from its path and loaded with the gathered weights."""
-    from lit_rlhf.modules.ppo_setup import load_settings
-
-    hp = module.hparams
-    settings = load_settings(hp)[0]
     if name == "actor":
-        copy = Actor.from_pretrained(hp.actor_path, module.tokenizer, settings)
+        copy = Actor.from_pretrained(module.models.actor_path, module.tokenizer, module.models)
     else:
-        copy = ValueModel.from_pretrained(hp.critic_path or hp.reward_path or hp.actor_path, settings)
+        copy = ValueModel.from_pretrained(module.critic_path, module.models)
         copy.set_normalization(sharded.reward_mean.item(), sharded.reward_std.item())
     copy.model.load_state_dict(state)
     return copy

@@ -1,95 +1,89 @@
-"""PPOModule's set-up: checking setting combinations and loading the four models."""
+"""PPOModule's set-up: the checks that span settings groups, and loading the policy-side models."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.functional import KL_ESTIMATORS
-from lit_rlhf.models import Actor, LoadSettings, LoraSettings, ValueModel, load_tokenizer
-from lit_rlhf.rollout.advantages import ADVANTAGE_ESTIMATORS
+from lit_rlhf.models import Actor, ValueModel
+from lit_rlhf.rewards import RewardComponent, RewardModel
+from lit_rlhf.rewards.model import freeze
+from lit_rlhf.settings import (
+    GROUP_ESTIMATORS,
+    AlgorithmSettings,
+    GenerationSettings,
+    PPOModelSettings,
+    RolloutSettings,
+)
 
 
-def validate_settings(hp: Any, custom_reward: bool) -> None:
-    """Raise ``ValueError`` naming the settings of any invalid combination."""
-    if hp.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+def check_ppo_settings(
+    generation: GenerationSettings,
+    rollout: RolloutSettings,
+    algorithm: AlgorithmSettings,
+    rewards: Sequence[RewardComponent],
+    custom_reward: bool,
+) -> None:
+    """Raise ``ValueError`` naming the settings of an invalid combination across groups.
+
+    Each group has already checked its own fields; this runs once, before any model is loaded.
+    """
+    n = generation.n_samples_per_prompt
+    experiences = rollout.rollout_batch_size * n
+    if experiences % algorithm.mini_batch_size:
         raise ValueError(
-            f"unknown advantage_estimator {hp.advantage_estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}"
+            f"rollout.rollout_batch_size * generation.n_samples_per_prompt ({experiences} experiences per rollout) "
+            f"must be a multiple of algorithm.mini_batch_size ({algorithm.mini_batch_size})"
         )
-    if hp.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {hp.kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    if hp.kl_penalty not in ("reward", "loss"):
-        raise ValueError(f"unknown kl_penalty {hp.kl_penalty!r}; valid: reward, loss")
-    if hp.kl_penalty == "loss" and hp.kl_estimator == "k1":
-        raise ValueError("kl_penalty='loss' with kl_estimator='k1' has no useful gradient; use k2 or k3")
-    if hp.advantage_estimator in ("grpo", "dr_grpo", "rloo") and hp.n_samples_per_prompt < 2:
-        raise ValueError(f"advantage_estimator={hp.advantage_estimator!r} needs n_samples_per_prompt >= 2")
-    if hp.advantage_estimator == "grpo" and hp.whiten_advantages:
-        raise ValueError("advantage_estimator='grpo' is already normalised; whiten_advantages=True would whiten twice")
-    experiences = hp.rollout_batch_size * hp.n_samples_per_prompt
-    if experiences % hp.mini_batch_size or hp.mini_batch_size % hp.micro_batch_size:
+    estimator = algorithm.advantage_estimator
+    if estimator in GROUP_ESTIMATORS and n < 2:
         raise ValueError(
-            f"rollout_batch_size * n_samples_per_prompt ({experiences}) must be a multiple of mini_batch_size "
-            f"({hp.mini_batch_size}), which must be a multiple of micro_batch_size ({hp.micro_batch_size})"
+            f"algorithm.advantage_estimator={estimator!r} compares the samples of a prompt; "
+            f"it needs generation.n_samples_per_prompt >= 2, got {n}"
         )
-    sources = sum([hp.reward_path is not None, hp.reward_fn is not None, custom_reward])
-    if sources == 0:
-        raise ValueError("no reward: set reward_path, or reward_fn, or override compute_reward in a subclass")
-    if hp.reward_fn is not None and custom_reward:
-        raise ValueError("both reward_fn and a compute_reward override are set; keep one")
-    if hp.normalize_reward and hp.reward_path is None:
-        raise ValueError("normalize_reward=True uses the reward model's statistics but reward_path is not set")
-    if hp.load_in_4bit and hp.lora_rank == 0:
-        raise ValueError("load_in_4bit=True trains through a LoRA adapter; set lora_rank > 0")
-    for name in ("clip_eps", "ppo_epochs", "rollout_batch_size", "score_micro_batch_size"):
-        if getattr(hp, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(hp, name)}")
+    if generation.temperature == 0:
+        raise ValueError(
+            "generation.temperature=0 samples greedily: every sample of a prompt is the same and PPO has nothing "
+            "to compare; training rollouts need temperature > 0 (use generation.val_temperature: 0 for greedy "
+            "validation)"
+        )
+    if not rewards and not custom_reward:
+        raise ValueError(
+            "no reward: add a component to rewards (RewardModel, RewardFunction, RemoteReward), "
+            "or override compute_reward in a subclass"
+        )
+    names = [component.name for component in rewards]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"two reward components are named {duplicates}; give them distinct names (name: ...)")
 
 
 @dataclass
-class PPOModels:
+class PolicyModels:
     actor: Actor
     critic: ValueModel | None
     reference: Actor | None
-    reward_model: ValueModel | None
-    reward_tokenizer: PreTrainedTokenizerBase | None
-    reward_shares_tokenizer: bool
 
 
-def load_settings(hp: Any) -> tuple[LoadSettings, LoadSettings]:
-    """How the trainable (actor, critic) and the frozen (reference, reward) models are loaded."""
-    lora = LoraSettings(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules)
-    trainable = LoadSettings(hp.dtype, hp.attn_implementation, lora, hp.load_in_4bit, hp.gradient_checkpointing)
-    return trainable, LoadSettings(hp.dtype, hp.attn_implementation, load_in_4bit=hp.load_in_4bit)
+def critic_path(models: PPOModelSettings, rewards: Sequence[RewardComponent]) -> str:
+    """Where the critic starts: ``critic_path``, else the first reward model's path, else the actor's."""
+    if models.critic_path is not None:
+        return models.critic_path
+    reward_models = [component.path for component in rewards if isinstance(component, RewardModel)]
+    return reward_models[0] if reward_models else models.actor_path
 
 
-def build_models(hp: Any, uses_critic: bool, need_reward_model: bool) -> PPOModels:
-    """Load actor, critic, reference and reward model; freeze the last two."""
-    trainable, frozen = load_settings(hp)
-    lora = trainable.lora
-    tokenizer = load_tokenizer(hp.actor_path)
-    actor = Actor.from_pretrained(hp.actor_path, tokenizer, trainable)
+def build_models(
+    models: PPOModelSettings, tokenizer: PreTrainedTokenizerBase, uses_critic: bool, critic_source: str
+) -> PolicyModels:
+    """Load the actor, the critic (from ``critic_source``) and the frozen reference."""
+    actor = Actor.from_pretrained(models.actor_path, tokenizer, models)
     reference = None
-    if hp.reference_path is not None or not lora.enabled:
-        reference = freeze(Actor.from_pretrained(hp.reference_path or hp.actor_path, tokenizer, frozen))
-    critic = None
-    if uses_critic:
-        critic = ValueModel.from_pretrained(hp.critic_path or hp.reward_path or hp.actor_path, trainable)
-    reward_model, reward_tokenizer, shares = None, None, False
-    if need_reward_model:
-        reward_model = freeze(ValueModel.from_pretrained(hp.reward_path, frozen))
-        reward_tokenizer = load_tokenizer(hp.reward_path, padding_side="right")
-        shares = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-    for model in (actor, critic, reference, reward_model):
-        if model is not None:
-            model.padding_free = hp.padding_free
-    return PPOModels(actor, critic, reference, reward_model, reward_tokenizer, shares)
-
-
-def freeze(model):
-    """Eval mode, no gradients: a frozen model is never trained and never in an optimizer."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    if models.reference_path is not None or not models.lora.enabled:
+        reference = freeze(
+            Actor.from_pretrained(models.reference_path or models.actor_path, tokenizer, models.frozen())
+        )
+    critic = ValueModel.from_pretrained(critic_source, models) if uses_critic else None
+    return PolicyModels(actor, critic, reference)

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from lit_rlhf import functional as F
 from lit_rlhf.models import Actor, ValueModel
 from lit_rlhf.rollout.experience import Experience
-
-
-class PPOLossWeights(NamedTuple):
-    clip_eps: float
-    clip_eps_high: float | None
-    dual_clip: float | None
-    value_clip_eps: float | None
-    entropy_coef: float
-    kl_estimator: F.KLEstimator
-    kl_in_loss: bool
+from lit_rlhf.settings import AlgorithmSettings, KLSettings
 
 
 def ppo_micro_step(
     actor: Actor,
     critic: ValueModel | None,
     micro: Experience,
-    weights: PPOLossWeights,
+    algorithm: AlgorithmSettings,
+    kl: KLSettings,
     kl_coef: float,
     temperature: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -36,10 +26,10 @@ def ppo_micro_step(
     """
     mask, num_actions = micro.action_mask, micro.num_actions
     log_probs, entropy = actor.log_probs_and_entropy(
-        micro.sequences, micro.attention_mask, num_actions, temperature, entropy_grad=weights.entropy_coef != 0
+        micro.sequences, micro.attention_mask, num_actions, temperature, entropy_grad=algorithm.entropy_coef != 0
     )
-    clip = (weights.clip_eps, weights.clip_eps_high)
-    loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, weights.dual_clip)
+    clip = (algorithm.clip_eps, algorithm.clip_eps_high)
+    loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, algorithm.dual_clip)
     mean_entropy = F.masked_mean(entropy, mask)
     stats = {
         "policy/loss": loss.detach(),
@@ -47,15 +37,15 @@ def ppo_micro_step(
         "policy/clip_fraction": F.clip_fraction(log_probs.detach(), micro.old_log_probs, mask, *clip),
         "policy/approx_kl": F.masked_mean(F.approx_kl(log_probs.detach(), micro.old_log_probs, "k3"), mask),
     }
-    if weights.entropy_coef:
-        loss = loss - weights.entropy_coef * mean_entropy
-    if weights.kl_in_loss:
-        kl = F.masked_mean(F.approx_kl(log_probs, micro.ref_log_probs, weights.kl_estimator), mask)
-        stats["policy/kl_loss"] = kl.detach()
-        loss = loss + kl_coef * kl
+    if algorithm.entropy_coef:
+        loss = loss - algorithm.entropy_coef * mean_entropy
+    if kl.penalty == "loss":
+        kl_loss = F.masked_mean(F.approx_kl(log_probs, micro.ref_log_probs, kl.estimator), mask)
+        stats["policy/kl_loss"] = kl_loss.detach()
+        loss = loss + kl_coef * kl_loss
     if critic is not None:
         values = critic(micro.sequences, micro.attention_mask, num_actions)
-        value_loss = F.value_loss(values, micro.values, micro.returns, mask, weights.value_clip_eps)
+        value_loss = F.value_loss(values, micro.values, micro.returns, mask, algorithm.value_clip_eps)
         stats["critic/loss"] = value_loss.detach()
         stats["critic/explained_variance"] = F.explained_variance(values.detach(), micro.returns, mask)
         stats["critic/value_mean"] = F.masked_mean(values.detach(), mask)

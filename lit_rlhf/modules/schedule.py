@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from lit_rlhf.settings import OptimizerSettings
+
 
 def cosine_with_warmup(warmup: int, decay: str, total: int | float | None) -> Callable[[int], float]:
     """Multiplier per optimizer step: linear warm-up to 1, then ``constant`` or ``cosine`` to 0 at ``total``."""
@@ -26,9 +28,9 @@ def cosine_with_warmup(warmup: int, decay: str, total: int | float | None) -> Ca
     return multiplier
 
 
-def optimizer_with_schedule(optimizer, warmup: int, decay: str, trainer) -> dict:
+def optimizer_with_schedule(optimizer, settings: OptimizerSettings, trainer) -> dict:
     """Lightning's optimizer config: ``optimizer`` with a per-step warm-up/cosine ``LambdaLR``."""
-    schedule = cosine_with_warmup(warmup, decay, trainer.estimated_stepping_batches)
+    schedule = cosine_with_warmup(settings.warmup_steps, settings.lr_decay, trainer.estimated_stepping_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lit_rlhf import functional as F
-
-AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-CRITIC_FREE: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+from lit_rlhf.settings import GROUP_ESTIMATORS, AlgorithmSettings, KLSettings
 
 AllReduce = Callable[[Tensor], Tensor]
 
 
 def no_reduce(x: Tensor) -> Tensor:
     return x
-
-
-@dataclass(frozen=True)
-class AdvantageSettings:
-    """How advantages are estimated. See ``PPOModule`` for each field's meaning."""
-
-    estimator: AdvantageEstimator = "gae"
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_estimator: F.KLEstimator = "k1"
-    kl_in_reward: bool = True
-    whiten: bool = True
-    group_size: int = 1
 
 
 class Advantages(NamedTuple):
@@ -65,7 +48,9 @@ def compute_advantages(
     values: Tensor,
     action_mask: Tensor,
     kl_coef: float,
-    settings: AdvantageSettings,
+    algorithm: AlgorithmSettings,
+    kl: KLSettings,
+    group_size: int,
     all_reduce: AllReduce = no_reduce,
 ) -> Advantages:
     """Per-token KL, rewards, advantages and returns for one rollout (all ``[B, A]``).
@@ -74,18 +59,18 @@ def compute_advantages(
     GAE with the critic's values. ``grpo``/``dr_grpo``/``rloo``: the group-baselined score takes
     the score's place and the critic is absent (values are 0). ``reinforce_pp``: discounted returns
     of the raw token rewards. Returns are the discounted sums the critic-free estimators use as
-    advantages.
+    advantages. ``group_size`` is the number of samples per prompt (contiguous rows).
     """
-    kl = F.approx_kl(old_log_probs, ref_log_probs, settings.kl_estimator)
-    kl = torch.where(action_mask.bool(), kl, 0.0)
-    if settings.estimator in ("grpo", "dr_grpo", "rloo"):
-        scores = F.group_advantages(scores, settings.group_size, settings.estimator)
-    rewards = F.token_rewards(scores, kl, action_mask, kl_coef if settings.kl_in_reward else 0.0)
-    if settings.estimator == "gae":
-        advantages, returns = F.gae(rewards, values, action_mask, settings.gamma, settings.lam)
+    token_kl = torch.where(action_mask.bool(), F.approx_kl(old_log_probs, ref_log_probs, kl.estimator), 0.0)
+    estimator = algorithm.advantage_estimator
+    if estimator in GROUP_ESTIMATORS:
+        scores = F.group_advantages(scores, group_size, estimator)
+    rewards = F.token_rewards(scores, token_kl, action_mask, kl_coef if kl.penalty == "reward" else 0.0)
+    if estimator == "gae":
+        advantages, returns = F.gae(rewards, values, action_mask, algorithm.gamma, algorithm.lam)
     else:
-        advantages, returns = F.gae(rewards, torch.zeros_like(rewards), action_mask, settings.gamma, 1.0)
-    if settings.whiten:
+        advantages, returns = F.gae(rewards, torch.zeros_like(rewards), action_mask, algorithm.gamma, 1.0)
+    if algorithm.whiten:
         advantages = global_whiten(advantages, action_mask, all_reduce)
     advantages = torch.where(action_mask.bool(), advantages, 0.0)
-    return Advantages(kl, rewards, advantages, returns)
+    return Advantages(token_kl, rewards, advantages, returns)

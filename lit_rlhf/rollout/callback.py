@@ -31,26 +31,33 @@ class RolloutCallback(L.Callback):
             raise RuntimeError("PPO needs a PromptDataModule (data: in the config) to draw rollout prompts from")
         rollout = trainer.current_epoch
         batch = datamodule.rollout_prompts(
-            rollout, pl_module.hparams.rollout_batch_size, trainer.global_rank, trainer.world_size
+            rollout, pl_module.rollout.rollout_batch_size, trainer.global_rank, trainer.world_size
         )
         device = pl_module.device
         generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + rollout * 1_009 + trainer.global_rank)
         all_reduce = _all_reduce(trainer)
+        batch = {
+            **batch,
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+        }
         with fsdp1_full_params(trainer):
-            experience, timing = make_experience(
+            experience, reward_parts, timing = make_experience(
                 RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                pl_module.rollout_settings,
+                batch,
                 pl_module.score_responses,
-                pl_module.kl_controller.value,
-                rollout,
-                generator,
-                all_reduce,
+                generation=pl_module.generation,
+                rollout=pl_module.rollout,
+                algorithm=pl_module.algorithm,
+                kl=pl_module.kl,
+                kl_coef=pl_module.kl_controller.value,
+                rollout_id=rollout,
+                generator=generator,
+                all_reduce=all_reduce,
             )
         pl_module.buffer.fill(experience)
         self.last_timing = timing
-        metrics = rollout_metrics(experience, pl_module.actor.eos_token_ids, all_reduce)
+        metrics = rollout_metrics(experience, reward_parts, pl_module.actor.eos_token_ids, all_reduce)
         metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
         pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
         metrics.update(_perf_metrics(timing, rollout, batch))
@@ -59,7 +66,7 @@ class RolloutCallback(L.Callback):
             pl_module.log(
                 key, value, on_step=False, on_epoch=True, prog_bar=key in ("reward/mean", "rollout/kl"), sync_dist=True
             )
-        every = pl_module.hparams.log_samples_every_n_epochs
+        every = pl_module.log_samples_every_n_epochs
         if every and rollout % every == 0 and trainer.is_global_zero:
             _log_samples(trainer, pl_module, experience, batch["input_ids"].shape[1], rollout)
 
@@ -97,7 +104,7 @@ def _all_reduce(trainer: L.Trainer):
 
 def _log_samples(trainer, pl_module, experience, prompt_len: int, rollout: int) -> None:
     """A table of (prompt, response, reward) under a key per rollout, so older tables stay visible."""
-    n = min(pl_module.hparams.num_logged_samples, len(experience))
+    n = min(pl_module.num_logged_samples, len(experience))
     rows = experience.index(slice(0, n))
     tok = pl_module.tokenizer
     prompts = tok.batch_decode(rows.sequences[:, :prompt_len], skip_special_tokens=True)

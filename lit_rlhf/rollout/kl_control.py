@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lit_rlhf.settings import KLSettings
+
 
 class KLController:
     """A fixed KL coefficient.
@@ -41,3 +43,10 @@ class AdaptiveKLController(KLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def make_kl_controller(kl: KLSettings) -> KLController:
+    """A fixed controller, or an adaptive one when ``kl.target`` is set."""
+    if kl.target is None:
+        return KLController(kl.coef)
+    return AdaptiveKLController(kl.coef, target=kl.target, horizon=kl.horizon)

@@ -6,16 +6,38 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from lit_rlhf.models import Actor, GenerationOutput, GenerationSettings, ValueModel
+from lit_rlhf.models import Actor, GenerationOutput, ValueModel
 from lit_rlhf.models.sharding import gathered
-from lit_rlhf.rollout.advantages import AdvantageSettings, AllReduce, compute_advantages, no_reduce
+from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
 from lit_rlhf.rollout.experience import Experience
+from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
 
-ScoreFn = Callable[[GenerationOutput, int], Tensor]
+
+class Scores(NamedTuple):
+    """A rollout's sequence scores.
+
+    scores: ``[B]`` what PPO trains on (the reward after shaping: missing-EOS penalty, clipping).
+    parts: ``[B]`` tensors logged as ``reward/<key>``: ``score`` (the weighted sum before shaping)
+        and each reward component's own score.
+    """
+
+    scores: Tensor
+    parts: dict[str, Tensor]
+
+
+# (generation, prompt texts per row, dataset columns per row) -> scores
+ScoreFn = Callable[[GenerationOutput, list[str], dict[str, list]], Scores]
+
+
+class Rollout(NamedTuple):
+    experience: Experience
+    reward_parts: dict[str, Tensor]
+    timing: dict[str, float]
 
 
 @dataclass
@@ -25,16 +47,6 @@ class RolloutModels:
     actor: Actor
     critic: ValueModel | None
     reference: Actor | None
-
-
-@dataclass(frozen=True)
-class RolloutSettings:
-    generation: GenerationSettings
-    advantages: AdvantageSettings
-    n_samples_per_prompt: int = 1
-    micro_batch_size: int = 16
-    gather_for_generation: bool = True
-    recompute_old_log_probs: bool = False
 
 
 @contextlib.contextmanager
@@ -71,48 +83,63 @@ def reference_log_probs(
         return actor(sequences, attention_mask, num_actions, temperature)
 
 
+def repeat_rows(values: list, times: int) -> list:
+    """Each entry ``times`` times in a row (a prompt's samples stay contiguous)."""
+    return [value for value in values for _ in range(times)]
+
+
 @torch.no_grad()
 def make_experience(
     models: RolloutModels,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    settings: RolloutSettings,
+    prompts: dict,
     score_fn: ScoreFn,
+    *,
+    generation: GenerationSettings,
+    rollout: RolloutSettings,
+    algorithm: AlgorithmSettings,
+    kl: KLSettings,
     kl_coef: float,
     rollout_id: int,
     generator: torch.Generator | None = None,
     all_reduce: AllReduce = no_reduce,
-) -> tuple[Experience, dict[str, float]]:
+) -> Rollout:
     """Generate, score and compute advantages for one batch of left-padded prompts.
 
-    1. Repeat each prompt ``n_samples_per_prompt`` times (a prompt's samples stay contiguous).
+    ``prompts`` is what ``PromptDataModule.rollout_prompts`` returns: ``input_ids``/``attention_mask``
+    ``[N, P]``, the rendered prompt texts (``prompts``) and the records' other fields (``columns``).
+
+    1. Repeat each prompt ``generation.n_samples_per_prompt`` times (a prompt's samples stay
+       contiguous), with its text and columns.
     2. Generate with the actor (eval mode, no grad); a sharded actor's weights are gathered once
-       for the whole generation, not per token (``gather_for_generation``).
+       for the whole generation, not per token (``rollout.gather_for_generation``).
     3. Score forwards in micro-batches: reference log-probs (reference model, or the actor with its
        adapter disabled), values (critic, if any). Old log-probs are the ones the sampler computed
        while decoding (equal to a full forward's within float tolerance), unless
-       ``recompute_old_log_probs`` asks for a separate actor forward.
-    4. Sequence scores through ``score_fn`` (reward model or reward function).
+       ``rollout.recompute_old_log_probs`` asks for a separate actor forward.
+    4. Sequence scores through ``score_fn`` (the reward components, or a ``compute_reward`` override).
     5. KL, token rewards, advantages and returns with ``lit_rlhf.functional``.
-
-    Returns:
-        The experience and timing statistics (seconds, tokens).
     """
     actor, critic, reference = models.actor, models.critic, models.reference
-    temperature, micro = settings.generation.scoring_temperature, settings.micro_batch_size
+    temperature, micro, n = (
+        generation.scoring_temperature,
+        rollout.score_micro_batch_size,
+        generation.n_samples_per_prompt,
+    )
     # 1.
-    input_ids = input_ids.repeat_interleave(settings.n_samples_per_prompt, dim=0)
-    attention_mask = attention_mask.repeat_interleave(settings.n_samples_per_prompt, dim=0)
+    input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
+    attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
+    texts = repeat_rows(prompts["prompts"], n)
+    columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
     with eval_mode(actor, critic, reference):
         # 2.
         start = time.perf_counter()
-        with gathered(actor.model, settings.gather_for_generation):
-            gen = actor.generate(input_ids, attention_mask, settings.generation, generator=generator)
+        with gathered(actor.model, rollout.gather_for_generation):
+            gen = actor.generate(input_ids, attention_mask, generation, generator=generator)
         generation_s = time.perf_counter() - start
         num_actions = gen.action_mask.shape[1]
         # 3.
         start = time.perf_counter()
-        if settings.recompute_old_log_probs:
+        if rollout.recompute_old_log_probs:
             old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
         else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
             old_log_probs = gen.log_probs
@@ -124,12 +151,12 @@ def make_experience(
         else:
             values = torch.zeros_like(old_log_probs)
         # 4.
-        scores = score_fn(gen, input_ids.shape[1])
+        scores, reward_parts = score_fn(gen, texts, columns)
         scoring_s = time.perf_counter() - start
     # 5.
     start = time.perf_counter()
-    kl, rewards, advantages, returns = compute_advantages(
-        scores, old_log_probs, ref_log_probs, values, gen.action_mask, kl_coef, settings.advantages, all_reduce
+    token_kl, rewards, advantages, returns = compute_advantages(
+        scores, old_log_probs, ref_log_probs, values, gen.action_mask, kl_coef, algorithm, kl, n, all_reduce
     )
     experience = Experience(
         sequences=gen.sequences,
@@ -142,7 +169,7 @@ def make_experience(
         advantages=advantages,
         returns=returns,
         scores=scores,
-        kl=kl,
+        kl=token_kl,
         rollout_id=torch.full_like(scores, rollout_id, dtype=torch.long),
     )
     timing = {
@@ -151,7 +178,7 @@ def make_experience(
         "advantages_s": time.perf_counter() - start,
         "generated_tokens": float(gen.action_mask.sum()),
     }
-    return experience, timing
+    return Rollout(experience, reward_parts, timing)
 
 
 def ends_with_eos(sequences: Tensor, action_mask: Tensor, eos_token_ids: Tensor) -> Tensor:
@@ -162,22 +189,32 @@ def ends_with_eos(sequences: Tensor, action_mask: Tensor, eos_token_ids: Tensor)
 
 
 def rollout_metrics(
-    experience: Experience, eos_token_ids: Tensor, all_reduce: AllReduce = no_reduce
+    experience: Experience,
+    reward_parts: dict[str, Tensor],
+    eos_token_ids: Tensor,
+    all_reduce: AllReduce = no_reduce,
 ) -> dict[str, Tensor]:
-    """Reward, KL, length and EOS statistics of a rollout, reduced over all ranks."""
+    """Reward, KL, length and EOS statistics of a rollout, reduced over all ranks (one all-reduce).
+
+    ``reward/mean`` and ``reward/std`` are of the trained-on scores (after shaping); ``reward/<key>``
+    is the mean of each of ``reward_parts`` (``score``, the sum before shaping, and each component).
+    """
     mask = experience.action_mask
     lengths = mask.sum(-1).float()
     has_eos = ends_with_eos(experience.sequences, mask, eos_token_ids)
     k1_kl = torch.where(mask, experience.old_log_probs - experience.ref_log_probs, 0.0).sum(-1)
-    rows = torch.stack([experience.scores, experience.scores.square(), k1_kl, lengths, has_eos.float()])
+    scores = experience.scores
+    rows = torch.stack([scores, scores.square(), k1_kl, lengths, has_eos.float(), *reward_parts.values()])
     sums = all_reduce(torch.cat([rows.sum(-1), torch.tensor([float(len(experience))], device=rows.device)]))
     count = sums[-1]
     mean = sums[:-1] / count
     var = (sums[1] - count * mean[0].square()).clamp_min(0) / (count - 1).clamp_min(1)
-    return {
+    metrics = {
         "reward/mean": mean[0],
         "reward/std": var.sqrt(),
         "rollout/kl": mean[2],
         "rollout/response_length": mean[3],
         "rollout/eos_rate": mean[4],
     }
+    metrics.update({f"reward/{key}": value for key, value in zip(reward_parts, mean[5:], strict=True)})
+    return metrics

@@ -30,9 +30,14 @@ def solve(prompt: str) -> str:
     return str(a + b if op == "+" else a - b)
 
 
-def exact_match_reward(prompts: list[str], responses: list[str]) -> Tensor:
-    """1.0 where the response is exactly the right answer, else 0.0 (a verifiable reward)."""
-    return torch.tensor([float(r.strip() == solve(p.strip())) for p, r in zip(prompts, responses, strict=True)])
+def exact_match_reward(prompts: list[str], responses: list[str], answer: list) -> Tensor:
+    """1.0 where the response is exactly the row's ``answer`` column, else 0.0 (a verifiable reward)."""
+    return torch.tensor([float(r.strip() == str(a).strip()) for r, a in zip(responses, answer, strict=True)])
+
+
+def prompt_records(prompts: list[str]) -> list[dict]:
+    """Prompt-file records: the prompt and its ``answer`` (the column the verifiable reward reads)."""
+    return [{"prompt": p, "answer": solve(p)} for p in prompts]
 
 
 def wrong_answer(prompt: str, rng: random.Random, kinds: tuple[str, ...] = ("offset", "digit")) -> str:

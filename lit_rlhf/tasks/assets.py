@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lit_rlhf.tasks.arithmetic import corpus, split_problems, write_jsonl
+from lit_rlhf.tasks.arithmetic import corpus, prompt_records, split_problems, write_jsonl
 from lit_rlhf.tasks.tiny import save_tiny_models, tiny_llama_config, train_tokenizer
 
 
@@ -20,8 +20,8 @@ def build_tiny_assets(out: str, hidden_size: int = 64, num_layers: int = 2, seed
     splits = split_problems(seed)
     paths["prompts"] = os.path.join(out, "prompts.jsonl")
     paths["val_prompts"] = os.path.join(out, "val_prompts.jsonl")
-    write_jsonl(paths["prompts"], [{"prompt": p} for p in splits["ppo"]])
-    write_jsonl(paths["val_prompts"], [{"prompt": p} for p in splits["dev"][:64]])
+    write_jsonl(paths["prompts"], prompt_records(splits["ppo"]))
+    write_jsonl(paths["val_prompts"], prompt_records(splits["dev"][:64]))
     return paths
 
 

@@ -17,7 +17,9 @@ from lit_rlhf.tasks.arithmetic import (
     corpus,
     exact_match_reward,
     preference_records,
+    prompt_records,
     sft_records,
+    solve,
     split_problems,
     write_jsonl,
 )
@@ -37,9 +39,9 @@ def prepare(out: str, sft_size: int = 40_000, wrong_fraction: float = 0.3, pairs
     write_jsonl(f"{out}/sft_val.jsonl", sft_records(splits["dev"], 512, 0.0, seed + 1))
     write_jsonl(f"{out}/pairs.jsonl", preference_records(train, pairs, seed + 2))
     write_jsonl(f"{out}/pairs_val.jsonl", preference_records(splits["dev"], 1000, seed + 3))
-    write_jsonl(f"{out}/prompts.jsonl", [{"prompt": p} for p in splits["ppo"]])
-    write_jsonl(f"{out}/val_prompts.jsonl", [{"prompt": p} for p in splits["dev"][:256]])
-    write_jsonl(f"{out}/test_prompts.jsonl", [{"prompt": p} for p in splits["test"]])
+    write_jsonl(f"{out}/prompts.jsonl", prompt_records(splits["ppo"]))
+    write_jsonl(f"{out}/val_prompts.jsonl", prompt_records(splits["dev"][:256]))
+    write_jsonl(f"{out}/test_prompts.jsonl", prompt_records(splits["test"]))
 
 
 @torch.no_grad()
@@ -68,7 +70,7 @@ def evaluate(
         skip_special_tokens=True,
     )
     return {
-        "accuracy": exact_match_reward(prompts, responses).mean().item(),
+        "accuracy": exact_match_reward(prompts, responses, [solve(p) for p in prompts]).mean().item(),
         "reward_model_score": reward.score(gen.sequences, gen.attention_mask).mean().item(),
         "kl_to_reference": (kl * gen.action_mask).sum(-1).mean().item(),
     }

@@ -101,13 +101,13 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
         },
         "model": {
             "init_args": {
-                "actor_path": tiny_assets["policy"],
-                "reward_path": tiny_assets["reward"],
+                "models": {"actor_path": tiny_assets["policy"]},
+                "rewards": [
+                    {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"]}}
+                ],
                 "export_dir": str(root / "export"),
-                "rollout_batch_size": 32,
-                "score_micro_batch_size": 32,
-                "mini_batch_size": 16,
-                "micro_batch_size": 8,
+                "rollout": {"rollout_batch_size": 32, "score_micro_batch_size": 32},
+                "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8},
             }
         },
         "data": {

@@ -22,7 +22,7 @@ from lit_rlhf import functional as F  # noqa: E402
 from lit_rlhf.models.sharding import full_state_dict  # noqa: E402
 from lit_rlhf.rollout.advantages import global_whiten  # noqa: E402
 from lit_rlhf.rollout.experience import Experience  # noqa: E402
-from lit_rlhf.rollout.maker import rollout_metrics  # noqa: E402
+from lit_rlhf.rollout.maker import Rollout, rollout_metrics  # noqa: E402
 from tests.helpers import SevensPPO, datamodule  # noqa: E402
 
 ROWS = 8
@@ -63,28 +63,20 @@ def train(args) -> None:
     rank = int(os.environ.get("RANK", 0))
     per_rank = ROWS // world
     module = SevensPPO(
-        actor_path=f"{args.assets}/policy",
-        max_new_tokens=5,
-        rollout_batch_size=per_rank,
-        score_micro_batch_size=per_rank,
-        mini_batch_size=per_rank,
-        micro_batch_size=2,
-        ppo_epochs=1,
-        critic_path=f"{args.assets}/reward",
-        actor_max_grad_norm=None,
-        critic_max_grad_norm=None,
-        actor_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
-        critic_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        models={"actor_path": f"{args.assets}/policy", "critic_path": f"{args.assets}/reward"},
+        generation={"max_new_tokens": 5},
+        rollout={"rollout_batch_size": per_rank, "score_micro_batch_size": per_rank},
+        algorithm={"mini_batch_size": per_rank, "micro_batch_size": 2, "ppo_epochs": 1},
+        optim={
+            "actor": {"optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "max_grad_norm": None},
+            "critic": {"optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "max_grad_norm": None},
+        },
     )
 
-    def fixed_rollout(models, input_ids, attention_mask, settings, score_fn, kl_coef, rollout_id, generator, reduce):
+    def fixed_rollout(models, prompts, score_fn, **settings):
         experience = fixed_experience(module)
-        return experience.index(slice(rank * per_rank, (rank + 1) * per_rank)), {
-            "generation_s": 0.0,
-            "scoring_s": 0.0,
-            "advantages_s": 0.0,
-            "generated_tokens": 1.0,
-        }
+        timing = {"generation_s": 0.0, "scoring_s": 0.0, "advantages_s": 0.0, "generated_tokens": 1.0}
+        return Rollout(experience.index(slice(rank * per_rank, (rank + 1) * per_rank)), {}, timing)
 
     callback_module.make_experience = fixed_rollout
     strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
@@ -151,8 +143,8 @@ def stats(args) -> None:
         torch.zeros(8, dtype=torch.long),
     )
     eos = torch.tensor([2])
-    distributed = rollout_metrics(exp.index(rows), eos, all_reduce)
-    single = rollout_metrics(exp, eos)
+    distributed = rollout_metrics(exp.index(rows), {}, eos, all_reduce)
+    single = rollout_metrics(exp, {}, eos)
     if rank == 0:
         result = {
             "whiten_max_diff": (torch.cat(gathered) - F.masked_whiten(values, mask)).abs().max().item(),

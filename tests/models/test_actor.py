@@ -105,7 +105,9 @@ def test_forward_matches_transformers_generate_scores(actor, tokenizer):
 def test_same_tokens_as_transformers_generate_for_a_seed(actor, tokenizer):
     input_ids, attention_mask = prompts(tokenizer)
     torch.manual_seed(7)
-    ours = actor.generate(input_ids, attention_mask, GenerationSettings(12, temperature=0.9, top_k=5, top_p=0.9))
+    ours = actor.generate(
+        input_ids, attention_mask, GenerationSettings(max_new_tokens=12, temperature=0.9, top_k=5, top_p=0.9)
+    )
     torch.manual_seed(7)
     hf = actor.model.generate(
         input_ids=input_ids,

@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from lit_rlhf.models import Actor, LoadSettings, position_ids_from_mask
+from lit_rlhf.models import Actor, LoadSettings, LoraSettings, position_ids_from_mask
+from lit_rlhf.models.loading import model_kwargs
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -18,20 +19,20 @@ def test_position_ids_follow_the_attention_mask():
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_flash_attention_without_the_extra_names_it():
     with pytest.raises(ImportError, match=r"lit_rlhf\[gpu\]"):
-        LoadSettings(attn_implementation="flash_attention_2").model_kwargs()
+        model_kwargs(LoadSettings(attn_implementation="flash_attention_2"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 def test_four_bit_without_the_extra_names_it():
     with pytest.raises(ImportError, match=r"lit_rlhf\[gpu\]"):
-        LoadSettings(load_in_4bit=True).model_kwargs()
+        model_kwargs(LoadSettings(load_in_4bit=True, lora=LoraSettings(rank=4)))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error path")
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn installed")
 def test_flash_attention_needs_cuda():
     with pytest.raises(RuntimeError, match="CUDA"):
-        LoadSettings(attn_implementation="flash_attention_2").model_kwargs()
+        model_kwargs(LoadSettings(attn_implementation="flash_attention_2"))
 
 
 @pytest.mark.gpu

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from lit_rlhf import PPOModule
+from lit_rlhf.models import GenerationOutput
 from lit_rlhf.modules.ppo_step import ppo_micro_step
-from lit_rlhf.rollout.rewards import RewardError
-from tests.helpers import SevensPPO, datamodule, small_module, trainer
+from lit_rlhf.rewards import RewardError, RewardFunction, RewardModel
+from lit_rlhf.rewards.model import append_eos
+from tests.helpers import SevensPPO, datamodule, sevens_reward, small_module, trainer
 
 
 class Recorder(L.Callback):
@@ -49,7 +51,7 @@ def metrics(t):
 
 def test_every_mini_batch_comes_from_its_epochs_rollout_and_each_experience_is_used_ppo_epochs_times(make, tmp_path):
     recorder = Recorder()
-    fit(tmp_path, make(ppo_epochs=3), 2, [recorder])
+    fit(tmp_path, make(algorithm={"ppo_epochs": 3}), 2, [recorder])
     assert len(recorder.steps) == 2 * 3 * 16 // 8
     for epoch in (0, 1):
         steps = [s for s in recorder.steps if s[0] == epoch]
@@ -76,8 +78,8 @@ def test_first_mini_batch_ratio_is_exactly_one(make, tmp_path):
 
 
 def test_custom_reward_rises_and_large_kl_stays_closer_to_reference(make, tmp_path):
-    free = fit(tmp_path / "free", make(kl_coef=0.0), 10)
-    tied = fit(tmp_path / "tied", make(kl_coef=2.0), 10)
+    free = fit(tmp_path / "free", make(kl={"coef": 0.0}), 10)
+    tied = fit(tmp_path / "tied", make(kl={"coef": 2.0}), 10)
     rewards = metrics(free)["reward/mean"].dropna().tolist()
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     kl_free = metrics(free)["rollout/kl"].dropna().tolist()[-3:]
@@ -88,12 +90,10 @@ def test_custom_reward_rises_and_large_kl_stays_closer_to_reference(make, tmp_pa
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo", "reinforce_pp"])
 def test_critic_free_estimators_train_without_a_critic(make, tmp_path, estimator):
     module = make(
-        advantage_estimator=estimator,
-        n_samples_per_prompt=4,
-        rollout_batch_size=4,
-        kl_penalty="loss",
-        kl_estimator="k3",
-        kl_coef=0.05,
+        algorithm={"advantage_estimator": estimator},
+        generation={"n_samples_per_prompt": 4},
+        rollout={"rollout_batch_size": 4},
+        kl={"penalty": "loss", "estimator": "k3", "coef": 0.05},
     )
     t = fit(tmp_path, module, 2)
     assert module.critic is None and not isinstance(module.optimizers(), list)
@@ -102,7 +102,7 @@ def test_critic_free_estimators_train_without_a_critic(make, tmp_path, estimator
 
 
 def test_frozen_models_unchanged_trainable_changed_and_left_out_of_checkpoints(make, tmp_path):
-    module = make(reward_path=None)
+    module = make()
     module.configure_model()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     t = fit(tmp_path, module, 1)
@@ -118,21 +118,21 @@ def test_frozen_models_unchanged_trainable_changed_and_left_out_of_checkpoints(m
     path = tmp_path / "model.ckpt"
     t.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)
-    assert not any(k.startswith(("reference.", "reward_model.")) for k in saved["state_dict"])
+    assert not any(k.startswith(("reference.", "rewards.")) for k in saved["state_dict"])
     assert "kl_controller" in saved and "rng_states" in saved
 
 
-def test_reward_model_path_scores_with_the_frozen_reward_model(make, tmp_path):
-    module = make(PPOModule, reward_path=module_assets(make)["reward"])
+def test_reward_model_component_scores_with_the_frozen_reward_model(make, tmp_path):
+    module = make(PPOModule, rewards=[RewardModel(make().assets["reward"])])
     fit(tmp_path, module, 1)
-    assert module.reward_model is not None and module.reward_shares_tokenizer
+    reward_model = module.rewards[0]
+    assert reward_model.model is not None and reward_model.shares_tokenizer
+    assert not any(p.requires_grad for p in reward_model.parameters())
     exp = module.buffer.experience
-    expected = module.reward_model.score(exp.sequences, exp.attention_mask)
+    # every response is scored as finished: EOS appended where the sampler stopped without one
+    sequences, mask = append_eos(exp.sequences, exp.attention_mask, module.actor.eos_token_ids)
+    expected = reward_model.model.score(sequences, mask)
     torch.testing.assert_close(exp.scores, expected, atol=1e-6, rtol=1e-6)
-
-
-def module_assets(make):
-    return make().assets
 
 
 def test_resume_continues_the_same_trajectory(make, tmp_path):
@@ -168,7 +168,7 @@ def test_micro_batch_accumulation_gives_the_full_mini_batch_gradient(make, tmp_p
         actor, critic = copy.deepcopy(module.actor), copy.deepcopy(module.critic)
         total = batch.action_mask.sum()
         for micro in batch.split(micro_size):
-            loss, _ = ppo_micro_step(actor, critic, micro, module.loss_weights, 0.1, 1.0)
+            loss, _ = ppo_micro_step(actor, critic, micro, module.algorithm, module.kl, 0.1, 1.0)
             (loss * micro.action_mask.sum() / total).backward()
         return [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()] if p.grad is not None]
 
@@ -225,24 +225,34 @@ def test_bad_rewards_stop_the_run_with_a_clear_error(make, tmp_path, cls, messag
         fit(tmp_path, make(cls), 1)
 
 
-def test_reward_fn_by_name(make, tmp_path):
-    module = make(PPOModule, reward_fn="tests.helpers.sevens_reward")
+def test_reward_function_by_dotted_path(make, tmp_path):
+    module = make(PPOModule, rewards=[RewardFunction("tests.helpers.sevens_reward")])
     fit(tmp_path, module, 1)
-    assert module.buffer.experience.scores.max() <= 1.0
-    with pytest.raises(ValueError, match="cannot import reward_fn"):
-        make(PPOModule, reward_fn="tests.helpers.nope")
+    exp = module.buffer.experience
+    responses = module.decode_responses(GenerationOutput(exp.sequences, exp.attention_mask, exp.action_mask, None))
+    torch.testing.assert_close(exp.scores, sevens_reward([], responses))
+    with pytest.raises(ValueError, match="cannot import RewardFunction.fn 'tests.helpers.nope'"):
+        make(PPOModule, rewards=[RewardFunction("tests.helpers.nope")])
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(advantage_estimator="ppo2"), "unknown advantage_estimator 'ppo2'; valid: gae, grpo"),
-        (dict(kl_estimator="k9"), "unknown kl_estimator"),
-        (dict(kl_penalty="loss", kl_estimator="k1"), "use k2 or k3"),
-        (dict(advantage_estimator="grpo", n_samples_per_prompt=1), "n_samples_per_prompt >= 2"),
-        (dict(advantage_estimator="grpo", n_samples_per_prompt=2, whiten_advantages=True), "whiten twice"),
-        (dict(mini_batch_size=5), "multiple of mini_batch_size"),
-        (dict(load_in_4bit=True), "lora_rank > 0"),
+        (dict(algorithm={"advantage_estimator": "ppo2"}), "unknown algorithm.advantage_estimator 'ppo2'; valid: gae"),
+        (dict(kl={"estimator": "k9"}), "unknown kl.estimator"),
+        (dict(kl={"penalty": "loss", "estimator": "k1"}), "use k2 or k3"),
+        (dict(algorithm={"advantage_estimator": "grpo"}), "generation.n_samples_per_prompt >= 2"),
+        (
+            dict(
+                algorithm={"advantage_estimator": "grpo", "whiten_advantages": True},
+                generation={"n_samples_per_prompt": 2},
+            ),
+            "whiten twice",
+        ),
+        (dict(algorithm={"mini_batch_size": 5, "micro_batch_size": 5}), "multiple of algorithm.mini_batch_size"),
+        (dict(algorithm={"mini_batch_size": 8, "micro_batch_size": 3}), "multiple of algorithm.micro_batch_size"),
+        (dict(models={"load_in_4bit": True}), "lora.rank > 0"),
+        (dict(generation={"temperature": 0.0}), "temperature > 0"),
     ],
 )
 def test_invalid_settings_name_the_settings(make, overrides, message):
@@ -251,8 +261,8 @@ def test_invalid_settings_name_the_settings(make, overrides, message):
 
 
 def test_no_reward_source_is_an_error(tiny_assets):
-    with pytest.raises(ValueError, match="no reward"):
-        PPOModule(actor_path=tiny_assets["policy"])
+    with pytest.raises(ValueError, match="no reward: add a component to rewards"):
+        PPOModule(models={"actor_path": tiny_assets["policy"]})
 
 
 def test_empty_prompt_file_fails_before_models_load(make, tmp_path):
@@ -276,7 +286,7 @@ def test_missing_prompt_file_and_field(make, tmp_path):
 
 
 def test_lora_actor_uses_its_disabled_adapter_as_reference(make, tmp_path):
-    module = make(lora_rank=4, lora_alpha=8)
+    module = make(models={"lora": {"rank": 4, "alpha": 8}})
     fit(tmp_path, module, 2)
     assert module.reference is None and module.actor.has_adapter
     exp = module.buffer.experience
@@ -287,8 +297,6 @@ def test_lora_actor_uses_its_disabled_adapter_as_reference(make, tmp_path):
 
 
 def test_score_settings_penalty_clip_and_normalisation(make):
-    from lit_rlhf.models import GenerationOutput
-
     eos = 2
     responses = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8]])  # the second was cut at max_new_tokens
     prompts = torch.tensor([[1, 5, 4, 6]] * 2)
@@ -304,20 +312,23 @@ def test_score_settings_penalty_clip_and_normalisation(make):
         def compute_reward(self, prompts, responses):
             return torch.tensor([3.0, 0.5])
 
-    module = make(Fixed, missing_eos_penalty=1.0, reward_clip=2.0)
+    module = make(Fixed, algorithm={"missing_eos_penalty": 1.0, "reward_clip": 2.0})
     module.configure_model()
     # missing-EOS penalty first (0.5 - 1 = -0.5), then clipping to [-2, 2] (3 -> 2)
-    torch.testing.assert_close(module.score_responses(gen, 4), torch.tensor([2.0, -0.5]))
+    scored = module.score_responses(gen, ["p", "p"], {})
+    torch.testing.assert_close(scored.scores, torch.tensor([2.0, -0.5]))
+    torch.testing.assert_close(scored.parts["score"], torch.tensor([3.0, 0.5]))  # before shaping
 
-    rm_module = make(PPOModule, reward_path=make().assets["reward"], normalize_reward=True)
+    rm_module = make(PPOModule, rewards=[RewardModel(make().assets["reward"], normalize=True)])
     rm_module.configure_model()
-    rm_module.reward_model.set_normalization(0.25, 4.0)
-    raw = rm_module.reward_model.score(gen.sequences, gen.attention_mask)
-    torch.testing.assert_close(rm_module.score_responses(gen, 4), (raw - 0.25) / 4.0)
+    reward_model = rm_module.rewards[0].model
+    reward_model.set_normalization(0.25, 4.0)
+    raw = reward_model.score(*append_eos(gen.sequences, gen.attention_mask, rm_module.actor.eos_token_ids))
+    torch.testing.assert_close(rm_module.score_responses(gen, ["p", "p"], {}).scores, (raw - 0.25) / 4.0)
 
 
 def test_adaptive_kl_controller_moves_the_coefficient_during_training(make, tmp_path):
-    module = make(kl_target=1000.0, kl_horizon=100, kl_coef=0.1)
+    module = make(kl={"target": 1000.0, "horizon": 100, "coef": 0.1})
     t = fit(tmp_path, module, 3)
     coefs = metrics(t)["rollout/kl_coef"].dropna().tolist()
     # KL far below target: error clipped to -0.2, 16 samples per rollout -> beta *= 1 - 0.2 * 16 / 100
@@ -325,10 +336,10 @@ def test_adaptive_kl_controller_moves_the_coefficient_during_training(make, tmp_
 
 
 def test_recompute_old_log_probs_uses_a_full_forward(make, tmp_path):
-    module = make(recompute_old_log_probs=True)
+    module = make(rollout={"recompute_old_log_probs": True})
     fit(tmp_path, module, 1)
     exp = module.buffer.experience
-    before_update = make(recompute_old_log_probs=True)  # same seed, same weights as the rollout saw
+    before_update = make(rollout={"recompute_old_log_probs": True})  # same seed, same weights as the rollout saw
     before_update.configure_model()
     with torch.no_grad():
         forward = before_update.actor(exp.sequences, exp.attention_mask, exp.num_actions, 1.0)
@@ -336,24 +347,30 @@ def test_recompute_old_log_probs_uses_a_full_forward(make, tmp_path):
 
 
 def test_reward_model_returning_nan_names_the_sample(make, monkeypatch):
-    from lit_rlhf.models import GenerationOutput
-
-    module = make(PPOModule, reward_path=make().assets["reward"])
+    module = make(PPOModule, rewards=[RewardModel(make().assets["reward"])])
     module.configure_model()
     sequences = torch.tensor([[1, 5, 4, 6, 7, 2], [1, 6, 4, 5, 8, 2]])
     gen = GenerationOutput(sequences, torch.ones_like(sequences), torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2))
-    monkeypatch.setattr(module.reward_model, "score", lambda s, m, normalize=False: torch.tensor([0.5, float("nan")]))
-    prompt, response = module.decode_row(gen, 4, 1)
+    monkeypatch.setattr(
+        module.rewards[0].model, "score", lambda s, m, normalize=False: torch.tensor([0.5, float("nan")])
+    )
+    response = module.decode_responses(gen)[1]
     with pytest.raises(
-        RewardError, match=re.escape(f"reward model returned nan for sample 1 (prompt '{prompt}', response")
+        RewardError,
+        match=re.escape(f"reward reward_model returned nan for sample 1 (prompt 'q2', response '{response}')"),
     ):
-        module.score_responses(gen, 4)
+        module.score_responses(gen, ["q1", "q2"], {})
 
 
 def test_padding_free_rollout_and_updates_equal_the_padded_ones(make, tmp_path):
     runs = {}
     for packed in (False, True):
-        module = make(reward_path=make().assets["reward"], cls=PPOModule, max_new_tokens=6, padding_free=packed)
+        module = make(
+            cls=PPOModule,
+            rewards=[RewardModel(make().assets["reward"])],
+            generation={"max_new_tokens": 6},
+            models={"padding_free": packed},
+        )
         runs[packed] = (module, metrics(fit(tmp_path / str(packed), module, 1)))
     (padded, padded_log), (packed, packed_log) = runs[False], runs[True]
     a, b = padded.buffer.experience, packed.buffer.experience

@@ -41,7 +41,7 @@ def attach(datamodule, module):
 
 
 def test_sft_labels_mask_the_prompt_and_loss_counts_only_the_response(tiny_assets, task_files):
-    module = SFTModule(tiny_assets["policy"])
+    module = SFTModule(models={"path": tiny_assets["policy"]})
     module.configure_model()
     dm = attach(SFTDataModule(task_files["sft"], batch_size=4), module)
     record = dm.train_records[0]
@@ -70,7 +70,7 @@ def test_sft_labels_mask_the_prompt_and_loss_counts_only_the_response(tiny_asset
 
 
 def test_packed_batches_give_the_padded_loss(tiny_assets, task_files):
-    module = SFTModule(tiny_assets["policy"])
+    module = SFTModule(models={"path": tiny_assets["policy"]})
     module.configure_model()
     padded = attach(SFTDataModule(task_files["sft"], batch_size=8), module)
     packed = attach(SFTDataModule(task_files["sft"], batch_size=8, packing=True, max_length=40), module)
@@ -86,7 +86,9 @@ def test_packed_batches_give_the_padded_loss(tiny_assets, task_files):
 @pytest.mark.slow
 def test_sft_loss_falls(tiny_assets, task_files, tmp_path):
     L.seed_everything(0, verbose=False)
-    module = SFTModule(tiny_assets["policy"], optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), lr_decay="constant")
+    module = SFTModule(
+        models={"path": tiny_assets["policy"]}, optim={"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3)}
+    )
     trainer = L.Trainer(
         max_steps=60,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
@@ -114,7 +116,7 @@ def test_bradley_terry_loss_formula():
 
 
 def test_preference_batch_stacks_chosen_then_rejected(tiny_assets, task_files):
-    module = RewardModelModule(tiny_assets["policy"])
+    module = RewardModelModule(models={"path": tiny_assets["policy"]})
     dm = attach(PreferenceDataModule(task_files["pairs"], batch_size=4), module)
     batch = dm.collate(dm.train_examples[:3])
     assert batch["input_ids"].shape[0] == 6

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lit_rlhf import functional as F
-from lit_rlhf.models import Actor, GenerationSettings, ValueModel, load_tokenizer
-from lit_rlhf.rollout.advantages import AdvantageSettings
-from lit_rlhf.rollout.maker import RolloutModels, RolloutSettings, make_experience, rollout_metrics
+from lit_rlhf.models import Actor, ValueModel, load_tokenizer
+from lit_rlhf.rollout.maker import RolloutModels, Scores, make_experience, rollout_metrics
+from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
 
 
 @pytest.fixture
@@ -19,29 +19,47 @@ def models(tiny_assets):
     reference = Actor.from_pretrained(tiny_assets["policy"], tok)
     critic = ValueModel.from_pretrained(tiny_assets["reward"])
     reward = ValueModel.from_pretrained(tiny_assets["reward"])
-    prompts = tok(["12+34=", "07-03=", "99+99="], return_tensors="pt")
+    texts = ["12+34=", "07-03=", "99+99="]
+    enc = tok(texts, return_tensors="pt")
+    prompts = {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "prompts": texts,
+        "columns": {"answer": ["46", "04", "198"]},
+    }
     return tok, RolloutModels(actor, critic, reference), reward, prompts
+
+
+def reward_model_scores(reward, seen=None):
+    """A score function reading the reward model; records what it was given in ``seen``."""
+
+    def score(gen, prompts, columns):
+        if seen is not None:
+            seen.update(prompts=prompts, columns=columns)
+        scores = reward.score(gen.sequences, gen.attention_mask)
+        return Scores(scores, {"score": scores, "double": 2 * scores})
+
+    return score
 
 
 def test_gae_experience_matches_hand_computation(models):
     tok, rollout_models, reward, prompts = models
-    settings = RolloutSettings(
-        GenerationSettings(max_new_tokens=5, temperature=0.8),
-        AdvantageSettings("gae", gamma=0.99, lam=0.9, kl_estimator="k1", whiten=True),
-        n_samples_per_prompt=2,
-        micro_batch_size=4,
-    )
-    exp, timing = make_experience(
+    seen = {}
+    exp, reward_parts, timing = make_experience(
         rollout_models,
-        prompts.input_ids,
-        prompts.attention_mask,
-        settings,
-        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        prompts,
+        reward_model_scores(reward, seen),
+        generation=GenerationSettings(max_new_tokens=5, temperature=0.8, n_samples_per_prompt=2),
+        rollout=RolloutSettings(score_micro_batch_size=4),
+        algorithm=AlgorithmSettings(advantage_estimator="gae", gamma=0.99, lam=0.9, whiten_advantages=True),
+        kl=KLSettings(estimator="k1"),
         kl_coef=0.1,
         rollout_id=3,
     )
-    # prompts are repeated in contiguous groups
-    assert torch.equal(exp.sequences[:, :6], prompts.input_ids.repeat_interleave(2, 0))
+    # prompts are repeated in contiguous groups, with their texts and columns
+    assert torch.equal(exp.sequences[:, :6], prompts["input_ids"].repeat_interleave(2, 0))
+    assert seen["prompts"] == ["12+34=", "12+34=", "07-03=", "07-03=", "99+99=", "99+99="]
+    assert seen["columns"] == {"answer": ["46", "46", "04", "04", "198", "198"]}
     seq, attn, mask, A = exp.sequences, exp.attention_mask, exp.action_mask, exp.num_actions
     with torch.no_grad():
         old = rollout_models.actor(seq, attn, A, 0.8)
@@ -66,8 +84,10 @@ def test_gae_experience_matches_hand_computation(models):
         torch.testing.assert_close(getattr(exp, name), expected, atol=1e-5, rtol=1e-5, msg=name)
     assert exp.rollout_id.tolist() == [3] * 6
     assert timing["generated_tokens"] == mask.sum().item()
-    metrics = rollout_metrics(exp, rollout_models.actor.eos_token_ids)
+    metrics = rollout_metrics(exp, reward_parts, rollout_models.actor.eos_token_ids)
     torch.testing.assert_close(metrics["reward/mean"], scores.mean())
+    torch.testing.assert_close(metrics["reward/score"], scores.mean())
+    torch.testing.assert_close(metrics["reward/double"], 2 * scores.mean())
     torch.testing.assert_close(metrics["rollout/kl"], kl.sum(-1).mean(), atol=1e-5, rtol=1e-5)
 
 
@@ -75,17 +95,14 @@ def test_gae_experience_matches_hand_computation(models):
 def test_group_estimators_broadcast_group_advantages_without_critic(models, method):
     tok, rollout_models, reward, prompts = models
     rollout_models.critic = None
-    settings = RolloutSettings(
-        GenerationSettings(max_new_tokens=4),
-        AdvantageSettings(method, kl_in_reward=False, whiten=False, group_size=4, kl_estimator="k3"),
-        n_samples_per_prompt=4,
-    )
-    exp, _ = make_experience(
+    exp, _, _ = make_experience(
         rollout_models,
-        prompts.input_ids,
-        prompts.attention_mask,
-        settings,
-        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        prompts,
+        reward_model_scores(reward),
+        generation=GenerationSettings(max_new_tokens=4, n_samples_per_prompt=4),
+        rollout=RolloutSettings(),
+        algorithm=AlgorithmSettings(advantage_estimator=method, whiten_advantages=False),
+        kl=KLSettings(penalty="loss", estimator="k3"),
         kl_coef=0.1,
         rollout_id=0,
     )
@@ -99,15 +116,14 @@ def test_group_estimators_broadcast_group_advantages_without_critic(models, meth
 def test_reinforce_pp_whitens_discounted_returns(models):
     tok, rollout_models, reward, prompts = models
     rollout_models.critic = None
-    settings = RolloutSettings(
-        GenerationSettings(max_new_tokens=4), AdvantageSettings("reinforce_pp", gamma=1.0, whiten=True)
-    )
-    exp, _ = make_experience(
+    exp, _, _ = make_experience(
         rollout_models,
-        prompts.input_ids,
-        prompts.attention_mask,
-        settings,
-        lambda gen, p: reward.score(gen.sequences, gen.attention_mask),
+        prompts,
+        reward_model_scores(reward),
+        generation=GenerationSettings(max_new_tokens=4),
+        rollout=RolloutSettings(),
+        algorithm=AlgorithmSettings(advantage_estimator="reinforce_pp", gamma=1.0, whiten_advantages=True),
+        kl=KLSettings(),
         kl_coef=0.1,
         rollout_id=0,
     )

@@ -13,6 +13,7 @@ from lit_rlhf import (
     SFTDataModule,
     SFTModule,
 )
+from lit_rlhf.rewards import RewardModel
 from lit_rlhf.tasks import arithmetic
 from lit_rlhf.tasks.demo import evaluate, prepare
 
@@ -38,7 +39,8 @@ def test_arithmetic_task_pieces():
     splits = arithmetic.split_problems(0)
     assert not set(splits["test"]) & set(splits["train"]) and not set(splits["ppo"]) & set(splits["train"])
     torch.testing.assert_close(
-        arithmetic.exact_match_reward(["07+45=", "07+45=", "10-01="], ["52", "53", "9"]), torch.tensor([1.0, 0, 1])
+        arithmetic.exact_match_reward(["07+45=", "07+45=", "10-01="], [" 52", "53", "9"], answer=["52", "52", 9]),
+        torch.tensor([1.0, 0, 1]),
     )
     import random
 
@@ -56,9 +58,12 @@ def test_reduced_pipeline_sft_then_reward_model_then_ppo(tmp_path):
     prepare(str(assets), sft_size=8192, pairs=4096)
     # 1. SFT: loss falls, the exported policy loads
     sft = SFTModule(
-        str(assets / "base"),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.9, 0.95)),
-        warmup_steps=10,
+        models={"path": str(assets / "base")},
+        optim={
+            "optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.9, 0.95)),
+            "warmup_steps": 10,
+            "max_grad_norm": None,
+        },
         export_dir=str(assets / "sft"),
     )
     _, sft_log = fit(
@@ -74,7 +79,9 @@ def test_reduced_pipeline_sft_then_reward_model_then_ppo(tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
     # 2. reward model from the SFT weights: held-out pairwise accuracy well above chance
     rm = RewardModelModule(
-        str(assets / "sft"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4), export_dir=str(assets / "rm")
+        models={"path": str(assets / "sft")},
+        optim={"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-4), "max_grad_norm": None},
+        export_dir=str(assets / "rm"),
     )
     _, rm_log = fit(
         rm,
@@ -91,17 +98,16 @@ def test_reduced_pipeline_sft_then_reward_model_then_ppo(tmp_path):
     assert accuracy > 0.65, accuracy  # chance is 0.5
     # 3. PPO with the reward model: the reward rises
     ppo = PPOModule(
-        actor_path=str(assets / "sft"),
-        reward_path=str(assets / "rm"),
-        max_new_tokens=4,
-        rollout_batch_size=256,
-        score_micro_batch_size=256,
-        mini_batch_size=128,
-        micro_batch_size=128,
-        ppo_epochs=2,
-        kl_coef=0.01,
-        actor_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        critic_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
+        models={"actor_path": str(assets / "sft")},
+        rewards=[RewardModel(str(assets / "rm"))],
+        generation={"max_new_tokens": 4},
+        rollout={"rollout_batch_size": 256, "score_micro_batch_size": 256},
+        algorithm={"mini_batch_size": 128, "micro_batch_size": 128, "ppo_epochs": 2},
+        kl={"coef": 0.01},
+        optim={
+            "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},
+            "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-4)},
+        },
         val_metrics={"accuracy": "lit_rlhf.tasks.arithmetic.exact_match_reward"},
         export_dir=str(tmp_path / "ppo"),
     )

@@ -1,0 +1,61 @@
+"""The shared shape of the single-model stages (SFT, reward model): settings, optimiser, export."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
+from lit_rlhf.settings import ModelSettings, OptimizerSettings, as_group, save_settings, to_plain
+
+
+class SingleModelModule(L.LightningModule):
+    """A LightningModule that trains one model (automatic optimisation) from the shared groups.
+
+    Subclasses set ``self.trained`` (the module the optimiser sees) in ``configure_model`` and
+    implement ``export_pretrained``.
+
+    Args:
+        models: the model to train and how it is loaded.
+        optim: optimiser, warm-up/decay schedule and gradient clipping.
+        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = nowhere).
+        default_lr: the learning rate of the default AdamW.
+        extra_hparams: the subclass's own settings, recorded with the groups.
+    """
+
+    def __init__(
+        self,
+        models: ModelSettings,
+        optim: OptimizerSettings,
+        export_dir: str | None,
+        default_lr: float,
+        extra_hparams: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.models = as_group(ModelSettings, models)
+        self.optim = as_group(OptimizerSettings, optim)
+        self.export_dir, self.default_lr = export_dir, default_lr
+        plain = {"models": to_plain(self.models), "optim": to_plain(self.optim), "export_dir": export_dir}
+        save_settings(self, {**plain, **(extra_hparams or {})})
+        self.trained = None
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.gradient_clip_val is not None:
+            raise ValueError(
+                "gradient clipping is a module setting here: set model.init_args.optim.max_grad_norm "
+                "instead of trainer.gradient_clip_val"
+            )
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer(self.optim.optimizer, self.trained, self.default_lr)
+        return optimizer_with_schedule(optimizer, self.optim, self.trainer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.optim.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def on_train_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export_pretrained(self.export_dir)
+
+    def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
+        raise NotImplementedError

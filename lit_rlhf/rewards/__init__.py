@@ -1,0 +1,36 @@
+"""Reward components: a weighted sum of functions, reward models and remote rewards.
+
+In a config::
+
+    rewards:
+      - class_path: lit_rlhf.rewards.RewardModel
+        init_args: {path: my/rm, weight: 1.0}
+      - class_path: lit_rlhf.rewards.RewardFunction
+        init_args: {fn: mypkg.rewards.exact_match, weight: 0.5}
+"""
+
+from lit_rlhf.rewards.base import (
+    RewardBatch,
+    RewardComponent,
+    RewardError,
+    call_with_columns,
+    check_scores,
+    score_components,
+    to_scores,
+)
+from lit_rlhf.rewards.function import RewardFunction
+from lit_rlhf.rewards.model import RewardModel
+from lit_rlhf.rewards.remote import RemoteReward
+
+__all__ = [
+    "RemoteReward",
+    "RewardBatch",
+    "RewardComponent",
+    "RewardError",
+    "RewardFunction",
+    "RewardModel",
+    "call_with_columns",
+    "check_scores",
+    "score_components",
+    "to_scores",
+]

@@ -1,0 +1,109 @@
+"""RewardModel: a frozen scalar-head model (``*ForSequenceClassification``) as a reward component."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.models import ValueModel, load_tokenizer
+from lit_rlhf.rewards.base import RewardBatch, RewardComponent
+from lit_rlhf.settings import LoadSettings
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no gradients: a frozen model is never trained and never in an optimizer."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def append_eos(sequences: Tensor, attention_mask: Tensor, eos_token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows whose last valid token is not an EOS get one appended (one extra column for all rows).
+
+    Rows are left-padded prompts followed by right-padded responses, so a row's last valid token
+    is at its last 1 in ``attention_mask``.
+    """
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)
+    ended = torch.isin(sequences.gather(1, last.unsqueeze(1)).squeeze(1), eos_token_ids)
+    pad_column = sequences.new_zeros(sequences.shape[0], 1)
+    sequences, attention_mask = torch.cat([sequences, pad_column], 1), torch.cat([attention_mask, pad_column], 1)
+    rows = (~ended).nonzero().squeeze(1)
+    sequences[rows, last[rows] + 1] = eos_token_ids[0]
+    attention_mask[rows, last[rows] + 1] = 1
+    return sequences, attention_mask
+
+
+class RewardModel(RewardComponent):
+    """A frozen reward model's score of ``prompt + response + EOS``.
+
+    Every response is scored as a finished one: an EOS is appended where the response has none
+    (a response cut at ``max_new_tokens`` is penalised by ``algorithm.missing_eos_penalty``
+    instead). When the reward model's tokenizer has the actor's vocabulary, the actor's token ids
+    go straight in; otherwise the text is re-tokenised with the reward model's own tokenizer. Both
+    give the same score.
+
+    Args:
+        path: a ``*ForSequenceClassification`` checkpoint (local directory or hub id).
+        weight: the component's weight in the summed reward.
+        normalize: apply the mean/std stored in the checkpoint: ``(s - mean) / std``.
+        micro_batch_size: rows per reward-model forward.
+        name: the name in metrics and errors (default ``reward_model``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        weight: float = 1.0,
+        normalize: bool = False,
+        micro_batch_size: int = 16,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight, name)
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"RewardModel.path must be a model directory or hub id, got {path!r}")
+        if micro_batch_size < 1:
+            raise ValueError(f"RewardModel.micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.path, self.normalize, self.micro_batch_size = path, normalize, micro_batch_size
+        self.model: ValueModel | None = None
+        self.tokenizer = None
+        self.shares_tokenizer = False
+
+    def default_name(self) -> str:
+        return "reward_model"
+
+    def setup(self, tokenizer, load: LoadSettings) -> None:
+        self.model = freeze(ValueModel.from_pretrained(self.path, load.frozen()))
+        self.tokenizer = load_tokenizer(self.path, padding_side="right")
+        self.shares_tokenizer = tokenizer is not None and self.tokenizer.get_vocab() == tokenizer.get_vocab()
+        eos = self.tokenizer.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not eos_ids:
+            raise ValueError(f"reward model {self.path!r}: its tokenizer has no EOS token to end responses with")
+        self.register_buffer("eos_token_ids", torch.tensor(eos_ids), persistent=False)
+
+    @torch.no_grad()
+    def score(self, batch: RewardBatch) -> Tensor:
+        if self.shares_tokenizer and batch.sequences is not None:
+            sequences, mask = append_eos(batch.sequences, batch.attention_mask, self.eos_token_ids.to(batch.sequences))
+        else:
+            sequences, mask = self.tokenize(batch.prompts, batch.responses)
+        size = self.micro_batch_size
+        chunks = zip(sequences.split(size), mask.split(size), strict=True)
+        return torch.cat([self.model.score(s, m, normalize=self.normalize) for s, m in chunks])
+
+    def tokenize(self, prompts: list[str], responses: list[str]) -> tuple[Tensor, Tensor]:
+        """``prompt + response + EOS`` with the reward model's tokenizer, right-padded."""
+        tok = self.tokenizer
+        texts = [p + r + tok.eos_token for p, r in zip(prompts, responses, strict=True)]
+        device = self.eos_token_ids.device
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        return enc.input_ids, enc.attention_mask
+
+    def init_args(self) -> dict:
+        return {
+            "path": self.path,
+            "normalize": self.normalize,
+            "micro_batch_size": self.micro_batch_size,
+            **super().init_args(),
+        }

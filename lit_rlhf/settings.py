@@ -1,0 +1,436 @@
+"""The settings groups: typed, frozen, validated on construction. The public config schema.
+
+Each group is a frozen dataclass whose field docstrings become ``--help`` lines; ``__post_init__``
+checks ranges and the interactions between fields of the same group and raises ``ValueError``
+naming the field. Checks that span groups live in the module that owns the groups
+(``lit_rlhf.modules.ppo_settings.check_ppo_settings``). Nothing here imports Lightning or
+transformers, so every layer of the package can receive a group directly.
+
+YAML: ``model.init_args.<group>.<field>``; CLI: ``--model.init_args.<group>.<field>``. From Python a
+group can be given as an instance or as a plain ``dict`` of its fields (:func:`as_group`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+
+DType = Literal["float32", "bfloat16", "float16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LRDecay = Literal["constant", "cosine"]
+# the same type as Lightning's ``OptimizerCallable``: YAML gives ``class_path`` + ``init_args``
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+CRITIC_FREE: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo")
+
+
+def _check(condition: bool, group: str, name: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ValueError(f"{group}.{name} must be {requirement}, got {value!r}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], group: str, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {group}.{name} {value!r}; valid: {', '.join(choices)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """LoRA adapters (peft) on the trained models; ``rank: 0`` trains all weights."""
+
+    rank: int = 0
+    """LoRA rank (0 = no adapter, full fine-tuning)."""
+    alpha: int = 16
+    """LoRA alpha (the adapter's scale is alpha / rank)."""
+    dropout: float = 0.0
+    """dropout on the adapter's input (the base model's own dropout is always off)."""
+    target_modules: list[str] | str = "all-linear"
+    """modules that get adapters: ``all-linear`` or a list of module names."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "lora", "rank", self.rank, ">= 0")
+        _check(self.alpha > 0, "lora", "alpha", self.alpha, "> 0")
+        _check(0.0 <= self.dropout < 1.0, "lora", "dropout", self.dropout, "in [0, 1)")
+        _check(bool(self.target_modules), "lora", "target_modules", self.target_modules, "non-empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSettings:
+    """How models are loaded: precision, attention kernel, adapters and memory savers."""
+
+    dtype: DType = "float32"
+    """weights dtype of every model (mixed precision comes from ``trainer.precision``)."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """``sdpa``, ``eager`` or ``flash_attention_2`` (gpu extra)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on the trained models."""
+    load_in_4bit: bool = False
+    """load base weights in 4-bit NF4 (gpu extra; trains through LoRA, so needs ``lora.rank > 0``)."""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about 30 % more compute)."""
+    padding_free: bool = False
+    """pack the rows of every scoring and training forward into one row without padding
+    (position ids restart per row). Pays off with ``flash_attention_2`` (varlen kernels); with
+    ``sdpa``/``eager`` attention runs over the packed length with a block-diagonal mask, so leave it
+    off there. Columns that are padding in every row are skipped either way."""
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, ("float32", "bfloat16", "float16"), "models", "dtype")
+        _choice(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "models", "attn_implementation")
+        object.__setattr__(self, "lora", as_group(LoraSettings, self.lora))
+        if self.load_in_4bit and not self.lora.enabled:
+            raise ValueError("models.load_in_4bit=True trains through a LoRA adapter; set models.lora.rank > 0")
+
+    def frozen(self) -> LoadSettings:
+        """The settings for a frozen model (reference, reward): no adapter, no checkpointing."""
+        return LoadSettings(
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            load_in_4bit=self.load_in_4bit,
+            padding_free=self.padding_free,
+        )
+
+
+def _check_path(value: str | None, group: str, name: str, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{group}.{name} must be a model directory or hub id, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOModelSettings(LoadSettings):
+    """PPO's models (local directories or hub ids) and how they are loaded."""
+
+    actor_path: str
+    """the policy to train (an SFT checkpoint)."""
+    critic_path: str | None = None
+    """critic initialisation; default: the first ``RewardModel`` reward's path, else ``actor_path``."""
+    reference_path: str | None = None
+    """reference policy; default ``actor_path`` (with LoRA: the actor with its adapter disabled)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_path(self.actor_path, "models", "actor_path", required=True)
+        _check_path(self.critic_path, "models", "critic_path", required=False)
+        _check_path(self.reference_path, "models", "reference_path", required=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings(LoadSettings):
+    """The model a single-model stage trains (SFT, reward model) and how it is loaded."""
+
+    path: str
+    """the model to train: local directory or hub id."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_path(self.path, "models", "path", required=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings:
+    """How responses are sampled. These always win over a checkpoint's ``generation_config.json``."""
+
+    max_new_tokens: int = 64
+    """response length limit ``A``."""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts; log-probs use the same one (must be > 0 for training)."""
+    top_p: float = 1.0
+    """nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """sample only from the k most likely tokens (0 = off)."""
+    n_samples_per_prompt: int = 1
+    """responses per prompt (a prompt's samples stay contiguous: the groups of group estimators)."""
+    stop_at_eos: bool = True
+    """stop decoding once every row has produced an EOS token."""
+    suppress_token_ids: tuple[int, ...] = ()
+    """token ids that are never sampled (e.g. pad/bos; EOS for fixed-length responses)."""
+    val_temperature: float | None = None
+    """validation sampling temperature (None = ``temperature``; 0 = greedy)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generation", "max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(self.temperature >= 0, "generation", "temperature", self.temperature, ">= 0")
+        _check(0 < self.top_p <= 1, "generation", "top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= 0, "generation", "top_k", self.top_k, ">= 0 (0 = off)")
+        n = self.n_samples_per_prompt
+        _check(n >= 1, "generation", "n_samples_per_prompt", n, ">= 1")
+        ids = tuple(self.suppress_token_ids or ())
+        _check(all(isinstance(i, int) and i >= 0 for i in ids), "generation", "suppress_token_ids", ids, "ids >= 0")
+        object.__setattr__(self, "suppress_token_ids", ids)
+        if self.val_temperature is not None:
+            _check(self.val_temperature >= 0, "generation", "val_temperature", self.val_temperature, ">= 0")
+
+    @property
+    def scoring_temperature(self) -> float:
+        """Temperature for log-probs: the sampling one (1.0 for greedy decoding)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    def for_validation(self) -> GenerationSettings:
+        """The same settings at ``val_temperature``, one sample per prompt."""
+        temperature = self.temperature if self.val_temperature is None else self.val_temperature
+        return dataclasses.replace(self, temperature=temperature, n_samples_per_prompt=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutSettings:
+    """How a rollout is made (per rank)."""
+
+    rollout_batch_size: int = 64
+    """prompts per rollout on each rank (experiences = this x ``generation.n_samples_per_prompt``)."""
+    score_micro_batch_size: int = 16
+    """rows per no-grad scoring forward (old/reference log-probs, values)."""
+    recompute_old_log_probs: bool = False
+    """compute the old log-probs with a separate full forward instead of reusing the sampler's
+    (the same within float tolerance; one more forward pass)."""
+    gather_for_generation: bool = True
+    """under FSDP2, gather the actor's full weights once per rollout for generation (one extra
+    full copy of the actor per rank while generating) instead of all-gathering every layer for
+    every generated token (slow, but no extra memory)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rollout_batch_size >= 1, "rollout", "rollout_batch_size", self.rollout_batch_size, ">= 1")
+        size = self.score_micro_batch_size
+        _check(size >= 1, "rollout", "score_micro_batch_size", size, ">= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmSettings:
+    """The PPO algorithm: advantages, losses, updates per rollout, and reward shaping."""
+
+    advantage_estimator: AdvantageEstimator = "gae"
+    """``gae`` (with a critic), or critic-free ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``."""
+    gamma: float = 1.0
+    """discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool | None = None
+    """whiten advantages over the rollout (None = on, except for ``grpo``, whose advantages are
+    already normalised per group)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip: the ratio is kept in [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """upper ratio clip (None = ``clip_eps``)."""
+    dual_clip: float | None = None
+    """dual-clip bound c > 1 on the loss of negative-advantage tokens (None = off)."""
+    value_clip_eps: float | None = 0.2
+    """value clip around the rollout's values (None = unclipped value loss)."""
+    entropy_coef: float = 0.0
+    """weight of the entropy bonus."""
+    mini_batch_size: int = 64
+    """experiences per optimizer step (on each rank)."""
+    micro_batch_size: int = 16
+    """experiences per forward/backward; gradients accumulate to a mini-batch (token mean over it)."""
+    ppo_epochs: int = 1
+    """passes over each rollout's experiences."""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of responses cut at ``max_new_tokens`` (None = off)."""
+    reward_clip: float | None = None
+    """clamp scores to [-reward_clip, reward_clip] after the penalty (None = off)."""
+
+    def __post_init__(self) -> None:
+        valid = ("gae", *CRITIC_FREE)
+        _choice(self.advantage_estimator, valid, "algorithm", "advantage_estimator")
+        _check(0.0 <= self.gamma <= 1.0, "algorithm", "gamma", self.gamma, "in [0, 1]")
+        _check(0.0 <= self.lam <= 1.0, "algorithm", "lam", self.lam, "in [0, 1]")
+        _check(0.0 < self.clip_eps < 1.0, "algorithm", "clip_eps", self.clip_eps, "in (0, 1)")
+        if self.clip_eps_high is not None:
+            _check(self.clip_eps_high > 0, "algorithm", "clip_eps_high", self.clip_eps_high, "> 0")
+        if self.dual_clip is not None:
+            _check(self.dual_clip > 1.0, "algorithm", "dual_clip", self.dual_clip, "> 1 (or null to turn it off)")
+        if self.value_clip_eps is not None:
+            _check(self.value_clip_eps > 0, "algorithm", "value_clip_eps", self.value_clip_eps, "> 0")
+        _check(self.entropy_coef >= 0, "algorithm", "entropy_coef", self.entropy_coef, ">= 0")
+        for name in ("mini_batch_size", "micro_batch_size", "ppo_epochs"):
+            _check(getattr(self, name) >= 1, "algorithm", name, getattr(self, name), ">= 1")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"algorithm.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                f"algorithm.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.missing_eos_penalty is not None:
+            _check(self.missing_eos_penalty >= 0, "algorithm", "missing_eos_penalty", self.missing_eos_penalty, ">= 0")
+        if self.reward_clip is not None:
+            _check(self.reward_clip > 0, "algorithm", "reward_clip", self.reward_clip, "> 0")
+        if self.advantage_estimator == "grpo" and self.whiten_advantages:
+            raise ValueError(
+                "algorithm.advantage_estimator='grpo' is already normalised per group; "
+                "whiten_advantages=true would whiten twice (leave it null)"
+            )
+
+    @property
+    def whiten(self) -> bool:
+        """``whiten_advantages`` resolved: on by default, except for ``grpo``."""
+        if self.whiten_advantages is None:
+            return self.advantage_estimator != "grpo"
+        return self.whiten_advantages
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator not in CRITIC_FREE
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLSettings:
+    """The KL penalty to the reference policy."""
+
+    coef: float = 0.05
+    """KL coefficient beta (the initial value when adaptive)."""
+    estimator: KLEstimator = "k1"
+    """``k1``, ``k2`` or ``k3``: the per-token KL put in the reward or the loss, and logged."""
+    penalty: Literal["reward", "loss"] = "reward"
+    """``reward``: per-token penalty in the reward; ``loss``: added to the policy loss (k2/k3)."""
+    target: float | None = None
+    """target KL per sequence (nats) of the adaptive controller (None = fixed coefficient)."""
+    horizon: int = 10000
+    """adaptive controller horizon, in samples."""
+
+    def __post_init__(self) -> None:
+        _check(self.coef >= 0, "kl", "coef", self.coef, ">= 0")
+        _choice(self.estimator, ("k1", "k2", "k3"), "kl", "estimator")
+        _choice(self.penalty, ("reward", "loss"), "kl", "penalty")
+        if self.penalty == "loss" and self.estimator == "k1":
+            raise ValueError("kl.penalty='loss' with kl.estimator='k1' has no useful gradient; use k2 or k3")
+        if self.target is not None:
+            _check(self.target > 0, "kl", "target", self.target, "> 0")
+        _check(self.horizon >= 1, "kl", "horizon", self.horizon, ">= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+    """One trained model's optimiser, learning-rate schedule and gradient clipping."""
+
+    optimizer: OptimizerCallable | None = None
+    """any ``torch.optim`` class with its ``init_args`` (None = AdamW, fused kernel where possible, at
+    the module's default learning rate)."""
+    warmup_steps: int = 0
+    """linear learning-rate warm-up, in optimizer steps."""
+    lr_decay: LRDecay = "constant"
+    """after warm-up: ``constant``, or ``cosine`` to 0 at the end of training."""
+    max_grad_norm: float | None = 1.0
+    """clip the gradient norm to this (None = off)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, Mapping):  # {class_path, init_args}, as in YAML and checkpoints
+            object.__setattr__(self, "optimizer", _optimizer_from_config(self.optimizer))
+        if self.optimizer is not None and not callable(self.optimizer):
+            raise ValueError(f"optim.optimizer must be a torch.optim class with init_args, got {self.optimizer!r}")
+        _check(self.warmup_steps >= 0, "optim", "warmup_steps", self.warmup_steps, ">= 0")
+        _choice(self.lr_decay, ("constant", "cosine"), "optim", "lr_decay")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, "optim", "max_grad_norm", self.max_grad_norm, "> 0 (or null: no clipping)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOOptimSettings:
+    """PPO's two optimisers: the actor's and the critic's (separate parameters, separate steps)."""
+
+    actor: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """the actor's optimiser (None optimizer = AdamW at lr 1e-6)."""
+    critic: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """the critic's optimiser (None optimizer = AdamW at lr 1e-5); unused by critic-free estimators."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actor", as_group(OptimizerSettings, self.actor))
+        object.__setattr__(self, "critic", as_group(OptimizerSettings, self.critic))
+
+
+G = TypeVar("G")
+
+
+def as_group(cls: type[G], value: G | Mapping[str, Any] | None) -> G:
+    """``value`` as a ``cls`` group: an instance as is, a mapping of its fields, or None for the defaults.
+
+    Raises:
+        TypeError: naming the group and the unknown field, or the wrong type.
+    """
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{cls.__name__} settings must be a {cls.__name__} or a dict of its fields, got {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return cls(**value)
+
+
+def to_plain(group: Any) -> Any:
+    """A group as plain data (dicts, lists, numbers, strings) for checkpoints and loggers.
+
+    An optimizer becomes ``{class_path, init_args}`` (which :class:`OptimizerSettings` accepts back),
+    so a checkpoint's hyperparameters load with ``weights_only=True``; a callable that cannot be
+    named (a lambda) becomes None.
+    """
+    if dataclasses.is_dataclass(group):
+        return {f.name: to_plain(getattr(group, f.name)) for f in dataclasses.fields(group)}
+    if isinstance(group, Mapping):
+        return {str(k): to_plain(v) for k, v in group.items()}
+    if isinstance(group, list | tuple):
+        return [to_plain(v) for v in group]
+    if group is None or isinstance(group, bool | int | float | str):
+        return group
+    return _callable_config(group)
+
+
+def save_settings(module: Any, plain: dict) -> None:
+    """Record a LightningModule's settings as its hyperparameters, in plain data.
+
+    Built by LightningCLI, the module stores the CLI's own config (which the CLI parses back on
+    ``--ckpt_path``); built from Python, ``plain`` (see :func:`to_plain`). Either way a checkpoint
+    loads with ``weights_only=True``.
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    if _given_hyperparameters.get() is not None:
+        module.save_hyperparameters()
+    else:
+        module.save_hyperparameters(plain)
+
+
+def _callable_config(value: Any) -> dict | None:
+    init_args: dict = {}
+    while isinstance(value, functools.partial):  # jsonargparse wraps the class and its init_args this way
+        init_args = {**value.keywords, **init_args}
+        value = value.args[-1] if value.args else value.func
+    qualname, module = getattr(value, "__qualname__", ""), getattr(value, "__module__", None)
+    if not module or "<" in qualname:  # a lambda or a local function cannot be imported back
+        return None
+    return {"class_path": f"{module}.{qualname}", "init_args": to_plain(init_args)}
+
+
+def _optimizer_from_config(config: Mapping[str, Any]) -> OptimizerCallable:
+    if "class_path" not in config:
+        raise ValueError(f"optim.optimizer needs a class_path (e.g. torch.optim.AdamW), got {dict(config)!r}")
+    return functools.partial(import_object(config["class_path"], "optim.optimizer"), **config.get("init_args", {}))
+
+
+def import_object(path: str, setting: str) -> Any:
+    """The object at dotted ``path`` (``package.module.name``).
+
+    Raises:
+        ValueError: naming ``setting`` and why the import failed.
+    """
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{setting} must be a dotted path 'package.module.name', got {path!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {setting} {path!r}: {err}") from err
