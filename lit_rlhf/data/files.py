@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_records(path: str, split: str = "train") -> list[dict]:
-    """All records of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub dataset split.
+def read_rows(path: str, split: str = "train") -> list[tuple[int, dict]]:
+    """``(row, record)`` pairs of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub split.
+
+    ``row`` is 1-based: a JSONL file's line number (blank lines are skipped), else the record's index + 1.
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
-        ValueError: an unknown extension, or a dataset with no records.
+        ValueError: an unknown extension, a malformed line (named), or a dataset with no records.
     """
-    import datasets
-
     extension = os.path.splitext(path)[1].lower()
     looks_local = extension or os.path.sep in path or path.startswith(".")
     if looks_local:
@@ -25,12 +26,46 @@ def load_records(path: str, split: str = "train") -> list[dict]:
             raise ValueError(f"unsupported data file {path!r}; use one of {', '.join(FILE_FORMATS)}")
         if os.path.getsize(path) == 0:
             raise ValueError(f"data file {path!r} is empty; it needs at least one record")
-        dataset = datasets.load_dataset(FILE_FORMATS[extension], data_files=path, split="train")
+        rows = _read_jsonl(path) if extension == ".jsonl" else _read_dataset(FILE_FORMATS[extension], path)
     else:
-        dataset = datasets.load_dataset(path, split=split)
-    if len(dataset) == 0:
+        import datasets
+
+        rows = list(enumerate(datasets.load_dataset(path, split=split).to_list(), start=1))
+    if not rows:
         raise ValueError(f"dataset {path!r} is empty; it needs at least one record")
-    return dataset.to_list()
+    return rows
+
+
+def load_records(path: str, split: str = "train") -> list[dict]:
+    """All records of ``path`` (see :func:`read_rows`)."""
+    return [record for _, record in read_rows(path, split)]
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"not valid JSON ({err.msg}, column {err.colno})"
+                raise ValueError(f"{path}, line {line_number}: {problem}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+            rows.append((line_number, record))
+    return rows
+
+
+def _read_dataset(kind: str, path: str) -> list[tuple[int, dict]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as err:  # datasets wraps parse errors; name the file
+        raise ValueError(f"cannot read {path!r} as {kind}: {err}") from err
+    return list(enumerate(dataset.to_list(), start=1))
 
 
 def split_train_val(records: list, path: str, val_records: list | None, val_size: int, seed: int) -> tuple[list, list]:
@@ -43,5 +78,6 @@ def split_train_val(records: list, path: str, val_records: list | None, val_size
         raise ValueError(f"val_size={val_size} leaves no training records out of {len(records)} in {path!r}")
     import torch
 
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    order = order.tolist()
     return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]

@@ -10,31 +10,41 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.files import load_records, split_train_val
+from lit_rlhf.data.chat import DataError, Where, check_template, render_prompt
+from lit_rlhf.data.files import read_rows, split_train_val
 
 log = logging.getLogger(__name__)
 
 
 class PromptRecord(NamedTuple):
-    """One prompt: its text and every other field of its record (the reward's ``columns``)."""
+    """One prompt: the text the policy sees, its token ids, and every other field of its record."""
 
     text: str
+    ids: list[int]
     columns: dict
 
 
 class PromptDataModule(L.LightningDataModule):
     """Prompts from a local JSONL/JSON/Parquet/CSV file or a datasets-hub name.
 
+    A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` messages); with
+    ``apply_chat_template`` it is rendered with the tokenizer's chat template and the generation
+    prompt (the assistant header), so the policy answers as the assistant. Every other field of a
+    record (e.g. ``answer``) travels with its prompt to the rewards as a column. Records are checked,
+    rendered and tokenised in ``setup``, before any model is loaded; a bad one is named by file,
+    row and field.
+
     The training prompts are not a dataloader: the rollout callback asks for each rollout's prompts
     with :meth:`rollout_prompts`, a deterministic function of the rollout index (so resuming needs
-    no iterator state). Validation prompts come through ``val_dataloader``. Every other field of a
-    record (e.g. ``answer``) travels with its prompt to the reward as a column.
+    no iterator state). Validation prompts come through ``val_dataloader``.
 
     Args:
         path: prompt file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``) or a datasets-hub name.
-        field: the record field that holds the prompt text.
+        field: the record field that holds the prompt (a string, or a list of messages).
         tokenizer_path: tokenizer to use; by default the PPO module's (its actor's) tokenizer.
-        apply_chat_template: wrap each prompt as a user message with the tokenizer's chat template.
+        apply_chat_template: render prompts with the tokenizer's chat template and the generation
+            prompt; false keeps plain prompts as raw text.
+        system_prompt: a system turn put before every prompt that has none (needs the chat template).
         max_prompt_len: prompts longer than this (in tokens) keep their last ``max_prompt_len``
             tokens; how many were cut is logged.
         val_path: held-out prompt file; without it ``val_size`` prompts are split off ``path``.
@@ -50,6 +60,7 @@ class PromptDataModule(L.LightningDataModule):
         field: str = "prompt",
         tokenizer_path: str | None = None,
         apply_chat_template: bool = False,
+        system_prompt: str | None = None,
         max_prompt_len: int = 256,
         val_path: str | None = None,
         val_size: int = 0,
@@ -58,6 +69,8 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if system_prompt is not None and not apply_chat_template:
+            raise ValueError("data.system_prompt is a chat turn: it needs data.apply_chat_template: true")
         self.save_hyperparameters()
         self.train_prompts: list[PromptRecord] = []
         self.val_prompts: list[PromptRecord] = []
@@ -68,16 +81,28 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_prompts:
             return
         hp = self.hparams
+        self.tokenizer = self._tokenizer()
+        check_template(self.tokenizer, hp.apply_chat_template)
         val = self._read(hp.val_path) if hp.val_path is not None else None
         self.train_prompts, self.val_prompts = split_train_val(self._read(hp.path), hp.path, val, hp.val_size, hp.seed)
-        self.tokenizer = self._tokenizer()
 
     def _read(self, path: str) -> list[PromptRecord]:
-        records = load_records(path, split=self.hparams.split)
-        field = self.hparams.field
-        if field not in records[0]:
-            raise KeyError(f"prompt field {field!r} not found in {path!r}; its fields are {sorted(records[0])}")
-        return [PromptRecord(str(r[field]), {k: v for k, v in r.items() if k != field}) for r in records]
+        """Every record of ``path`` checked, rendered and tokenised."""
+        hp, rows = self.hparams, read_rows(path, split=self.hparams.split)
+        texts, columns = [], []
+        for row, record in rows:
+            where = Where(path, row, hp.field)
+            if hp.field not in record:
+                raise DataError(f"{where}: the prompt field is missing; the record's fields are {sorted(record)}")
+            value = record[hp.field]
+            texts.append(render_prompt(self.tokenizer, value, where, hp.apply_chat_template, hp.system_prompt))
+            columns.append({k: v for k, v in record.items() if k != hp.field})
+        # the chat template writes the special tokens itself; raw text gets the tokenizer's (e.g. BOS)
+        ids = self.tokenizer(texts, add_special_tokens=not hp.apply_chat_template).input_ids
+        for (row, _), x in zip(rows, ids, strict=True):
+            if not x:
+                raise DataError(f"{Where(path, row, hp.field)}: the prompt is empty (no tokens)")
+        return [PromptRecord(t, x, c) for t, x, c in zip(texts, ids, columns, strict=True)]
 
     def _tokenizer(self):
         if self.hparams.tokenizer_path is not None:
@@ -89,42 +114,30 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("PromptDataModule needs tokenizer_path, or a LightningModule with a tokenizer")
         return module.tokenizer
 
-    def render(self, text: str) -> str:
-        """The prompt as the policy sees it: the chat template applied (if set)."""
-        if not self.hparams.apply_chat_template:
-            return text
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-
     def collate(self, records: list[PromptRecord]) -> dict:
         """A batch: left-padded ``input_ids``/``attention_mask``, the rendered ``prompts`` and ``columns``.
 
         Over-long prompts keep their last ``max_prompt_len`` tokens (counted in ``num_truncated``).
         """
-        tok, max_len = self.tokenizer, self.hparams.max_prompt_len
-        texts = [self.render(r.text) for r in records]
-        if self.hparams.apply_chat_template:  # the template writes the special tokens itself
-            ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-        else:
-            ids = tok(texts).input_ids
-        cut = sum(len(x) > max_len for x in ids)
+        max_len = self.hparams.max_prompt_len
+        cut = sum(len(r.ids) > max_len for r in records)
         if cut:
             self.truncated += cut
             log.info("%d prompts longer than max_prompt_len=%d were left-truncated", cut, max_len)
-        ids = [x[-max_len:] for x in ids]
+        ids = [r.ids[-max_len:] for r in records]
         width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
         for row, x in enumerate(ids):
-            if x:
-                input_ids[row, -len(x) :] = torch.tensor(x)
-                attention_mask[row, -len(x) :] = 1
-        names = list(records[0].columns) if records else []
+            input_ids[row, -len(x) :] = torch.tensor(x)
+            attention_mask[row, -len(x) :] = 1
+        names = list(dict.fromkeys(name for r in records for name in r.columns))
         columns = {name: [r.columns.get(name) for r in records] for name in names}
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "num_truncated": torch.tensor(cut),
-            "prompts": texts,
+            "prompts": [r.text for r in records],
             "columns": columns,
         }
 

@@ -2,15 +2,21 @@
 
 from lit_rlhf.tasks.tiny import (
     CHAT_TEMPLATE,
+    CHATML_TEMPLATE,
+    LLAMA3_TEMPLATE,
     build_causal_lm,
     build_sequence_classifier,
+    chat_tokenizer,
     save_tiny_models,
     tiny_llama_config,
     train_tokenizer,
 )
 
 __all__ = [
+    "CHATML_TEMPLATE",
     "CHAT_TEMPLATE",
+    "LLAMA3_TEMPLATE",
+    "chat_tokenizer",
     "build_causal_lm",
     "build_sequence_classifier",
     "save_tiny_models",

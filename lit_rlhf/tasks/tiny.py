@@ -25,22 +25,73 @@ CHAT_TEMPLATE = (
 )
 
 
+# Real-world templates (as Jinja strings) for tests of conversational data, with the special
+# tokens :func:`chat_tokenizer` gives them.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_STYLES = {
+    # style: (chat template, special tokens after <pad>, bos, eos)
+    "chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "llama3": (
+        LLAMA3_TEMPLATE,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
+}
+
+
+def chat_tokenizer(style: Literal["chatml", "llama3"], corpus: Iterable[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer with a real-world chat template and its special tokens.
+
+    ``chatml``: ``<|im_start|>role\\n...<|im_end|>`` turns, EOS ``<|im_end|>``, no BOS (as Qwen).
+    ``llama3``: ``<|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`` turns after
+    ``<|begin_of_text|>``, EOS ``<|eot_id|>`` (as Llama 3 Instruct). ``<pad>`` is id 0 in both.
+    """
+    template, specials, bos, eos = CHAT_STYLES[style]
+    return train_tokenizer(
+        corpus, "bpe", vocab_size, special_tokens=[PAD, *specials], bos=bos, eos=eos, chat_template=template
+    )
+
+
 def train_tokenizer(
-    corpus: Iterable[str], kind: Literal["char", "bpe"] = "bpe", vocab_size: int = 512
+    corpus: Iterable[str],
+    kind: Literal["char", "bpe"] = "bpe",
+    vocab_size: int = 512,
+    special_tokens: list[str] | None = None,
+    bos: str | None = BOS,
+    eos: str = EOS,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> PreTrainedTokenizerFast:
-    """Train a tokenizer on ``corpus`` with ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and a chat template.
+    """Train a tokenizer on ``corpus``; by default ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and a chat template.
 
     Args:
         corpus: training texts.
         kind: ``char`` gives one token per character seen in the corpus; ``bpe`` a byte-level BPE.
         vocab_size: total vocabulary size for ``bpe`` (ignored for ``char``).
+        special_tokens: the special tokens, first ids in order (default ``<pad>``, ``<bos>``, ``<eos>``).
+        bos: the BOS token (None: none).
+        eos: the EOS token.
+        chat_template: the Jinja chat template.
     """
     texts = list(corpus)
+    specials = special_tokens or SPECIAL_TOKENS
     if not texts:
         raise ValueError("cannot train a tokenizer on an empty corpus")
     if kind == "char":
         chars = sorted({ch for text in texts for ch in text})
-        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+        vocab = {tok: i for i, tok in enumerate(specials + chars)}
         tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
         tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
         tokenizer.decoder = decoders.Fuse()
@@ -50,7 +101,7 @@ def train_tokenizer(
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -60,10 +111,11 @@ def train_tokenizer(
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
+        bos_token=bos,
+        eos_token=eos,
+        additional_special_tokens=[t for t in specials if t not in (PAD, bos, eos)],
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
