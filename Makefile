@@ -50,8 +50,8 @@ assets: install
 
 demo: install $(DEMO)/rm/config.json
 	$(call TIMED,$(PY) train.py fit --config configs/ppo_tiny.yaml,$(DEMO)/ppo_seconds.txt)
-	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny --export_dir runs/ppo_tiny/export
-	@echo "Logs: runs/ppo_tiny (W&B offline run in runs/ppo_tiny/wandb, CSV metrics, checkpoints, demo.png)"
+	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny
+	@echo "The run: the newest runs/ppo_tiny/version_<N>/ (config.yaml, metrics.csv, metrics.png, demo.png, samples.jsonl, checkpoints/, export/, wandb/)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,26 +1,48 @@
-"""The ``lit-rlhf`` command (same as ``python train.py``): LightningCLI plus an ``export`` subcommand.
+"""The ``lit-rlhf`` command (same as ``python train.py``): LightningCLI plus ``export`` and ``serve-reward``.
 
-lit-rlhf fit --config configs/ppo_tiny.yaml [--model.actor_path ...] [--ckpt_path last.ckpt]
+lit-rlhf fit --config configs/ppo_tiny.yaml [--model.init_args.generation.max_new_tokens 8] [--ckpt_path ...]
 lit-rlhf validate --config configs/ppo_tiny.yaml
 lit-rlhf export --config configs/ppo_tiny.yaml --ckpt_path last.ckpt --export_dir out/ [--merge_lora false]
 lit-rlhf serve-reward --reward_path DIR [--host 127.0.0.1 --port 8000]
+
+Every run writes into one directory, ``<trainer.default_root_dir>/version_<N>`` (see
+:func:`run_directory`): config, metrics, W&B files, checkpoints, samples, plot and export.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import netrc
 import os
+import re
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import set_parsing_settings
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+import lit_rlhf.data  # noqa: F401  (registers the datamodules, so `--data PromptDataModule` resolves)
+import lit_rlhf.modules  # noqa: F401  (registers the modules, so `--model.help PPOModule` resolves)
+from lit_rlhf.quiet import quiet
+
+RUN_DIR_ENV = "LIT_RLHF_RUN_DIR"
+SETTINGS_POINTER = """lit-rlhf {subcommand} --config CONFIG [--trainer.FIELD VALUE] [--model.GROUP.FIELD VALUE] ...
+
+The module's settings (its groups: models, rewards, generation, rollout, algorithm, kl, optim):
+  lit-rlhf {subcommand} --model.help PPOModule      (and SFTModule, RewardModelModule)
+  lit-rlhf {subcommand} --config CONFIG --print_config   (every setting of a config, with its value)
+The data's settings: lit-rlhf {subcommand} --data.help PromptDataModule (SFTDataModule, PreferenceDataModule)
+"""
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` to the log directory and records the full config in the logger (W&B)."""
+    """Saves ``config.yaml`` to the run directory and records the full config in the loggers (W&B)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="json")
@@ -28,11 +50,51 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` (and ``hparams.yaml``) directly in the run directory; a resumed run appends to it.
+
+    (Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts.) Epochs that a resumed
+    run does again after its checkpoint appear twice; plots average them.
+
+    Args:
+        save_dir: the run directory.
+    """
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__(save_dir, name="", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class LitRLHFCLI(LightningCLI):
-    """LightningCLI over any LightningModule/DataModule (``class_path`` in the YAML), with W&B resume."""
+    """LightningCLI over any LightningModule/DataModule (``class_path`` in the YAML), one run directory per run.
+
+    Only ``fit`` and ``validate`` are offered (the modules define no test or predict step), and no
+    ``--optimizer``/``--lr_scheduler`` (the modules configure their own from their ``optim`` group).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # each settings field's docstring is its --help line
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its own config
+        parser_kwargs = kwargs.pop("parser_kwargs", {})
+        for subcommand in self.subcommands():
+            parser_kwargs.setdefault(subcommand, {}).setdefault("usage", SETTINGS_POINTER.format(subcommand=subcommand))
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -40,8 +102,30 @@ class LitRLHFCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=LoggerSaveConfigCallback,
+            auto_configure_optimizers=False,
+            parser_kwargs=parser_kwargs,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def before_instantiate_classes(self) -> None:
+        """Point every output of the run at its run directory (see :func:`run_directory`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        run_dir = run_directory(config.trainer.default_root_dir, ckpt_path)
+        if self.subcommand and os.environ.get("LOCAL_RANK", "0") == "0":
+            os.makedirs(run_dir, exist_ok=True)  # claims the version (and W&B finds its directory)
+        config.trainer.default_root_dir = run_dir
+        config.trainer.logger = run_loggers(config.trainer.logger, run_dir)
+        for callback in config.trainer.callbacks or []:
+            if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
 
     def before_fit(self) -> None:
         """A run resumed with ``--ckpt_path`` keeps logging to the W&B run it started."""
@@ -49,11 +133,64 @@ class LitRLHFCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not os.path.exists(ckpt_path):
             return
         metadata = os.path.join(ckpt_path, "meta.pt") if os.path.isdir(ckpt_path) else ckpt_path  # FSDP2: a folder
-        run_id = torch.load(metadata, map_location="cpu", weights_only=False, mmap=True).get("wandb_run_id")
+        run_id = torch.load(metadata, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and run_id and logger._experiment is None:
                 logger._id = run_id
                 logger._wandb_init.update(id=run_id, resume="allow")
+
+    def instantiate_trainer(self, **kwargs):
+        from lit_rlhf.plot import PlotCallback
+
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(PlotCallback())
+        return trainer
+
+
+def run_directory(root: str | None, ckpt_path: str | None = None) -> str:
+    """``<root>/version_<N>``: a fresh N, or the version a resumed checkpoint lives in.
+
+    Processes that Lightning launches for the other ranks inherit the first one's choice (through
+    ``LIT_RLHF_RUN_DIR``); with torchrun or SLURM, export ``LIT_RLHF_RUN_DIR`` for every rank.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
+        return os.environ[RUN_DIR_ENV]
+    root_path = Path(root or "runs")
+    resumed = _version_of(root_path, ckpt_path) if ckpt_path else None
+    if resumed is not None:
+        run_dir = root_path / resumed
+    else:
+        versions = [int(m.group(1)) for p in _children(root_path) if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        run_dir = root_path / f"version_{max(versions, default=-1) + 1}"
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return str(run_dir)
+
+
+def _children(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+
+
+def _version_of(root: Path, ckpt_path: str) -> str | None:
+    """The name of the ``root/version_N`` directory that holds ``ckpt_path``, if any."""
+    for parent in Path(ckpt_path).resolve().parents:
+        if parent.parent == root.resolve() and re.fullmatch(r"version_\d+", parent.name):
+            return parent.name
+    return None
+
+
+def run_loggers(loggers, run_dir: str) -> list:
+    """The configured loggers writing into ``run_dir``, plus the CSV log every run keeps (for its plot)."""
+    from jsonargparse import Namespace
+
+    if loggers is False:
+        return False
+    configured = [] if loggers in (None, True) else (loggers if isinstance(loggers, list) else [loggers])
+    for logger in configured:
+        if isinstance(logger, Namespace) and logger.init_args.get("save_dir") in (None, "."):
+            logger.init_args.save_dir = run_dir
+    if not any(str(getattr(logger, "class_path", "")).endswith("CSVLogger") for logger in configured):
+        configured.append(Namespace(class_path="lit_rlhf.cli.RunCSVLogger", init_args=Namespace(save_dir=run_dir)))
+    return configured
 
 
 def default_wandb_mode() -> None:
@@ -68,13 +205,22 @@ def default_wandb_mode() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
-def export(args: list[str]) -> dict[str, str]:
-    """``export``: load a checkpoint into the configured module and write Hugging Face checkpoints."""
-    parser = argparse.ArgumentParser(prog="lit-rlhf export", add_help=False)
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint to export")
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf export",
+        description="Load a checkpoint into the configured module and write Hugging Face checkpoints "
+        "(PPO: actor/ and critic/). Every other option (--config, --model...) is the fit command's.",
+        usage="lit-rlhf export --config CONFIG --ckpt_path CKPT --export_dir DIR [--merge_lora false] [fit options]",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (file, or FSDP2 folder)")
     parser.add_argument("--export_dir", required=True, help="output directory (actor/ and critic/ inside)")
     parser.add_argument("--merge_lora", default="true", choices=["true", "false"], help="merge LoRA into the weights")
-    known, rest = parser.parse_known_args(args)
+    return parser
+
+
+def export(args: list[str]) -> dict[str, str]:
+    """``export``: load a checkpoint into the configured module and write Hugging Face checkpoints."""
+    known, rest = export_parser().parse_known_args(args)
     if not os.path.exists(known.ckpt_path):
         raise FileNotFoundError(f"checkpoint {known.ckpt_path!r} does not exist")
     cli = LitRLHFCLI(args=rest, run=False)
@@ -94,17 +240,16 @@ def export(args: list[str]) -> dict[str, str]:
 def load_checkpoint(path: str) -> dict:
     """A whole checkpoint in CPU memory: a ``.ckpt`` file, or an FSDP2 (distributed) checkpoint folder."""
     if os.path.isdir(path):
-        from pathlib import Path
-
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return _load_distributed_checkpoint(Path(path))
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     default_wandb_mode()
+    quiet()
     if argv and argv[0] == "export":
         export(argv[1:])
         return

@@ -40,3 +40,25 @@ def tiny_assets(tmp_path_factory) -> dict[str, str]:
     from lit_rlhf.tasks.assets import build_tiny_assets
 
     return build_tiny_assets(str(tmp_path_factory.mktemp("assets")), hidden_size=32, num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def chatml_assets(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama policy and reward model with a ChatML tokenizer, and a ``messages`` prompt file."""
+    import json
+
+    from lit_rlhf.tasks import chat_tokenizer
+
+    directory = tmp_path_factory.mktemp("chatml")
+    corpus = ["be brief", "What is 2+3?", "It is 5.", "Add 4 and 4.", "8", "system user assistant"] * 40
+    tok = chat_tokenizer("chatml", corpus)
+    config = tiny_llama_config(tok, hidden_size=32, num_layers=1, num_heads=4)
+    paths = save_tiny_models(str(directory), tok, config, seed=0)
+    records = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"Add {a} and {a}."}]}
+        for a in range(64)
+    ]
+    paths["prompts"] = str(directory / "messages.jsonl")
+    with open(paths["prompts"], "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return paths

@@ -52,10 +52,10 @@ def trainer(tmp_path, max_epochs: int, callbacks=(), **kwargs) -> L.Trainer:
         max_epochs=max_epochs,
         callbacks=list(callbacks),
         logger=L.pytorch.loggers.CSVLogger(str(tmp_path), name="logs"),
-        enable_progress_bar=False,
+        enable_progress_bar=kwargs.pop("enable_progress_bar", False),
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
+        log_every_n_steps=kwargs.pop("log_every_n_steps", 1),
         limit_val_batches=kwargs.pop("limit_val_batches", 0),
         **kwargs,
     )

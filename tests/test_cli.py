@@ -1,6 +1,7 @@
 """The real entry points (`python train.py`, `lit-rlhf`) in subprocesses, and every shipped config."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -26,29 +27,13 @@ def run(args, tmp_path, check=True):
 
 
 def tiny_overrides(assets, root) -> list[str]:
-    """A second --config that points configs/ppo_tiny.yaml at the tiny assets and a temporary run dir."""
+    """A second --config that points configs/ppo_tiny.yaml at the tiny assets; runs go to ``root/version_<N>``."""
     override = {
-        "trainer": {
-            "default_root_dir": str(root),
-            "logger": [
-                {
-                    "class_path": "lightning.pytorch.loggers.WandbLogger",
-                    "init_args": {"project": "lit-rlhf", "save_dir": str(root)},
-                },
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
-            ],
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0},
-                },
-            ],
-        },
+        "trainer": {"default_root_dir": str(root)},
         "model": {
             "init_args": {
                 "models": {"actor_path": assets["policy"]},
                 "rewards": [{"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": assets["reward"]}}],
-                "export_dir": str(root / "export"),
                 "rollout": {"rollout_batch_size": 64, "score_micro_batch_size": 64},
                 "algorithm": {"mini_batch_size": 32, "micro_batch_size": 32},
             }
@@ -58,6 +43,12 @@ def tiny_overrides(assets, root) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     (root / "override.yaml").write_text(yaml.safe_dump(override))
     return ["--config", str(root / "override.yaml")]
+
+
+def read_metrics(run_dir):
+    import pandas as pd
+
+    return pd.read_csv(Path(run_dir) / "metrics.csv")
 
 
 def config_args(config: str, assets: dict[str, str]) -> list[str]:
@@ -121,20 +112,9 @@ def test_fit_resume_export_through_train_py(tiny_assets, tmp_path):
     root = tmp_path / "run"
     config = os.path.join(ROOT, "configs", "ppo_tiny.yaml")
     base = ["--config", config, *tiny_overrides(tiny_assets, root)]
-    out = run(
-        [
-            "fit",
-            *base,
-            "--trainer.max_epochs",
-            "2",
-            "--trainer.check_val_every_n_epoch",
-            "1",
-            "--trainer.callbacks.dirpath",
-            str(root / "checkpoints"),
-        ],
-        tmp_path,
-    )
-    runs = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run(["fit", *base, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"], tmp_path)
+    run_dir = root / "version_0"
+    runs = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     data = Path(runs[0]).read_bytes()
     for key in (
@@ -147,35 +127,48 @@ def test_fit_resume_export_through_train_py(tiny_assets, tmp_path):
         b"samples/rollout_0",
     ):
         assert key in data, key
-    ckpt = root / "checkpoints" / "last.ckpt"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
-    first = torch.load(ckpt, weights_only=False)
+    first = torch.load(ckpt, weights_only=True)
     run_id, first_epoch = first["wandb_run_id"], first["epoch"]
-    # resume for one more epoch: same W&B run id, epoch counter continues
-    run(
-        [
-            "fit",
-            *base,
-            "--trainer.max_epochs",
-            "3",
-            "--ckpt_path",
-            str(ckpt),
-            "--trainer.callbacks.dirpath",
-            str(root / "checkpoints"),
-        ],
-        tmp_path,
-    )
-    assert torch.load(ckpt, weights_only=False)["epoch"] == first_epoch + 1
-    assert len(glob.glob(str(root / "wandb" / f"offline-run-*-{run_id}"))) == 2
+    logged = read_metrics(run_dir).dropna(subset=["reward/mean"])["epoch"].tolist()
+    # resume for one more epoch: the same run folder and W&B run, the epoch counter and the CSV log continue
+    run(["fit", *base, "--trainer.max_epochs", "3", "--ckpt_path", str(ckpt)], tmp_path)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0"]
+    assert torch.load(ckpt, weights_only=True)["epoch"] == first_epoch + 1
+    assert len(glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}"))) == 2
+    assert read_metrics(run_dir).dropna(subset=["reward/mean"])["epoch"].tolist() == [*logged, 2]
     # export to Hugging Face format; the exported actor reproduces the checkpoint's actor
     export_dir = tmp_path / "export"
     out = run(["export", *base, "--ckpt_path", str(ckpt), "--export_dir", str(export_dir)], tmp_path)
     assert "exported actor" in out.stdout
     exported = AutoModelForCausalLM.from_pretrained(export_dir / "actor")
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
     torch.testing.assert_close(exported.lm_head.weight, state["actor.model.lm_head.weight"])
     assert (export_dir / "critic" / "config.json").exists()
     assert (export_dir / "actor" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_config_leave_two_complete_run_folders(tiny_assets, tmp_path):
+    root = tmp_path / "runs"
+    args = ["fit", "--config", os.path.join(ROOT, "configs", "ppo_tiny.yaml"), *tiny_overrides(tiny_assets, root)]
+    args += ["--trainer.max_epochs", "1", "--model.init_args.log_samples_every_n_epochs", "1"]
+    run(args, tmp_path)
+    run(args, tmp_path)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert folders == ["version_0", "version_1"]
+    for folder in folders:
+        run_dir = root / folder
+        for name in ("config.yaml", "metrics.csv", "metrics.png", "samples.jsonl", "checkpoints/last.ckpt"):
+            assert (run_dir / name).is_file(), (folder, name)
+        assert (run_dir / "export" / "actor" / "model.safetensors").is_file()
+        assert len(glob.glob(str(run_dir / "wandb" / "offline-run-*"))) == 1
+        assert "reward/mean" in read_metrics(run_dir).columns
+        samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 8 and {"prompt", "response", "reward", "score", "reward_model"} <= set(samples[0])
+    first, second = ((root / v / "config.yaml").read_text() for v in folders)
+    assert "version_0" in first and first.replace("version_0", "version_1") == second, "same settings, own folder"
 
 
 @pytest.mark.slow
@@ -192,8 +185,7 @@ def test_custom_reward_subclass_through_class_path_and_validate(tiny_assets, tmp
         "1",
     ]
     run(["fit", *args], tmp_path)
-    metrics = Path(glob.glob(str(root / "**" / "metrics.csv"), recursive=True)[0]).read_text()
-    assert "reward/mean" in metrics.splitlines()[0]
+    assert "reward/mean" in read_metrics(root / "version_0").columns
     out = run(["validate", *args], tmp_path)
     assert "val/reward" in out.stdout
 

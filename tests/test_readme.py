@@ -42,3 +42,40 @@ def test_subclass_example_adds_to_the_components(tiny_assets):
     )
     scores = module.compute_reward(["p", "p"], ["x" * 20, "x" * 30])
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.5]))
+
+
+def test_your_own_data_examples_load_as_written(tmp_path):
+    """The three JSONL blocks of "Your own data": prompts, SFT records, preference pairs."""
+    from types import SimpleNamespace
+
+    from lit_rlhf import PreferenceDataModule, PromptDataModule, SFTDataModule
+    from lit_rlhf.tasks import chat_tokenizer
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```jsonl\n(.*?)```", f.read(), flags=re.S)
+    assert len(blocks) == 3
+    tok = chat_tokenizer("chatml", [b for b in blocks] * 20)
+    modules = [
+        lambda path: PromptDataModule(path, apply_chat_template=True, field="prompt"),
+        lambda path: SFTDataModule(path),
+        lambda path: PreferenceDataModule(path),
+    ]
+    for i, (block, make) in enumerate(zip(blocks, modules, strict=True)):
+        lines = block.strip().splitlines()
+        if i == 0:  # prompts: the plain one under `prompt`, the conversations under `messages`
+            path = tmp_path / "plain.jsonl"
+            path.write_text(lines[0] + "\n")
+            conversations = tmp_path / "messages.jsonl"
+            conversations.write_text("\n".join(lines[1:]) + "\n")
+            for file, field in ((path, "prompt"), (conversations, "messages")):
+                dm = PromptDataModule(str(file), apply_chat_template=True, field=field)
+                dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tok))
+                dm.setup("fit")
+                assert all(r.text.endswith("<|im_start|>assistant\n") for r in dm.train_prompts)
+            continue
+        path = tmp_path / f"block{i}.jsonl"
+        path.write_text(block)
+        dm = make(str(path))
+        dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tok))
+        dm.setup("fit")
+        assert len(dm.train_examples) == 3

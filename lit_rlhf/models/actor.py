@@ -6,7 +6,7 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -133,10 +133,12 @@ class Actor(nn.Module):
         attention_mask: Tensor,
         settings: GenerationSettings,
         generator: torch.Generator | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> GenerationOutput:
         """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache.
 
-        ``generator`` (on the model's device) makes sampling independent of the global RNG.
+        ``generator`` (on the model's device) makes sampling independent of the global RNG;
+        ``on_token(done, total)`` is told after each decoding step (a progress display).
         """
         eos_ids, (batch, prompt_len) = self.eos_token_ids, input_ids.shape
         # a pre-allocated cache: decoding writes into it instead of concatenating K/V every step
@@ -161,6 +163,8 @@ class Actor(nn.Module):
             tokens.append(token)
             log_probs.append(log_probs_from_logits(logits, token, settings.scoring_temperature))
             finished = finished | torch.isin(token, eos_ids)
+            if on_token is not None:
+                on_token(step + 1, settings.max_new_tokens)
             if step == settings.max_new_tokens - 1 or (settings.stop_at_eos and bool(finished.all())):
                 break
             length = prompt_len + step + 1

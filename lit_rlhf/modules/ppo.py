@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import GenerationOutput, load_tokenizer
+from lit_rlhf.modules.outputs import export_directory, run_directory
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_setup import build_models, check_ppo_settings, critic_path
 from lit_rlhf.modules.ppo_step import ppo_micro_step, step_optimizer
@@ -39,6 +42,8 @@ from lit_rlhf.settings import (
     to_plain,
 )
 
+log = logging.getLogger(__name__)
+
 ACTOR_LR, CRITIC_LR = 1e-6, 1e-5
 
 
@@ -61,7 +66,8 @@ class PPOModule(L.LightningModule):
         val_metrics: extra validation metrics, ``name: package.module.function`` with the reward
             signature ``(prompts, responses, **columns) -> Tensor[B]``; logged as ``val/<name>``
             (e.g. a task's exact-match accuracy, which does not depend on the reward model).
-        export_dir: where ``on_train_end`` writes the actor and critic as Hugging Face checkpoints.
+        export_dir: where ``on_train_end`` writes the actor and critic as Hugging Face checkpoints
+            (None = ``export/`` in the run directory).
         log_samples_every_n_epochs: log a table of sample generations every N rollouts (0 = never).
         num_logged_samples: rows in each sample table.
     """
@@ -107,6 +113,7 @@ class PPOModule(L.LightningModule):
         self.buffer = ExperienceBuffer(size, self.algorithm.mini_batch_size, self.algorithm.ppo_epochs)
         self.critic_path = critic_path(self.models, self.rewards)
         self.actor = self.critic = self.reference = None
+        self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.component_scores: dict[str, Tensor] = {}  # the latest scoring call's, per component
         self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
         self.val_metric_means = nn.ModuleDict({fn.name: MeanMetric() for fn in self.val_metric_fns})
@@ -127,6 +134,14 @@ class PPOModule(L.LightningModule):
 
     def _has_custom_reward(self) -> bool:
         return type(self).compute_reward is not PPOModule.compute_reward
+
+    def setup(self, stage: str) -> None:
+        """Find the run directory (on every rank) and log every optimizer step."""
+        self.run_dir = run_directory(self.trainer)
+        if self.trainer.log_every_n_steps != 1:
+            # a PPO optimizer step is expensive and rare: each one's metrics are worth a line
+            log.info("PPO logs every optimizer step: trainer.log_every_n_steps %d -> 1", self.trainer.log_every_n_steps)
+            self.trainer.log_every_n_steps = 1
 
     def configure_model(self) -> None:
         """Load the models (after the datamodule's checks, so bad data fails first)."""
@@ -292,8 +307,7 @@ class PPOModule(L.LightningModule):
                 self.log(f"val/{name}", self.val_metric_means[name], on_epoch=True, prog_bar=True)
 
     def on_train_end(self) -> None:
-        if self.export_dir:
-            self.export_pretrained(self.export_dir)
+        self.export_pretrained(export_directory(self.export_dir, self.run_dir))
 
     # --- checkpoints and export ---------------------------------------------------------------
 

@@ -27,7 +27,8 @@ class RewardModelModule(SingleModelModule):
         models: initialisation (``path``; an SFT causal LM gets a new scalar head) and how it is loaded.
         optim: optimiser (None = AdamW, lr 1e-5), warm-up/decay schedule and gradient clipping.
         margin: Bradley-Terry margin (the score gap below which a pair still has loss).
-        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = nowhere).
+        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = ``export/`` in the run
+            directory).
     """
 
     def __init__(

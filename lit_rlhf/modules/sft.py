@@ -17,7 +17,8 @@ class SFTModule(SingleModelModule):
     Args:
         models: the model to fine-tune (``path``) and how it is loaded (dtype, attention, LoRA, ...).
         optim: optimiser (None = AdamW, lr 2e-5), warm-up/decay schedule and gradient clipping.
-        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = nowhere).
+        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = ``export/`` in the run
+            directory).
     """
 
     def __init__(

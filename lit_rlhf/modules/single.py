@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from lit_rlhf.modules.outputs import export_directory, run_directory
 from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
 from lit_rlhf.settings import ModelSettings, OptimizerSettings, as_group, save_settings, to_plain
 
@@ -17,7 +18,8 @@ class SingleModelModule(L.LightningModule):
     Args:
         models: the model to train and how it is loaded.
         optim: optimiser, warm-up/decay schedule and gradient clipping.
-        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = nowhere).
+        export_dir: where ``on_train_end`` writes the Hugging Face checkpoint (None = ``export/`` in the run
+            directory).
         default_lr: the learning rate of the default AdamW.
         extra_hparams: the subclass's own settings, recorded with the groups.
     """
@@ -37,8 +39,10 @@ class SingleModelModule(L.LightningModule):
         plain = {"models": to_plain(self.models), "optim": to_plain(self.optim), "export_dir": export_dir}
         save_settings(self, {**plain, **(extra_hparams or {})})
         self.trained = None
+        self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
 
     def setup(self, stage: str) -> None:
+        self.run_dir = run_directory(self.trainer)  # on every rank: a collective under DDP
         if self.trainer.gradient_clip_val is not None:
             raise ValueError(
                 "gradient clipping is a module setting here: set model.init_args.optim.max_grad_norm "
@@ -54,8 +58,8 @@ class SingleModelModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export_pretrained(self.export_dir)
+        if self.trainer.is_global_zero:
+            self.export_pretrained(export_directory(self.export_dir, self.run_dir))
 
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         raise NotImplementedError

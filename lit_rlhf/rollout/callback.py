@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
+from rich.table import Table
 
 from lit_rlhf.rollout.maker import RolloutModels, make_experience, rollout_metrics
+from lit_rlhf.rollout.progress import PhaseProgress
 
 
 class RolloutCallback(L.Callback):
@@ -41,6 +46,7 @@ class RolloutCallback(L.Callback):
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].to(device),
         }
+        progress = PhaseProgress(trainer)
         with fsdp1_full_params(trainer):
             experience, reward_parts, timing = make_experience(
                 RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
@@ -54,7 +60,9 @@ class RolloutCallback(L.Callback):
                 rollout_id=rollout,
                 generator=generator,
                 all_reduce=all_reduce,
+                progress=progress,
             )
+        progress.training()
         pl_module.buffer.fill(experience)
         self.last_timing = timing
         metrics = rollout_metrics(experience, reward_parts, pl_module.actor.eos_token_ids, all_reduce)
@@ -68,7 +76,8 @@ class RolloutCallback(L.Callback):
             )
         every = pl_module.log_samples_every_n_epochs
         if every and rollout % every == 0 and trainer.is_global_zero:
-            _log_samples(trainer, pl_module, experience, batch["input_ids"].shape[1], rollout)
+            samples = sample_rows(pl_module, experience, reward_parts, batch["prompts"], rollout)
+            log_samples(trainer, pl_module.run_dir, samples, rollout)
 
 
 def _perf_metrics(timing: dict[str, float], rollout: int, batch: dict) -> dict[str, torch.Tensor]:
@@ -102,19 +111,50 @@ def _all_reduce(trainer: L.Trainer):
     return lambda x: trainer.strategy.reduce(x, reduce_op="sum")
 
 
-def _log_samples(trainer, pl_module, experience, prompt_len: int, rollout: int) -> None:
-    """A table of (prompt, response, reward) under a key per rollout, so older tables stay visible."""
+def sample_rows(pl_module, experience, reward_parts: dict, prompts: list[str], rollout: int) -> list[dict]:
+    """The first ``num_logged_samples`` rows: prompt, response, trained-on reward and each reward part."""
     n = min(pl_module.num_logged_samples, len(experience))
     rows = experience.index(slice(0, n))
-    tok = pl_module.tokenizer
-    prompts = tok.batch_decode(rows.sequences[:, :prompt_len], skip_special_tokens=True)
-    responses = rows.sequences[:, prompt_len:].masked_fill(~rows.action_mask, tok.pad_token_id)
-    data = [
-        [rollout, p, r, float(s)]
-        for p, r, s in zip(prompts, tok.batch_decode(responses, skip_special_tokens=True), rows.scores, strict=True)
+    samples_per_prompt = pl_module.generation.n_samples_per_prompt
+    responses = rows.sequences[:, -rows.num_actions :].masked_fill(~rows.action_mask, pl_module.tokenizer.pad_token_id)
+    texts = pl_module.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    parts = {name: values[:n].tolist() for name, values in reward_parts.items()}
+    return [
+        {
+            "rollout": rollout,
+            "prompt": prompts[i // samples_per_prompt],
+            "response": texts[i],
+            "reward": float(rows.scores[i]),
+            **{name: values[i] for name, values in parts.items()},
+        }
+        for i in range(n)
     ]
+
+
+def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: int) -> None:
+    """Samples to the console (a table), to ``samples.jsonl`` in the run directory, and to W&B (a table
+    under a key per rollout, so older tables stay visible).
+    """
+    if not samples:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+        for sample in samples:
+            f.write(json.dumps(sample) + "\n")
+    columns = list(samples[0])
+    table = Table(title=f"samples, rollout {rollout}", show_lines=False)
+    for name in columns[1:]:
+        table.add_column(name, overflow="fold", max_width=48 if name in ("prompt", "response") else 12)
+    for sample in samples:
+        table.add_row(*[_cell(sample[name]) for name in columns[1:]])
+    bar = trainer.progress_bar_callback
+    console = getattr(bar, "_console", None) or Console()
+    console.print(table)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_table(
-                key=f"samples/rollout_{rollout}", columns=["rollout", "prompt", "response", "reward"], data=data
-            )
+            data = [list(sample.values()) for sample in samples]
+            logger.log_table(key=f"samples/rollout_{rollout}", columns=columns, data=data)
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else repr(value)[1:-1] if isinstance(value, str) else str(value)

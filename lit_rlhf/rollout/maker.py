@@ -32,6 +32,12 @@ class Scores(NamedTuple):
 
 # (generation, prompt texts per row, dataset columns per row) -> scores
 ScoreFn = Callable[[GenerationOutput, list[str], dict[str, list]], Scores]
+# (phase, done, total): a progress display
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """Report nothing."""
 
 
 class Rollout(NamedTuple):
@@ -63,9 +69,15 @@ def eval_mode(*modules: torch.nn.Module | None):
             m.train(mode)
 
 
-def in_micro_batches(fn: Callable[[Tensor, Tensor], Tensor], gen: GenerationOutput, size: int) -> Tensor:
-    """Apply ``fn(sequences, attention_mask)`` over row chunks of ``size`` and concatenate."""
-    return torch.cat([fn(s, m) for s, m in zip(gen.sequences.split(size), gen.attention_mask.split(size), strict=True)])
+def in_micro_batches(
+    fn: Callable[[Tensor, Tensor], Tensor], gen: GenerationOutput, size: int, tick: Callable[[], None] = lambda: None
+) -> Tensor:
+    """Apply ``fn(sequences, attention_mask)`` over row chunks of ``size`` and concatenate (``tick`` after each)."""
+    outputs = []
+    for s, m in zip(gen.sequences.split(size), gen.attention_mask.split(size), strict=True):
+        outputs.append(fn(s, m))
+        tick()
+    return torch.cat(outputs)
 
 
 def reference_log_probs(
@@ -102,6 +114,7 @@ def make_experience(
     rollout_id: int,
     generator: torch.Generator | None = None,
     all_reduce: AllReduce = no_reduce,
+    progress: Progress = no_progress,
 ) -> Rollout:
     """Generate, score and compute advantages for one batch of left-padded prompts.
 
@@ -118,6 +131,8 @@ def make_experience(
        ``rollout.recompute_old_log_probs`` asks for a separate actor forward.
     4. Sequence scores through ``score_fn`` (the reward components, or a ``compute_reward`` override).
     5. KL, token rewards, advantages and returns with ``lit_rlhf.functional``.
+
+    ``progress(phase, done, total)`` hears about each decoding step and each scoring forward.
     """
     actor, critic, reference = models.actor, models.critic, models.reference
     temperature, micro, n = (
@@ -134,24 +149,34 @@ def make_experience(
         # 2.
         start = time.perf_counter()
         with gathered(actor.model, rollout.gather_for_generation):
-            gen = actor.generate(input_ids, attention_mask, generation, generator=generator)
+            on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
+            gen = actor.generate(input_ids, attention_mask, generation, generator=generator, on_token=on_token)
         generation_s = time.perf_counter() - start
         num_actions = gen.action_mask.shape[1]
         # 3.
         start = time.perf_counter()
+        chunks = -(-len(gen.sequences) // micro)
+        forwards = chunks * (1 + rollout.recompute_old_log_probs + (critic is not None)) + 1  # + the rewards
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            progress("scoring", done[0], forwards)
+
         if rollout.recompute_old_log_probs:
-            old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro)
+            old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro, tick)
         else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
             old_log_probs = gen.log_probs
         ref_log_probs = in_micro_batches(
-            lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro
+            lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro, tick
         )
         if critic is not None:
-            values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro)
+            values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro, tick)
         else:
             values = torch.zeros_like(old_log_probs)
         # 4.
         scores, reward_parts = score_fn(gen, texts, columns)
+        tick()
         scoring_s = time.perf_counter() - start
     # 5.
     start = time.perf_counter()

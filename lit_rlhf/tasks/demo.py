@@ -1,7 +1,7 @@
 """The embedded RLHF pipeline's data and report: ``prepare`` before SFT, ``report`` after PPO.
 
 python -m lit_rlhf.tasks.demo prepare --out assets/demo
-python -m lit_rlhf.tasks.demo report --assets assets/demo --run runs/ppo_tiny
+python -m lit_rlhf.tasks.demo report --assets assets/demo --run runs/ppo_tiny   (its newest run)
 """
 
 from __future__ import annotations
@@ -104,8 +104,16 @@ def plot(metrics_csv: str, out_png: str, sft_accuracy: float | None = None) -> N
     plt.close(fig)
 
 
-def report(assets: str, run: str, export_dir: str) -> dict:
-    """Before/after table on the test prompts, stage timings, and ``demo.png`` in the run directory."""
+def report(assets: str, run: str, export_dir: str | None = None) -> dict:
+    """Before/after table on the test prompts, stage timings, and ``demo.png`` in the run directory.
+
+    ``run`` is a PPO run directory, or its config's root (``runs/ppo_tiny``: the newest run);
+    ``export_dir`` defaults to the run's ``export/``.
+    """
+    from lit_rlhf.plot import newest_run
+
+    run = newest_run(run)
+    export_dir = export_dir or f"{run}/export"
     with open(f"{assets}/test_prompts.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f]
     sft, rm = f"{assets}/sft", f"{assets}/rm"
@@ -129,6 +137,7 @@ def report(assets: str, run: str, export_dir: str) -> dict:
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     csvs = sorted(glob.glob(f"{run}/**/metrics.csv", recursive=True), key=os.path.getmtime)
     summary = {"before": rows["SFT policy"], "after": rows["PPO policy"], "gain_points": 100 * gain, "seconds": timings}
+    summary["run"] = run
     if csvs:
         plot(csvs[-1], f"{run}/demo.png", rows["SFT policy"]["accuracy"])
         summary["plot"] = f"{run}/demo.png"
@@ -145,8 +154,8 @@ def main() -> None:
     prep.add_argument("--out", default="assets/demo")
     rep = sub.add_parser("report", help="before/after table and plot")
     rep.add_argument("--assets", default="assets/demo")
-    rep.add_argument("--run", default="runs/ppo_tiny")
-    rep.add_argument("--export_dir", default="runs/ppo_tiny/export")
+    rep.add_argument("--run", default="runs/ppo_tiny", help="a PPO run, or its config's root (the newest run)")
+    rep.add_argument("--export_dir", default=None, help="the exported policy (default: the run's export/)")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out)

@@ -1,11 +1,9 @@
 """DDP and FSDP2 (ModelParallelStrategy) for real: two CPU processes with gloo, launched by torchrun."""
 
-import glob
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,13 +83,6 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
             "default_root_dir": str(root),
             "enable_progress_bar": False,
             "check_val_every_n_epoch": 1,
-            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}}],
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0},
-                }
-            ],
             "strategy": "ddp"
             if strategy == "ddp"
             else {
@@ -105,7 +96,6 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
                 "rewards": [
                     {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"]}}
                 ],
-                "export_dir": str(root / "export"),
                 "rollout": {"rollout_batch_size": 32, "score_micro_batch_size": 32},
                 "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8},
             }
@@ -125,10 +115,14 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
         str(root / "override.yaml"),
     ]
     launch(base, tmp_path, processes=1)  # Lightning starts the second process itself
-    last = root / "ckpt" / "last.ckpt"
+    # both ranks agreed on one run folder (the second inherits the first one's choice)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0"]
+    run_dir = root / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
     assert last.exists() and (last.is_dir() == (strategy == "fsdp2")), "FSDP2 saves a sharded checkpoint folder"
     launch([*base, "--trainer.max_epochs", "3", "--ckpt_path", str(last)], tmp_path, processes=1)
-    metrics = Path(sorted(glob.glob(str(root / "**" / "metrics.csv"), recursive=True))[-1]).read_text()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0"], "the resumed run continues its folder"
+    metrics = (run_dir / "metrics.csv").read_text()
     assert "reward/mean" in metrics and ",2," in metrics, "the resumed run trained epoch 2"
-    exported = AutoModelForCausalLM.from_pretrained(root / "export" / "actor")
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "actor")
     assert exported.config.vocab_size > 0

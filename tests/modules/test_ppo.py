@@ -281,7 +281,7 @@ def test_missing_prompt_file_and_field(make, tmp_path):
         trainer(tmp_path, 1).fit(make(), datamodule=PromptDataModule(str(tmp_path / "nope.jsonl")))
     records = tmp_path / "q.jsonl"
     records.write_text('{"question": "1+1="}\n')
-    with pytest.raises(ValueError, match="q.jsonl, row 1, field 'prompt': the prompt field is missing; .*\\['question'\\]"):
+    with pytest.raises(ValueError, match="q.jsonl, row 1, field 'prompt': the prompt field is missing"):
         trainer(tmp_path, 1).fit(make(), datamodule=PromptDataModule(str(records)))
 
 
