@@ -23,12 +23,15 @@ import lightning as L
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 import lit_rlhf.data  # noqa: F401  (registers the datamodules, so `--data PromptDataModule` resolves)
 import lit_rlhf.modules  # noqa: F401  (registers the modules, so `--model.help PPOModule` resolves)
+from lit_rlhf.checkpoints import AtomicCheckpointIO, load_checkpoint_file, newest_checkpoint, verify_digest
+from lit_rlhf.modules.ppo_setup import check_writable
 from lit_rlhf.quiet import quiet
 
 RUN_DIR_ENV = "LIT_RLHF_RUN_DIR"
@@ -60,7 +63,8 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class RunCSVLogger(CSVLogger):
-    """``metrics.csv`` (and ``hparams.yaml``) directly in the run directory; a resumed run appends to it.
+    """``metrics.csv`` (and ``hparams.yaml``) directly in the run directory, flushed at every step; a
+    resumed run appends to it.
 
     (Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts.) Epochs that a resumed
     run does again after its checkpoint appear twice; plots average them.
@@ -70,7 +74,8 @@ class RunCSVLogger(CSVLogger):
     """
 
     def __init__(self, save_dir: str) -> None:
-        super().__init__(save_dir, name="", version="")
+        # written at every logging step: a killed run keeps its metrics up to the kill
+        super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=1)
 
     @property
     @rank_zero_experiment
@@ -114,10 +119,27 @@ class LitRLHFCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's reading of the checkpoint's settings (weights-only); an unusable file is named."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            load_checkpoint_file(ckpt_path)  # raises the error that says what is wrong with the file
+            raise
+
     def before_instantiate_classes(self) -> None:
-        """Point every output of the run at its run directory (see :func:`run_directory`)."""
+        """Point every output of the run at its run directory (see :func:`run_directory`).
+
+        ``--ckpt_path last`` resumes from the newest complete checkpoint of the config's root
+        (``<root>/version_<N>/checkpoints/last.ckpt``), or starts afresh when there is none.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            found = newest_checkpoint(Path(config.trainer.default_root_dir or "runs"))
+            print(f"--ckpt_path last: {f'resuming from {found}' if found else 'no checkpoint yet, starting afresh'}")
+            ckpt_path = config.ckpt_path = str(found) if found else None
         run_dir = run_directory(config.trainer.default_root_dir, ckpt_path)
         if self.subcommand and os.environ.get("LOCAL_RANK", "0") == "0":
             os.makedirs(run_dir, exist_ok=True)  # claims the version (and W&B finds its directory)
@@ -133,7 +155,11 @@ class LitRLHFCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not os.path.exists(ckpt_path):
             return
         metadata = os.path.join(ckpt_path, "meta.pt") if os.path.isdir(ckpt_path) else ckpt_path  # FSDP2: a folder
-        run_id = torch.load(metadata, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+        try:
+            run_id = torch.load(metadata, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+        except Exception:  # noqa: BLE001 - let the safe loader say what is wrong with the file
+            load_checkpoint_file(metadata)
+            raise
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and run_id and logger._experiment is None:
                 logger._id = run_id
@@ -144,6 +170,8 @@ class LitRLHFCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PlotCallback())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own CheckpointIO
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
 
@@ -221,13 +249,13 @@ def export_parser() -> argparse.ArgumentParser:
 def export(args: list[str]) -> dict[str, str]:
     """``export``: load a checkpoint into the configured module and write Hugging Face checkpoints."""
     known, rest = export_parser().parse_known_args(args)
-    if not os.path.exists(known.ckpt_path):
-        raise FileNotFoundError(f"checkpoint {known.ckpt_path!r} does not exist")
+    checkpoint = load_checkpoint(known.ckpt_path)  # a bad file fails here, before any model loads
+    verify_digest(checkpoint, known.ckpt_path)
+    check_writable({"--export_dir": known.export_dir})
     cli = LitRLHFCLI(args=rest, run=False)
     module = cli.model
     if not hasattr(module, "export_pretrained"):
         raise ValueError(f"{type(module).__name__} has no export_pretrained(); nothing to export")
-    checkpoint = load_checkpoint(known.ckpt_path)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
@@ -238,12 +266,15 @@ def export(args: list[str]) -> dict[str, str]:
 
 
 def load_checkpoint(path: str) -> dict:
-    """A whole checkpoint in CPU memory: a ``.ckpt`` file, or an FSDP2 (distributed) checkpoint folder."""
+    """A whole checkpoint in CPU memory: a ``.ckpt`` file, or an FSDP2 (distributed) checkpoint folder.
+
+    Nothing in it can run code (``weights_only=True``); a bad file is an error naming it.
+    """
     if os.path.isdir(path):
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return _load_distributed_checkpoint(Path(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint_file(path)
 
 
 def main(args: list[str] | None = None) -> None:

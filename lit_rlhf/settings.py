@@ -81,6 +81,8 @@ class LoadSettings:
     """load base weights in 4-bit NF4 (gpu extra; trains through LoRA, so needs ``lora.rank > 0``)."""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about 30 % more compute)."""
+    trust_remote_code: bool = False
+    """run the model repository's own Python code (transformers' trust_remote_code); off unless you trust it."""
     padding_free: bool = False
     """pack the rows of every scoring and training forward into one row without padding
     (position ids restart per row). Pays off with ``flash_attention_2`` (varlen kernels); with
@@ -100,6 +102,7 @@ class LoadSettings:
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             load_in_4bit=self.load_in_4bit,
+            trust_remote_code=self.trust_remote_code,
             padding_free=self.padding_free,
         )
 
@@ -121,6 +124,9 @@ class PPOModelSettings(LoadSettings):
     """critic initialisation; default: the first ``RewardModel`` reward's path, else ``actor_path``."""
     reference_path: str | None = None
     """reference policy; default ``actor_path`` (with LoRA: the actor with its adapter disabled)."""
+    new_value_head: bool = False
+    """let the critic start from a checkpoint without a value head (e.g. the SFT policy), with a new
+    head at random; otherwise a missing head is an error."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,10 +349,14 @@ class PPOOptimSettings:
     """the actor's optimiser (None optimizer = AdamW at lr 1e-6)."""
     critic: OptimizerSettings = field(default_factory=OptimizerSettings)
     """the critic's optimiser (None optimizer = AdamW at lr 1e-5); unused by critic-free estimators."""
+    max_nonfinite_steps: int = 3
+    """divergence guard: an optimizer step whose loss or gradient norm is not finite is skipped
+    (gradients dropped, weights untouched); this many in a row stop the run with an error."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actor", as_group(OptimizerSettings, self.actor))
         object.__setattr__(self, "critic", as_group(OptimizerSettings, self.critic))
+        _check(self.max_nonfinite_steps >= 1, "optim", "max_nonfinite_steps", self.max_nonfinite_steps, ">= 1")
 
 
 G = TypeVar("G")

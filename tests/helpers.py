@@ -32,7 +32,7 @@ SMALL = {
 def small_module(assets: dict[str, str], cls: type[PPOModule] = SevensPPO, **overrides) -> PPOModule:
     """A PPO module on the tiny assets; each group in ``overrides`` (a dict) updates the small defaults."""
     groups = {name: dict(fields) for name, fields in SMALL.items()}
-    groups["models"] = {"actor_path": assets["policy"]}
+    groups["models"] = {"actor_path": assets["policy"], "new_value_head": True}  # the critic starts from the policy
     groups["optim"] = {
         "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3)},
         "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},

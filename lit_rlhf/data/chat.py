@@ -96,8 +96,13 @@ def render_prompt(
     if not apply_chat_template:
         if is_conversation(value):
             raise DataError(f"{where}: a conversation needs apply_chat_template: true to be rendered")
-        return as_text(value, where)
+        text = as_text(value, where)
+        if not text.strip():
+            raise DataError(f"{where}: the prompt is empty")
+        return text
     messages = as_turns(value, where, "user")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: the prompt is empty")
     if messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: the conversation ends with an assistant turn; for PPO the model must answer last")
     if system_prompt is not None and messages[0]["role"] != "system":

@@ -69,6 +69,11 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for name, value, low in (("max_prompt_len", max_prompt_len, 1), ("val_batch_size", val_batch_size, 1)):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        if val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
         if system_prompt is not None and not apply_chat_template:
             raise ValueError("data.system_prompt is a chat turn: it needs data.apply_chat_template: true")
         self.save_hyperparameters()

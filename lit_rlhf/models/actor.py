@@ -17,8 +17,7 @@ from lit_rlhf.functional import entropy_from_logits, log_probs_from_logits
 from lit_rlhf.models.loading import (
     check_model_path,
     disable_dropout,
-    load_error,
-    model_kwargs,
+    load_pretrained,
     position_ids_from_mask,
     prepare,
 )
@@ -95,18 +94,27 @@ class Actor(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, tokenizer: PreTrainedTokenizerBase, settings: LoadSettings = LoadSettings()
+        cls,
+        path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: LoadSettings = LoadSettings(),
+        role: str = "policy",
+        frozen: bool = False,
     ) -> Actor:
-        """Load from a local directory or hub id (a saved LoRA adapter directory works too)."""
+        """Load a causal LM from a local directory or hub id (a saved LoRA adapter directory works too).
+
+        ``role`` names the model in errors (a checkpoint without a language-model head is one);
+        ``frozen`` models load from safetensors weights only.
+        """
         check_model_path(path)
         adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
-        try:
-            if adapter:
-                model = _load_adapter(path, settings)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(settings))
-        except OSError as err:
-            raise load_error(path, err) from err
+        if adapter:
+            model = _load_adapter(path, settings, role)
+        else:
+            fix = ": it must be a causal LM (*ForCausalLM), e.g. your SFT policy"
+            model = load_pretrained(
+                AutoModelForCausalLM, path, settings, role, "lm_head", safetensors_only=frozen, fix=fix
+            )
         if not adapter:
             model = prepare(model, settings, task_type="CAUSAL_LM")
         disable_dropout(model)
@@ -154,6 +162,11 @@ class Actor(nn.Module):
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+        if not bool(torch.isfinite(logits).all()):  # one check per rollout, before anything is sampled
+            raise FloatingPointError(
+                "the policy's next-token logits are not finite before sampling: its weights are not finite "
+                "(did training diverge? resume from an earlier checkpoint with a lower learning rate)"
+            )
         next_position = positions[:, -1:] + 1
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens, log_probs = [], []
@@ -249,11 +262,10 @@ class Actor(nn.Module):
             tokenizer.save_pretrained(path)
 
 
-def _load_adapter(path: str, settings: LoadSettings) -> nn.Module:
+def _load_adapter(path: str, settings: LoadSettings, role: str) -> nn.Module:
     from peft import PeftModel
 
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_path = json.load(f)["base_model_name_or_path"]
-    check_model_path(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(settings))
+    base = load_pretrained(AutoModelForCausalLM, base_path, settings, f"{role} (the adapter's base)", "lm_head")
     return PeftModel.from_pretrained(base, path, is_trainable=True)

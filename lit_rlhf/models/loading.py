@@ -6,10 +6,12 @@ when a feature that needs them is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -23,7 +25,11 @@ GPU_EXTRA_HINT = "install the GPU extra: pip install 'lit_rlhf[gpu]'"
 
 def model_kwargs(settings: LoadSettings) -> dict:
     """Keyword arguments for ``from_pretrained`` (validated: missing extras raise here)."""
-    kwargs: dict = {"dtype": getattr(torch, settings.dtype), "attn_implementation": settings.attn_implementation}
+    kwargs: dict = {
+        "dtype": getattr(torch, settings.dtype),
+        "attn_implementation": settings.attn_implementation,
+        "trust_remote_code": settings.trust_remote_code,
+    }
     if settings.attn_implementation == "flash_attention_2":
         require_extra("flash_attn", "attn_implementation='flash_attention_2'")
         if not torch.cuda.is_available():
@@ -67,21 +73,93 @@ def check_model_path(path: str) -> None:
         raise FileNotFoundError(f"model path {path!r} does not exist (expected a directory saved with save_pretrained)")
 
 
-def load_error(path: str, err: Exception) -> OSError:
+def load_error(path: str, err: Exception, safetensors_only: bool = False) -> OSError:
     """An OSError that names the path (and offline mode) for a failed ``from_pretrained``."""
     hint = (
         " (HF_HUB_OFFLINE=1: only local paths and cached hub ids work)"
         if os.environ.get("HF_HUB_OFFLINE") == "1"
         else ""
     )
+    if safetensors_only:
+        hint += " (frozen models load from safetensors weights only: save_pretrained writes them)"
     return OSError(f"could not load model from {path!r}{hint}: {err}")
 
 
-def load_tokenizer(path: str, padding_side: Literal["left", "right"] = "left") -> PreTrainedTokenizerBase:
+@contextlib.contextmanager
+def transformers_load_report_silenced() -> Iterator[None]:
+    """transformers' report of missing/unexpected weights is replaced by :func:`load_pretrained`'s checks."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def load_pretrained(
+    auto_class: Any,
+    path: str,
+    settings: LoadSettings,
+    role: str,
+    head: str,
+    new_head_ok: bool = False,
+    safetensors_only: bool = False,
+    fix: str = "",
+    **extra: Any,
+) -> torch.nn.Module:
+    """``auto_class.from_pretrained`` with a check that the checkpoint has what ``role`` needs.
+
+    Every weight must come from the checkpoint, except a new ``head`` when ``new_head_ok``.
+
+    Args:
+        auto_class: e.g. ``AutoModelForCausalLM``.
+        path: local directory or hub id.
+        settings: how to load (dtype, attention, 4-bit, trust_remote_code).
+        role: what the model is for, in errors (``models.actor_path``, ``reward model 'rm'``).
+        head: the name of the output head the role needs (``lm_head``, ``score``).
+        new_head_ok: a head missing from the checkpoint starts at random (said once, in plain words).
+        safetensors_only: refuse pickled ``.bin`` weights (frozen models).
+        fix: what to set instead, appended to the error about a missing head.
+
+    Raises:
+        ValueError: naming the role, the path, what the checkpoint is, and what to set instead.
+    """
+    check_model_path(path)
+    kwargs = {**model_kwargs(settings), **extra}
+    if safetensors_only:
+        kwargs["use_safetensors"] = True
+    try:
+        with transformers_load_report_silenced():
+            model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except OSError as err:
+        raise load_error(path, err, safetensors_only) from err
+    missing = list(info.get("missing_keys") or [])
+    heads = [k for k in missing if _head_of(k) == head]
+    others = [k for k in missing if _head_of(k) != head]
+    kind = ", ".join(getattr(model.config, "architectures", None) or []) or type(model).__name__
+    if others:
+        raise ValueError(f"{role} {path!r} ({kind}) lacks weights the model needs: {others[:5]}")
+    if heads and not new_head_ok:
+        raise ValueError(f"{role} {path!r} is a {kind} without the {head!r} head this role needs{fix}")
+    if heads:
+        log.info("%s %r is a %s without a %r head: a new one starts at random", role, path, kind, head)
+    return model
+
+
+def _head_of(key: str) -> str:
+    parts = key.split(".")
+    return parts[-2] if len(parts) >= 2 else key
+
+
+def load_tokenizer(
+    path: str, padding_side: Literal["left", "right"] = "left", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer; one without a pad token gets its EOS token as pad (with a warning)."""
     check_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise load_error(path, err) from err
     tokenizer.padding_side = padding_side

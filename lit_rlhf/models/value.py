@@ -12,7 +12,7 @@ from lit_rlhf.models.loading import (
     check_model_path,
     disable_dropout,
     load_error,
-    model_kwargs,
+    load_pretrained,
     position_ids_from_mask,
     prepare,
 )
@@ -45,16 +45,25 @@ class ValueModel(nn.Module):
         self.register_buffer("reward_std", torch.tensor(float(std)), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path: str, settings: LoadSettings = LoadSettings()) -> ValueModel:
-        """Load a sequence-classification checkpoint (its head is reused) or a causal-LM one.
+    def from_pretrained(
+        cls,
+        path: str,
+        settings: LoadSettings = LoadSettings(),
+        role: str = "value model",
+        new_head_ok: bool = False,
+        frozen: bool = False,
+        fix: str = "",
+    ) -> ValueModel:
+        """Load a sequence-classification checkpoint (its scalar head is reused).
 
-        A causal-LM checkpoint gets a freshly initialised head (transformers warns about it).
+        A checkpoint without the head (a causal LM) is an error naming ``role``, unless
+        ``new_head_ok`` (then the head starts at random); ``fix`` says what to set instead. ``frozen``
+        models load from safetensors only.
         """
-        check_model_path(path)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **model_kwargs(settings))
-        except OSError as err:
-            raise load_error(path, err) from err
+        head = _head_name(path, settings)
+        model = load_pretrained(
+            AutoModelForSequenceClassification, path, settings, role, head, new_head_ok, frozen, fix, num_labels=1
+        )
         head_name = next(name for name in HEAD_NAMES if hasattr(model, name))
         model = prepare(model, settings, task_type="SEQ_CLS", modules_to_save=[head_name])
         disable_dropout(model)
@@ -137,6 +146,18 @@ class ValueModel(nn.Module):
         model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+def _head_name(path: str, settings: LoadSettings) -> str:
+    """The name of the scalar head that ``AutoModelForSequenceClassification`` builds for ``path``."""
+    from transformers import AutoConfig
+
+    check_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise load_error(path, err) from err
+    return "classifier" if config.model_type in ("bert", "roberta", "deberta", "deberta-v2") else "score"
 
 
 def _head(model: nn.Module) -> nn.Module:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 
 import lightning as L
 
@@ -19,3 +22,23 @@ def run_directory(trainer: L.Trainer) -> str:
 def export_directory(export_dir: str | None, run_dir: str) -> str:
     """``export_dir`` as set, else ``export/`` in the run directory."""
     return export_dir if export_dir is not None else os.path.join(run_dir, "export")
+
+
+@contextlib.contextmanager
+def replaced_directory(path: str) -> Iterator[str]:
+    """Write a directory whole or not at all: yields ``<path>.partial``, which replaces ``path`` at the end.
+
+    An export that fails (or is killed) half-way leaves the previous ``path`` as it was.
+    """
+    partial, old = f"{path.rstrip(os.sep)}.partial", f"{path.rstrip(os.sep)}.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(partial, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,8 +13,15 @@ from torchmetrics import MeanMetric
 from lit_rlhf.models import GenerationOutput, load_tokenizer
 from lit_rlhf.modules.outputs import export_directory, run_directory
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
-from lit_rlhf.modules.ppo_setup import build_models, check_ppo_settings, critic_path
-from lit_rlhf.modules.ppo_step import ppo_micro_step, step_optimizer
+from lit_rlhf.modules.ppo_setup import (
+    build_models,
+    check_ppo_settings,
+    check_prompt_lengths,
+    check_tokenizers,
+    check_writable,
+    critic_path,
+)
+from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
 from lit_rlhf.modules.schedule import cosine_with_warmup, make_optimizer
 from lit_rlhf.rewards import (
     RewardBatch,
@@ -45,6 +52,7 @@ from lit_rlhf.settings import (
 log = logging.getLogger(__name__)
 
 ACTOR_LR, CRITIC_LR = 1e-6, 1e-5
+REWARD_SCALE_WARNING = 100.0  # |score| above which a run without normalisation or clipping is warned, once
 
 
 class PPOModule(L.LightningModule):
@@ -108,7 +116,9 @@ class PPOModule(L.LightningModule):
         save_settings(self, self._plain_settings())
         self.val_generation = self.generation.for_validation()
         self.kl_controller = make_kl_controller(self.kl)
-        self.tokenizer = load_tokenizer(self.models.actor_path)
+        self.guard = DivergenceGuard(self.optim.max_nonfinite_steps)
+        self.reward_scale_warned = False
+        self.tokenizer = load_tokenizer(self.models.actor_path, trust_remote_code=self.models.trust_remote_code)
         size = self.rollout.rollout_batch_size * self.generation.n_samples_per_prompt
         self.buffer = ExperienceBuffer(size, self.algorithm.mini_batch_size, self.algorithm.ppo_epochs)
         self.critic_path = critic_path(self.models, self.rewards)
@@ -136,8 +146,18 @@ class PPOModule(L.LightningModule):
         return type(self).compute_reward is not PPOModule.compute_reward
 
     def setup(self, stage: str) -> None:
-        """Find the run directory (on every rank) and log every optimizer step."""
+        """Find the run directory (on every rank), check what can be checked before any model loads,
+        and log every optimizer step.
+        """
         self.run_dir = run_directory(self.trainer)
+        if stage == "fit":
+            outputs = {"export_dir": export_directory(self.export_dir, self.run_dir)}
+            for callback in self.trainer.checkpoint_callbacks:
+                outputs["the checkpoint directory"] = getattr(callback, "dirpath", None) or self.run_dir
+            check_writable(outputs)
+        uses_critic = self.algorithm.uses_critic
+        check_tokenizers(self.models, self.tokenizer, self.critic_path if uses_critic else None)
+        check_prompt_lengths(self.trainer.datamodule, self.models, self.generation.max_new_tokens)
         if self.trainer.log_every_n_steps != 1:
             # a PPO optimizer step is expensive and rare: each one's metrics are worth a line
             log.info("PPO logs every optimizer step: trainer.log_every_n_steps %d -> 1", self.trainer.log_every_n_steps)
@@ -207,6 +227,7 @@ class PPOModule(L.LightningModule):
             raw = to_scores(out, name, batch, self.device)
         else:
             raw = self.reward_sum(batch)
+        self.watch_reward_scale(raw)
         scores = raw
         if self.algorithm.missing_eos_penalty is not None:
             has_eos = ends_with_eos(gen.sequences, gen.action_mask, self.actor.eos_token_ids)
@@ -214,6 +235,20 @@ class PPOModule(L.LightningModule):
         if self.algorithm.reward_clip is not None:
             scores = scores.clamp(-self.algorithm.reward_clip, self.algorithm.reward_clip)
         return Scores(scores, {"score": raw, **self.component_scores})
+
+    def watch_reward_scale(self, scores: Tensor) -> None:
+        """Warn once when scores are large enough to swamp the critic (its loss grows with their square)."""
+        if self.reward_scale_warned or self.algorithm.reward_clip is not None:
+            return
+        largest = float(scores.abs().max())
+        if largest > REWARD_SCALE_WARNING:
+            self.reward_scale_warned = True
+            log.warning(
+                "reward scores reach %.3g in magnitude (reward/score): the critic's value loss grows with their square "
+                "and PPO's KL penalty is dwarfed. Normalise them (RewardModel(normalize=true), or scale your "
+                "function) or set algorithm.reward_clip.",
+                largest,
+            )
 
     def decode_responses(self, gen: GenerationOutput) -> list[str]:
         """Response texts (special tokens dropped; each ends at its first EOS)."""
@@ -248,7 +283,7 @@ class PPOModule(L.LightningModule):
         self.buffer.set_epoch(lambda: self.current_epoch)
         return DataLoader(self.buffer, batch_size=None)
 
-    def training_step(self, indices: Tensor) -> None:
+    def training_step(self, indices: Tensor, batch_idx: int) -> None:
         batch = self.buffer.get(indices)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -271,15 +306,29 @@ class PPOModule(L.LightningModule):
             self.manual_backward(loss * tokens / mean_tokens)
             for key, value in micro_stats.items():
                 stats[key] = stats.get(key, 0.0) + value * tokens / local_tokens
-        stats["policy/grad_norm"] = step_optimizer(optimizers[0], self.actor, self.optim.actor.max_grad_norm)
-        if self.critic is not None:
-            stats["critic/grad_norm"] = step_optimizer(optimizers[1], self.critic, self.optim.critic.max_grad_norm)
-        schedulers = self.lr_schedulers()
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        for name, scheduler in zip(("policy", "critic"), schedulers, strict=False):
-            stats[f"{name}/lr"] = torch.tensor(scheduler.get_last_lr()[0])
-            scheduler.step()
+        self.update(optimizers, stats, f"rollout {self.current_epoch}, mini-batch {batch_idx}")
         self.log_dict(stats, on_step=True, on_epoch=False)
+
+    def update(self, optimizers: list, stats: dict[str, Tensor], where: str) -> None:
+        """Clip and step the actor's (and critic's) optimizer and schedule, unless the divergence guard skips."""
+        parts = [("policy", self.actor, self.optim.actor)]
+        if self.critic is not None:
+            parts.append(("critic", self.critic, self.optim.critic))
+        for name, model, _ in parts:
+            stats[f"{name}/grad_norm"] = grad_norm(model)  # before clipping
+        checked = {k: v for k, v in stats.items() if k.endswith(("/loss", "/grad_norm"))}
+        reduce_sum = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")  # noqa: E731
+        if self.guard.allows(checked, where, last_checkpoint(self.trainer), reduce_sum):
+            schedulers = self.lr_schedulers()
+            schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+            for (name, model, settings), optimizer, scheduler in zip(parts, optimizers, schedulers, strict=True):
+                step_optimizer(optimizer, model, settings.max_grad_norm, stats[f"{name}/grad_norm"])
+                stats[f"{name}/lr"] = torch.tensor(scheduler.get_last_lr()[0])
+                scheduler.step()
+        else:  # drop the gradients: weights, optimizer state and schedule stay as they were
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        stats["policy/skipped_steps"] = torch.tensor(float(self.guard.skipped))
 
     # --- validation ---------------------------------------------------------------------------
 

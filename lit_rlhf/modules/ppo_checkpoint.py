@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.models import Actor, ValueModel
 from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_model
+from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.rewards import RewardModel
 
 FROZEN_PREFIXES = ("reference.", "rewards.")
@@ -51,10 +54,15 @@ def save_extras(module, checkpoint: dict) -> None:
     for logger in module.loggers:
         if isinstance(logger, WandbLogger):
             checkpoint["wandb_run_id"] = logger.experiment.id
+    add_digest(checkpoint)
 
 
 def load_extras(module, checkpoint: dict) -> None:
-    """Put the freshly loaded frozen weights back into the checkpoint's state dict, restore the rest."""
+    """Check the checkpoint's digest, put the freshly loaded frozen weights back into its state dict,
+    restore the rest.
+    """
+    trainer = module._trainer
+    verify_digest(checkpoint, getattr(trainer, "ckpt_path", None) if trainer is not None else None)
     state = checkpoint.get("state_dict")
     if isinstance(state, dict) and not is_sharded(module.actor.model):
         for key, value in module.state_dict().items():
@@ -94,17 +102,18 @@ def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, 
     """
     trainer = module._trainer
     writer = trainer is None or trainer.is_global_zero
-    paths = {}
     parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.critic is not None else [])
-    for name, wrapper in parts:
-        state = full_state_dict(wrapper.model)
-        paths[name] = f"{directory}/{name}"
-        if not writer:
-            continue
-        if is_sharded(wrapper.model):
-            wrapper = _unsharded_copy(module, name, wrapper, state)
-        wrapper.save_pretrained(paths[name], merge_lora=merge_lora, tokenizer=module.tokenizer)
-    return paths
+    # written whole or not at all: a failed export leaves a previous one in ``directory`` as it was
+    target = replaced_directory(directory) if writer else contextlib.nullcontext(directory)
+    with target as partial:
+        for name, wrapper in parts:
+            state = full_state_dict(wrapper.model)  # collective under FSDP2: every rank takes part
+            if not writer:
+                continue
+            if is_sharded(wrapper.model):
+                wrapper = _unsharded_copy(module, name, wrapper, state)
+            wrapper.save_pretrained(f"{partial}/{name}", merge_lora=merge_lora, tokenizer=module.tokenizer)
+    return {name: f"{directory}/{name}" for name, _ in parts}
 
 
 def _unsharded_copy(module, name: str, sharded, state: dict):
@@ -112,7 +121,7 @@ def _unsharded_copy(module, name: str, sharded, state: dict):
     if name == "actor":
         copy = Actor.from_pretrained(module.models.actor_path, module.tokenizer, module.models)
     else:
-        copy = ValueModel.from_pretrained(module.critic_path, module.models)
+        copy = ValueModel.from_pretrained(module.critic_path, module.models, new_head_ok=True)  # weights loaded below
         copy.set_normalization(sharded.reward_mean.item(), sharded.reward_std.item())
     copy.model.load_state_dict(state)
     return copy

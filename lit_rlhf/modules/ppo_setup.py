@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.models import Actor, ValueModel
+from lit_rlhf.models import Actor, ValueModel, load_tokenizer
 from lit_rlhf.rewards import RewardComponent, RewardModel
 from lit_rlhf.rewards.model import freeze
 from lit_rlhf.settings import (
@@ -75,15 +76,80 @@ def critic_path(models: PPOModelSettings, rewards: Sequence[RewardComponent]) ->
     return reward_models[0] if reward_models else models.actor_path
 
 
+CRITIC_FIX = (
+    ": set models.critic_path to a reward model (a *ForSequenceClassification checkpoint with the actor's "
+    "tokenizer), or models.new_value_head: true to start the critic's value head at random"
+)
+
+
 def build_models(
     models: PPOModelSettings, tokenizer: PreTrainedTokenizerBase, uses_critic: bool, critic_source: str
 ) -> PolicyModels:
-    """Load the actor, the critic (from ``critic_source``) and the frozen reference."""
-    actor = Actor.from_pretrained(models.actor_path, tokenizer, models)
+    """Load the actor, the critic (from ``critic_source``) and the frozen reference; check their heads."""
+    actor = Actor.from_pretrained(models.actor_path, tokenizer, models, role="models.actor_path")
     reference = None
     if models.reference_path is not None or not models.lora.enabled:
-        reference = freeze(
-            Actor.from_pretrained(models.reference_path or models.actor_path, tokenizer, models.frozen())
-        )
-    critic = ValueModel.from_pretrained(critic_source, models) if uses_critic else None
+        path, role = models.reference_path, "models.reference_path"
+        if path is None:
+            path, role = models.actor_path, "the reference (models.actor_path)"
+        reference = freeze(Actor.from_pretrained(path, tokenizer, models.frozen(), role=role, frozen=True))
+    critic = None
+    if uses_critic:
+        role = "models.critic_path" if models.critic_path else "the critic's starting point"
+        critic = ValueModel.from_pretrained(critic_source, models, role, models.new_value_head, fix=CRITIC_FIX)
     return PolicyModels(actor, critic, reference)
+
+
+def check_writable(paths: dict[str, str]) -> None:
+    """Each output directory can be written (its nearest existing parent is writable), before training.
+
+    Raises:
+        PermissionError: naming the setting and the directory.
+    """
+    for setting, path in paths.items():
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"{setting} {path!r} cannot be written ({existing!r} is not a writable directory); choose another"
+            )
+
+
+def check_tokenizers(models: PPOModelSettings, tokenizer: PreTrainedTokenizerBase, critic_source: str | None) -> None:
+    """The critic and the reference read the actor's token ids: their tokenizers must be the actor's."""
+    roles = {"the reference (models.reference_path)": models.reference_path, "the critic": critic_source}
+    for role, path in roles.items():
+        if path is None or path == models.actor_path:
+            continue
+        other = load_tokenizer(path, trust_remote_code=models.trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            fix = (
+                CRITIC_FIX
+                if role == "the critic"
+                else ": the reference must be a policy with the actor's tokenizer (or leave it null)"
+            )
+            raise ValueError(
+                f"{role} would start from {path!r}, whose tokenizer differs from the actor's ({len(other)} vs "
+                f"{len(tokenizer)} tokens), so it would read the actor's token ids as another vocabulary{fix}"
+            )
+
+
+def check_prompt_lengths(datamodule, models: PPOModelSettings, max_new_tokens: int) -> None:
+    """Prompts (after ``max_prompt_len``) plus ``max_new_tokens`` must fit the actor's position range."""
+    from transformers import AutoConfig
+
+    records = [*getattr(datamodule, "train_prompts", []), *getattr(datamodule, "val_prompts", [])]
+    if not records or not hasattr(records[0], "ids"):
+        return
+    config = AutoConfig.from_pretrained(models.actor_path, trust_remote_code=models.trust_remote_code)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = datamodule.hparams.max_prompt_len
+    longest = min(max(len(r.ids) for r in records), limit)
+    if positions and longest + max_new_tokens > positions:
+        raise ValueError(
+            f"prompts of up to {longest} tokens (data.max_prompt_len={limit}) plus generation.max_new_tokens="
+            f"{max_new_tokens} exceed the actor's position range ({positions}, models.actor_path config): set "
+            f"data.max_prompt_len <= {positions - max_new_tokens} (longer prompts are then left-truncated and "
+            "counted in rollout/prompts_truncated) or lower generation.max_new_tokens"
+        )

@@ -7,6 +7,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import ValueModel, load_tokenizer
+from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.modules.single import SingleModelModule
 from lit_rlhf.settings import ModelSettings, OptimizerSettings
 
@@ -47,7 +48,8 @@ class RewardModelModule(SingleModelModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = ValueModel.from_pretrained(self.models.path, self.models).train()
+            # training a reward model from an SFT policy starts its score head at random: that is the job
+            self.model = ValueModel.from_pretrained(self.models.path, self.models, "models.path", True).train()
             self.trained = self.model
 
     def scores(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -79,6 +81,7 @@ class RewardModelModule(SingleModelModule):
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         """Write the reward model (with its score statistics) and tokenizer in Hugging Face format."""
         self.tokenizer.padding_side = "left"
-        self.model.save_pretrained(directory, merge_lora=merge_lora, tokenizer=self.tokenizer)
+        with replaced_directory(directory) as partial:  # whole or not at all
+            self.model.save_pretrained(partial, merge_lora=merge_lora, tokenizer=self.tokenizer)
         self.tokenizer.padding_side = "right"
         return {"reward": directory}

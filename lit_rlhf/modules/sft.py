@@ -7,6 +7,7 @@ from torch import Tensor
 
 from lit_rlhf.data.sft import IGNORE_INDEX
 from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.modules.single import SingleModelModule
 from lit_rlhf.settings import ModelSettings, OptimizerSettings
 
@@ -33,7 +34,9 @@ class SFTModule(SingleModelModule):
 
     def configure_model(self) -> None:
         if self.actor is None:
-            self.actor = Actor.from_pretrained(self.models.path, self.tokenizer, self.models).train()
+            self.actor = Actor.from_pretrained(
+                self.models.path, self.tokenizer, self.models, role="models.path"
+            ).train()
             self.trained = self.actor
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -60,6 +63,7 @@ class SFTModule(SingleModelModule):
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         """Write the fine-tuned model (LoRA merged unless ``merge_lora=False``) with its tokenizer."""
         self.tokenizer.padding_side = "left"
-        self.actor.save_pretrained(directory, merge_lora=merge_lora, tokenizer=self.tokenizer)
+        with replaced_directory(directory) as partial:  # whole or not at all
+            self.actor.save_pretrained(partial, merge_lora=merge_lora, tokenizer=self.tokenizer)
         self.tokenizer.padding_side = "right"
         return {"actor": directory}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.modules.outputs import export_directory, run_directory
 from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
 from lit_rlhf.settings import ModelSettings, OptimizerSettings, as_group, save_settings, to_plain
@@ -56,6 +57,12 @@ class SingleModelModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.optim.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        add_digest(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify_digest(checkpoint, self.trainer.ckpt_path if self._trainer is not None else None)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

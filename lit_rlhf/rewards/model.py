@@ -73,7 +73,11 @@ class RewardModel(RewardComponent):
         return "reward_model"
 
     def setup(self, tokenizer, load: LoadSettings) -> None:
-        self.model = freeze(ValueModel.from_pretrained(self.path, load.frozen()))
+        fix = (
+            ": a reward model is a *ForSequenceClassification checkpoint with a trained score head (RewardModelModule)"
+        )
+        role = f"reward model {self.name}"
+        self.model = freeze(ValueModel.from_pretrained(self.path, load.frozen(), role, frozen=True, fix=fix))
         self.tokenizer = load_tokenizer(self.path, padding_side="right")
         self.shares_tokenizer = tokenizer is not None and self.tokenizer.get_vocab() == tokenizer.get_vocab()
         eos = self.tokenizer.eos_token_id

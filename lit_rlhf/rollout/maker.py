@@ -174,6 +174,9 @@ def make_experience(
             values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro, tick)
         else:
             values = torch.zeros_like(old_log_probs)
+        check_finite(
+            rollout_id, gen.action_mask, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values
+        )
         # 4.
         scores, reward_parts = score_fn(gen, texts, columns)
         tick()
@@ -204,6 +207,21 @@ def make_experience(
         "generated_tokens": float(gen.action_mask.sum()),
     }
     return Rollout(experience, reward_parts, timing)
+
+
+def check_finite(rollout_id: int, action_mask: Tensor, **tensors: Tensor) -> None:
+    """Stop before training on non-finite log-probs or values (one host sync for all of them).
+
+    Raises:
+        FloatingPointError: naming the tensor and the rollout.
+    """
+    finite = torch.stack([torch.where(action_mask, t, 0.0).isfinite().all() for t in tensors.values()])
+    if not bool(finite.all()):
+        name = next(n for n, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
+        raise FloatingPointError(
+            f"rollout {rollout_id}: the {name} of the sampled responses are not finite, so the model that made "
+            "them has non-finite weights (did training diverge?); nothing was trained on them"
+        )
 
 
 def ends_with_eos(sequences: Tensor, action_mask: Tensor, eos_token_ids: Tensor) -> Tensor:

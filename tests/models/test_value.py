@@ -49,10 +49,12 @@ def test_normalisation_and_round_trip(critic, tmp_path, tokenizer):
         critic.set_normalization(0.0, 0.0)
 
 
-def test_causal_lm_checkpoint_gets_a_new_head_and_keeps_backbone(tiny_paths):
+def test_causal_lm_checkpoint_gets_a_new_head_only_when_asked_and_keeps_backbone(tiny_paths):
     from transformers import AutoModelForCausalLM
 
-    critic = ValueModel.from_pretrained(tiny_paths["policy"])
+    with pytest.raises(ValueError, match="critic '.*policy' is a LlamaForCausalLM without the 'score' head"):
+        ValueModel.from_pretrained(tiny_paths["policy"], role="critic")
+    critic = ValueModel.from_pretrained(tiny_paths["policy"], new_head_ok=True)
     lm = AutoModelForCausalLM.from_pretrained(tiny_paths["policy"])
     torch.testing.assert_close(critic.model.model.embed_tokens.weight, lm.model.embed_tokens.weight)
     assert critic.model.score.weight.shape == (1, lm.config.hidden_size)

@@ -64,14 +64,14 @@ def test_first_mini_batch_ratio_is_exactly_one(make, tmp_path):
     seen = {}
 
     class Check(SevensPPO):
-        def training_step(self, indices):
+        def training_step(self, indices, batch_idx):
             if not seen:
                 batch = self.buffer.get(indices)
                 log_probs = self.actor(batch.sequences, batch.attention_mask, batch.num_actions, 1.0)
                 seen["max_diff"] = (log_probs - batch.old_log_probs)[batch.action_mask].abs().max().item()
                 critic_values = self.critic(batch.sequences, batch.attention_mask, batch.num_actions)
                 seen["value_diff"] = (critic_values - batch.values)[batch.action_mask].abs().max().item()
-            return super().training_step(indices)
+            return super().training_step(indices, batch_idx)
 
     fit(tmp_path, make(Check), 1)
     assert seen["max_diff"] < 1e-5 and seen["value_diff"] < 1e-5

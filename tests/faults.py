@@ -1,0 +1,41 @@
+"""Faults for the reliability tests, injected into real runs (``--trainer.callbacks`` in subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process at the start of mini-batch ``batch`` of epoch ``epoch`` (a preempted job)."""
+
+    def __init__(self, epoch: int, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillDuringSave(L.Callback):
+    """SIGKILL this process half-way through writing checkpoint number ``save`` (1-based)."""
+
+    def __init__(self, save: int = 2) -> None:
+        self.save = save
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import lit_rlhf.checkpoints as checkpoints
+
+        original, count = checkpoints.torch.save, [0]
+
+        def save(obj, f, *args, **kwargs):
+            count[0] += 1
+            if count[0] == self.save:
+                f.write(b"PK\x03\x04 half a checkpoint")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(obj, f, *args, **kwargs)
+
+        checkpoints.torch.save = save
