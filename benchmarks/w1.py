@@ -16,11 +16,9 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,84 +27,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lit_rlhf import PPOModule, PromptDataModule  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: lit_rlhf and benchmarks
+from benchmarks.common import (  # noqa: E402
+    TIMED,
+    WARMUP,
+    DigitFractionPPO,
+    IterationTimer,
+    TokenPrompts,
+    cpu_trainer,
+    matmul_gflops,
+    model_folders,
+)
+from lit_rlhf import PPOModule  # noqa: E402
 from lit_rlhf.rewards import RewardModel  # noqa: E402
-
-WARMUP, TIMED = 1, 5
-
-
-class TokenPrompts(PromptDataModule):
-    """W1's prompts are token ids already (24 each, no padding): serve them as they are."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.ids: list[list[int]] = []
-
-    def setup(self, stage: str) -> None:
-        with open(self.hparams.path) as f:
-            self.ids = [json.loads(line)["input_ids"] for line in f]
-        self.train_prompts = [str(i) for i in range(len(self.ids))]
-
-    def rollout_prompts(self, rollout: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
-        start = (rollout * batch_size * world_size + rank * batch_size) % (len(self.ids) - batch_size + 1)
-        input_ids = torch.tensor(self.ids[start : start + batch_size])
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "num_truncated": torch.tensor(0),
-            "prompts": [""] * batch_size,  # the rewards here read responses only
-            "columns": {},
-        }
-
-    def val_dataloader(self):
-        return []
-
-
-class DigitFractionPPO(PPOModule):
-    """W1-GRPO's rule-based reward: the share of digit characters in each response (no reward model)."""
-
-    def compute_reward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return torch.tensor([sum(c.isdigit() for c in r) / max(1, len(r)) for r in responses])
-
-
-class IterationTimer(L.Callback):
-    """Wall time of each epoch (= one W1 iteration) and its split into phases."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.phases: list[dict[str, float]] = []
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        total = time.perf_counter() - self.start
-        timing = next(c for c in trainer.callbacks if hasattr(c, "last_timing")).last_timing
-        rollout = timing["generation_s"] + timing["scoring_s"] + timing["advantages_s"]
-        self.seconds.append(total)
-        self.phases.append(
-            {
-                "1_generation": timing["generation_s"],
-                "2_scoring": timing["scoring_s"],
-                "3_advantages": timing["advantages_s"],
-                "4_training": total - rollout,
-            }
-        )
-
-
-def matmul_gflops(n: int = 2048, reps: int = 7) -> dict:
-    """fp32 n^3 matmul rate now (median and best of ``reps``): the machine's speed for this run."""
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(2):
-        torch.matmul(a, b, out=c)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        times.append(time.perf_counter() - start)
-    flop = 2 * n**3 / 1e9
-    return {"median": round(flop / statistics.median(times), 1), "best": round(flop / min(times), 1)}
 
 
 def flops_per_iteration(config, rows: int, prompt_len: int, response_len: int, critic: bool) -> dict:
@@ -138,14 +71,10 @@ def flops_per_iteration(config, rows: int, prompt_len: int, response_len: int, c
 
 
 def build_module(assets: Path, workdir: Path, variant: str, prompts: int, response_len: int) -> PPOModule:
-    # lit_rlhf loads a tokenizer beside each model: give the policy and reward dirs W1's tokenizer
-    for name in ("policy", "reward"):
-        shutil.copytree(assets / name, workdir / name)
-        for f in (assets / "tokenizer").iterdir():
-            shutil.copy(f, workdir / name / f.name)
+    paths = model_folders(assets, workdir)
     group = 4 if variant == "grpo" else 1
     settings = dict(
-        models={"actor_path": str(workdir / "policy")},
+        models={"actor_path": paths["policy"]},
         generation={
             "max_new_tokens": response_len,
             "temperature": 1.0,
@@ -173,7 +102,7 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
     )
     if variant == "grpo":
         return DigitFractionPPO(**settings, kl={"penalty": "loss", "estimator": "k3", "coef": 0.05})
-    rewards = [RewardModel(str(workdir / "reward"), micro_batch_size=prompts)]
+    rewards = [RewardModel(paths["reward"], micro_batch_size=prompts)]
     return PPOModule(**settings, rewards=rewards, kl={"estimator": "k1", "coef": 0.05})
 
 
@@ -196,18 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         module = build_module(args.assets, Path(tmp), args.variant, args.prompts, args.response_len)
         timer = IterationTimer()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=WARMUP + TIMED,
-            callbacks=[timer],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
+        trainer = cpu_trainer(WARMUP + TIMED, [timer])
         trainer.fit(module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl")))
         config = module.actor.model.config
     matmul_after = matmul_gflops()

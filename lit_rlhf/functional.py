@@ -185,12 +185,15 @@ def policy_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    importance_weights: Tensor | None = None,
 ) -> Tensor:
     """PPO clipped surrogate loss, token mean over ``mask``.
 
     ``ratio = exp(log_probs - old_log_probs)``; loss per token
     ``max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)))``, and with
     ``dual_clip = c > 1`` the loss of tokens with ``A < 0`` is additionally capped at ``-c * A``.
+    ``importance_weights`` (``[B, T]``, e.g. :func:`truncated_importance_weights`) multiply each
+    token's loss before the mean.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
@@ -201,7 +204,22 @@ def policy_loss(
     losses = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         losses = torch.where(advantages < 0, torch.minimum(losses, -dual_clip * advantages), losses)
+    if importance_weights is not None:
+        losses = losses * importance_weights
     return masked_mean(losses, mask)
+
+
+def truncated_importance_weights(old_log_probs: Tensor, rollout_log_probs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) weights ``[B, T]``: ``min(exp(old - rollout), cap)``, no gradient.
+
+    When an engine samples with kernels that differ slightly from the trainer's, the tokens come
+    from the engine's policy (``rollout_log_probs``) while PPO's ratio is against the trainer's
+    (``old_log_probs``); weighting each token's loss by this ratio, truncated at ``cap``, corrects
+    the mismatch with bounded variance.
+    """
+    if cap < 1:
+        raise ValueError(f"TIS cap must be >= 1, got {cap}")
+    return torch.exp(old_log_probs.float() - rollout_log_probs.float()).clamp(max=cap).detach()
 
 
 def clip_fraction(

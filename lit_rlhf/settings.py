@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from lit_rlhf.engines import RolloutEngine
+
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
@@ -196,22 +198,47 @@ class GenerationSettings:
 class RolloutSettings:
     """How a rollout is made (per rank)."""
 
+    engine: Literal["native"] | RolloutEngine = "native"
+    """what generates the responses: ``native`` (the actor's own sampler) or an engine component
+    (``lit_rlhf.rollout.VLLMEngine``), which receives the actor's weights before every rollout."""
     rollout_batch_size: int = 64
     """prompts per rollout on each rank (experiences = this x ``generation.n_samples_per_prompt``)."""
     score_micro_batch_size: int = 16
-    """rows per no-grad scoring forward (old/reference log-probs, values)."""
-    recompute_old_log_probs: bool = False
-    """compute the old log-probs with a separate full forward instead of reusing the sampler's
-    (the same within float tolerance; one more forward pass)."""
+    """rows per no-grad scoring forward (old/reference log-probs, values); rows of similar length go
+    together, so each forward computes little padding."""
+    score_micro_batch_tokens: int | None = None
+    """also cut a scoring micro-batch before its rows x its longest row pass this many tokens
+    (dynamic batching for long-tailed lengths; None = rows only)."""
+    recompute_old_log_probs: bool | None = None
+    """compute the old log-probs with a trainer forward instead of reusing the sampler's (None: only
+    with an engine, whose kernels differ slightly from the trainer's; the native sampler's equal a
+    forward's within float tolerance, so it saves that forward)."""
     gather_for_generation: bool = True
     """under FSDP2, gather the actor's full weights once per rollout for generation (one extra
     full copy of the actor per rank while generating) instead of all-gathering every layer for
     every generated token (slow, but no extra memory)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.engine, Mapping):  # {class_path, init_args}, as in checkpoints
+            engine = import_object(self.engine["class_path"], "rollout.engine")(**self.engine.get("init_args", {}))
+            object.__setattr__(self, "engine", engine)
+        if self.engine != "native" and not isinstance(self.engine, RolloutEngine):
+            raise ValueError(
+                f"rollout.engine must be 'native' or an engine (lit_rlhf.rollout.VLLMEngine), got {self.engine!r}"
+            )
         _check(self.rollout_batch_size >= 1, "rollout", "rollout_batch_size", self.rollout_batch_size, ">= 1")
         size = self.score_micro_batch_size
         _check(size >= 1, "rollout", "score_micro_batch_size", size, ">= 1")
+        if self.score_micro_batch_tokens is not None:
+            tokens = self.score_micro_batch_tokens
+            _check(tokens >= 1, "rollout", "score_micro_batch_tokens", tokens, ">= 1 (or null)")
+
+    @property
+    def recomputes_old_log_probs(self) -> bool:
+        """``recompute_old_log_probs`` resolved: by default only with an engine."""
+        if self.recompute_old_log_probs is None:
+            return self.engine != "native"
+        return self.recompute_old_log_probs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,13 +267,22 @@ class AlgorithmSettings:
     mini_batch_size: int = 64
     """experiences per optimizer step (on each rank)."""
     micro_batch_size: int = 16
-    """experiences per forward/backward; gradients accumulate to a mini-batch (token mean over it)."""
+    """experiences per forward/backward; gradients accumulate to a mini-batch (token mean over it).
+    Rows of similar length go together, so each forward computes little padding."""
+    micro_batch_tokens: int | None = None
+    """also cut a micro-batch before its rows x its longest row pass this many tokens (dynamic
+    batching; the loss stays the token mean over the whole mini-batch; None = rows only)."""
     ppo_epochs: int = 1
     """passes over each rollout's experiences."""
     missing_eos_penalty: float | None = None
     """subtracted from the score of responses cut at ``max_new_tokens`` (None = off)."""
     reward_clip: float | None = None
     """clamp scores to [-reward_clip, reward_clip] after the penalty (None = off)."""
+    rollout_correction: Literal["none", "tis"] = "none"
+    """``tis``: weight each token's policy loss by the truncated importance ratio between the trainer's
+    old log-probs and the rollout engine's (corrects their small mismatch; needs recomputed old log-probs)."""
+    rollout_correction_cap: float = 2.0
+    """the TIS truncation: weights are at most this (>= 1)."""
 
     def __post_init__(self) -> None:
         valid = ("gae", *CRITIC_FREE)
@@ -263,6 +299,8 @@ class AlgorithmSettings:
         _check(self.entropy_coef >= 0, "algorithm", "entropy_coef", self.entropy_coef, ">= 0")
         for name in ("mini_batch_size", "micro_batch_size", "ppo_epochs"):
             _check(getattr(self, name) >= 1, "algorithm", name, getattr(self, name), ">= 1")
+        if self.micro_batch_tokens is not None:
+            _check(self.micro_batch_tokens >= 1, "algorithm", "micro_batch_tokens", self.micro_batch_tokens, ">= 1")
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"algorithm.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
@@ -272,6 +310,9 @@ class AlgorithmSettings:
             _check(self.missing_eos_penalty >= 0, "algorithm", "missing_eos_penalty", self.missing_eos_penalty, ">= 0")
         if self.reward_clip is not None:
             _check(self.reward_clip > 0, "algorithm", "reward_clip", self.reward_clip, "> 0")
+        _choice(self.rollout_correction, ("none", "tis"), "algorithm", "rollout_correction")
+        cap = self.rollout_correction_cap
+        _check(cap >= 1, "algorithm", "rollout_correction_cap", cap, ">= 1")
         if self.advantage_estimator == "grpo" and self.whiten_advantages:
             raise ValueError(
                 "algorithm.advantage_estimator='grpo' is already normalised per group; "
@@ -396,6 +437,8 @@ def to_plain(group: Any) -> Any:
         return [to_plain(v) for v in group]
     if group is None or isinstance(group, bool | int | float | str):
         return group
+    if isinstance(group, RolloutEngine):
+        return group.to_config()
     return _callable_config(group)
 
 

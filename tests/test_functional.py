@@ -214,6 +214,26 @@ def test_policy_loss_masked_positions_change_nothing():
     close(F.policy_loss(lp2, old, adv, mask), base)
 
 
+def test_truncated_importance_weights_and_weighted_policy_loss_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    rollout = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
+    # exp(old - rollout) = 0.5/0.25 = 2, 0.2/0.4 = 0.5, 0.9/0.1 = 9 -> capped at 3
+    weights = F.truncated_importance_weights(old, rollout, cap=3.0)
+    close(weights, torch.tensor([[2.0, 0.5, 3.0]]))
+    assert not weights.requires_grad
+    # the same ratios against A = +1 as test_policy_loss_every_branch: per token -0.5, -1, -1.2
+    log_probs = old + torch.log(torch.tensor([[0.5, 1.0, 1.5]]))
+    mask = torch.ones(1, 3)
+    adv = torch.ones(1, 3)
+    expected = (2.0 * -0.5 + 0.5 * -1.0 + 3.0 * -1.2) / 3
+    close(F.policy_loss(log_probs, old, adv, mask, 0.2, importance_weights=weights), torch.tensor(expected))
+    # weights of 1 change nothing; a cap below 1 is refused
+    plain = F.policy_loss(log_probs, old, adv, mask, 0.2)
+    close(F.policy_loss(log_probs, old, adv, mask, 0.2, importance_weights=torch.ones(1, 3)), plain)
+    with pytest.raises(ValueError, match="cap"):
+        F.truncated_importance_weights(old, rollout, cap=0.5)
+
+
 def test_policy_loss_rejects_dual_clip_below_one():
     with pytest.raises(ValueError, match="dual_clip"):
         F.policy_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), dual_clip=0.9)

@@ -53,8 +53,14 @@ def action_mask_from_responses(responses: Tensor, eos_token_ids: Tensor) -> Tens
     return eos_before == 0
 
 
-def sample_tokens(logits: Tensor, settings: GenerationSettings, generator: torch.Generator | None = None) -> Tensor:
-    """Draw one token per row from ``logits [B, V]`` (temperature, then top-k, then top-p)."""
+def sample_tokens(logits: Tensor, settings: GenerationSettings, uniform: Tensor) -> Tensor:
+    """Draw one token per row from ``logits [B, V]`` (suppression, temperature, top-k, top-p).
+
+    Inverse-CDF sampling with one uniform number per row (``uniform [B]`` in [0, 1)): a row's token
+    depends only on its own logits and its own number, so dropping finished rows from the batch
+    (see ``Actor.generate``) never changes what the other rows sample. The distribution is exactly
+    the filtered softmax; tokens of probability 0 are never drawn.
+    """
     if settings.suppress_token_ids:
         logits = logits.index_fill(-1, logits.new_tensor(settings.suppress_token_ids, dtype=torch.long), float("-inf"))
     if settings.temperature == 0:
@@ -69,7 +75,33 @@ def sample_tokens(logits: Tensor, settings: GenerationSettings, generator: torch
         drop_sorted = cumulative <= 1 - settings.top_p
         drop_sorted[:, -1] = False
         scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), num_samples=1, generator=generator).squeeze(1)
+    cdf = scores.softmax(-1).cumsum(-1)
+    # the first token whose cumulative probability exceeds u: right=True skips zero-probability tokens
+    chosen = torch.searchsorted(cdf, (uniform.unsqueeze(1) * cdf[:, -1:]).contiguous(), right=True).squeeze(1)
+    return chosen.clamp_max(cdf.shape[-1] - 1)
+
+
+RESPONSE_ROOM = 32  # response tokens a generation's KV cache has room for at first (it doubles when full)
+
+
+def grow(cache: StaticCache, length: int) -> None:
+    """Give every layer of a static KV cache room for ``length`` positions (the filled ones are kept)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(*old.shape[:2], length, old.shape[-1])
+                new[:, :, : old.shape[2]] = old
+                setattr(layer, name, new)
+        layer.max_cache_len = length
+
+
+def select_rows(cache: StaticCache, rows: Tensor) -> None:
+    """Keep only ``rows`` of every layer of a static KV cache (the batch shrinks in place)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            layer.batch_size = len(rows)
 
 
 class Actor(nn.Module):
@@ -142,23 +174,31 @@ class Actor(nn.Module):
         settings: GenerationSettings,
         generator: torch.Generator | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        compact: bool = True,
     ) -> GenerationOutput:
         """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache.
 
+        Finished rows stop costing decoding work: once a quarter of the rows still decoding have
+        produced an EOS, they are dropped from the batch and from the KV cache (``compact``; only
+        when decoding stops at EOS). Sampling draws one uniform number per row and step for the
+        whole batch, so compaction never changes a row's tokens (see :func:`sample_tokens`).
         ``generator`` (on the model's device) makes sampling independent of the global RNG;
         ``on_token(done, total)`` is told after each decoding step (a progress display).
         """
-        eos_ids, (batch, prompt_len) = self.eos_token_ids, input_ids.shape
-        # a pre-allocated cache: decoding writes into it instead of concatenating K/V every step
-        cache = StaticCache(config=self.model.config, max_cache_len=prompt_len + settings.max_new_tokens)
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, settings.max_new_tokens)], dim=1)
+        eos_ids, (batch, prompt_len), device = self.eos_token_ids, input_ids.shape, input_ids.device
+        max_new = settings.max_new_tokens
+        # a pre-allocated cache, written in place; it starts with room for a short response and
+        # doubles when full, so attention never runs over a mostly empty cache
+        room = min(max_new, RESPONSE_ROOM)
+        cache = StaticCache(config=self.model.config, max_cache_len=prompt_len + room)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, max_new)], dim=1)
         positions = position_ids_from_mask(attention_mask)
         logits = self.model(
             input_ids=input_ids,
             attention_mask=mask[:, :prompt_len],
             position_ids=positions,
             past_key_values=cache,
-            cache_position=torch.arange(prompt_len, device=input_ids.device),
+            cache_position=torch.arange(prompt_len, device=device),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -167,36 +207,49 @@ class Actor(nn.Module):
                 "the policy's next-token logits are not finite before sampling: its weights are not finite "
                 "(did training diverge? resume from an earlier checkpoint with a lower learning rate)"
             )
+        responses = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        log_probs = torch.zeros(batch, max_new, device=device)
+        active = torch.arange(batch, device=device)  # the rows still decoding, as indices into the batch
         next_position = positions[:, -1:] + 1
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens, log_probs = [], []
-        for step in range(settings.max_new_tokens):
-            token = sample_tokens(logits, settings, generator)
-            token = torch.where(finished, self.pad_token_id, token)
-            tokens.append(token)
-            log_probs.append(log_probs_from_logits(logits, token, settings.scoring_temperature))
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        steps = max_new
+        for step in range(max_new):
+            uniform = torch.rand(batch, generator=generator, device=device)[active]  # the whole batch's draw
+            token = torch.where(finished, self.pad_token_id, sample_tokens(logits, settings, uniform))
+            responses[active, step] = token
+            log_probs[active, step] = log_probs_from_logits(logits, token, settings.scoring_temperature)
             finished = finished | torch.isin(token, eos_ids)
             if on_token is not None:
-                on_token(step + 1, settings.max_new_tokens)
-            if step == settings.max_new_tokens - 1 or (settings.stop_at_eos and bool(finished.all())):
+                on_token(step + 1, max_new)
+            done = int(finished.sum()) if settings.stop_at_eos else 0  # one host sync per step
+            if step == max_new - 1 or (settings.stop_at_eos and done == len(active)):
+                steps = step + 1
                 break
+            if compact and done and done >= len(active) / 4:
+                keep = (~finished).nonzero().squeeze(1)
+                select_rows(cache, keep)
+                active, mask, next_position = active[keep], mask[keep], next_position[keep]
+                finished, token = finished[keep], token[keep]
             length = prompt_len + step + 1
+            if length == prompt_len + room:
+                room = min(max_new, 2 * room)
+                grow(cache, prompt_len + room)
             logits = self.model(
                 input_ids=token.unsqueeze(1),
                 attention_mask=mask[:, :length],
                 position_ids=next_position,
                 past_key_values=cache,
-                cache_position=torch.tensor([length - 1], device=input_ids.device),
+                cache_position=torch.tensor([length - 1], device=device),
                 use_cache=True,
             ).logits[:, -1]
             next_position = next_position + 1
-        responses = torch.stack(tokens, dim=1)
+        responses = responses[:, :steps]
         action_mask = action_mask_from_responses(responses, eos_ids)
         return GenerationOutput(
             sequences=torch.cat([input_ids, responses], dim=1),
             attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
             action_mask=action_mask,
-            log_probs=torch.stack(log_probs, dim=1),
+            log_probs=log_probs[:, :steps],
         )
 
     def action_logits(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:

@@ -73,3 +73,33 @@ def unpack(values: Tensor, index: Tensor) -> Tensor:
     out = values.new_zeros(*index.shape, *values.shape[1:])
     out[keep] = values
     return out
+
+
+def length_groups(
+    lengths: Tensor, max_rows: int, max_tokens: int | None = None, count: int | None = None
+) -> list[Tensor]:
+    """Row indices in micro-batches of similar length (shortest first), so little padding is computed.
+
+    Rows are sorted by ``lengths``; a group closes at ``max_rows`` rows or, with ``max_tokens``, before
+    its rows x its longest length would pass ``max_tokens`` (a longer row gets a group of its own).
+    With ``count`` (at least the number of groups formed), the largest groups are halved until there
+    are exactly ``count``: under DDP/FSDP every rank must run the same number of forwards.
+    """
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    bounds, start = [], 0
+    for i, length in enumerate(sorted_lengths):
+        size = i - start + 1
+        if i > start and (size > max_rows or (max_tokens is not None and size * length > max_tokens)):
+            bounds.append((start, i))
+            start = i
+    bounds.append((start, len(sorted_lengths)))
+    while count is not None and len(bounds) < count:
+        splittable = [ab for ab in bounds if ab[1] - ab[0] >= 2]
+        if not splittable:  # every group is a single row: as many forwards as rows
+            break
+        a, b = max(splittable, key=lambda ab: (ab[1] - ab[0]) * sorted_lengths[ab[1] - 1])
+        middle = (a + b) // 2
+        at = bounds.index((a, b))
+        bounds[at : at + 1] = [(a, middle), (middle, b)]
+    return [order[a:b] for a, b in bounds]

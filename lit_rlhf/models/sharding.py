@@ -93,3 +93,54 @@ def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int
     Matches the block classes of Llama, Mistral, Qwen, Gemma, Phi and other transformers decoders.
     """
     return recurse or type(module).__name__.endswith(("DecoderLayer", "Block"))
+
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value (an FSDP2 shard is all-gathered: a collective, every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The causal LM's weights under their Hugging Face names, one whole tensor at a time, LoRA merged.
+
+    For pushing a trained policy to an inference engine: a LoRA layer yields ``W + scale * B @ A``
+    under the base layer's name (the model itself is not touched); an FSDP2-sharded weight is
+    gathered when its turn comes and can be freed once the caller has used it, so no second full
+    copy of the model is ever held. Every rank must iterate (the gathers are collectives).
+    """
+    inner = hf_model(model)
+    lora_layers = {name: m for name, m in inner.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    for name, param in inner.named_parameters():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        if ".lora_" in name or "lora_magnitude" in name:
+            continue
+        tensor = _full(param)
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer"):
+            owner = owner[: -len(".base_layer")]
+            layer = lora_layers[owner]
+            if leaf == "weight" and not getattr(layer, "merged", False):
+                tensor = tensor + _lora_delta(layer).to(tensor.dtype)
+            name = f"{owner}.{leaf}"
+        yield name, tensor
+
+
+def _lora_delta(layer: nn.Module) -> torch.Tensor:
+    """``scale * B @ A`` of a peft LoRA linear layer's active adapters (what merging adds to its weight)."""
+    delta = None
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        a, b = _full(layer.lora_A[adapter].weight), _full(layer.lora_B[adapter].weight)
+        update = (b.float() @ a.float()) * layer.scaling[adapter]
+        if getattr(layer, "fan_in_fan_out", False):
+            update = update.T
+        delta = update if delta is None else delta + update
+    return delta if delta is not None else torch.zeros(())

@@ -34,7 +34,7 @@ from lit_rlhf.rewards import (
 )
 from lit_rlhf.rewards.base import as_components
 from lit_rlhf.rollout.callback import RolloutCallback
-from lit_rlhf.rollout.experience import ExperienceBuffer
+from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
 from lit_rlhf.rollout.maker import Scores, ends_with_eos, reference_log_probs
 from lit_rlhf.settings import (
@@ -103,7 +103,9 @@ class PPOModule(L.LightningModule):
         self.kl = as_group(KLSettings, kl)
         self.optim = as_group(PPOOptimSettings, optim)
         self.rewards = nn.ModuleList(as_components(rewards))
-        check_ppo_settings(self.generation, self.rollout, self.algorithm, self.rewards, self._has_custom_reward())
+        check_ppo_settings(
+            self.generation, self.rollout, self.algorithm, self.rewards, self._has_custom_reward(), self.models
+        )
         if log_samples_every_n_epochs < 0 or num_logged_samples < 0:
             raise ValueError(
                 "log_samples_every_n_epochs and num_logged_samples must be >= 0, "
@@ -292,7 +294,7 @@ class PPOModule(L.LightningModule):
         # update the token mean over the whole (global) mini-batch
         mean_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="mean")
         stats: dict[str, Tensor] = {}
-        for micro in batch.split(self.algorithm.micro_batch_size):
+        for micro in self.micro_batches(batch):
             tokens = micro.action_mask.sum()
             loss, micro_stats = ppo_micro_step(
                 self.actor,
@@ -308,6 +310,13 @@ class PPOModule(L.LightningModule):
                 stats[key] = stats.get(key, 0.0) + value * tokens / local_tokens
         self.update(optimizers, stats, f"rollout {self.current_epoch}, mini-batch {batch_idx}")
         self.log_dict(stats, on_step=True, on_epoch=False)
+
+    def micro_batches(self, batch: Experience) -> list[Experience]:
+        """A mini-batch's micro-batches: rows of similar length together, as many on every rank."""
+        size, tokens = self.algorithm.micro_batch_size, self.algorithm.micro_batch_tokens
+        micro = batch.micro_batches(size, tokens)
+        count = int(self.trainer.strategy.reduce(torch.tensor(len(micro), device=self.device), reduce_op="max"))
+        return batch.micro_batches(size, tokens, count) if count != len(micro) else micro
 
     def update(self, optimizers: list, stats: dict[str, Tensor], where: str) -> None:
         """Clip and step the actor's (and critic's) optimizer and schedule, unless the divergence guard skips."""

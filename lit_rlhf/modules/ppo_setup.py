@@ -26,6 +26,7 @@ def check_ppo_settings(
     algorithm: AlgorithmSettings,
     rewards: Sequence[RewardComponent],
     custom_reward: bool,
+    models: PPOModelSettings | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the settings of an invalid combination across groups.
 
@@ -50,6 +51,13 @@ def check_ppo_settings(
             "to compare; training rollouts need temperature > 0 (use generation.val_temperature: 0 for greedy "
             "validation)"
         )
+    if algorithm.rollout_correction == "tis" and not rollout.recomputes_old_log_probs:
+        raise ValueError(
+            "algorithm.rollout_correction='tis' compares the trainer's old log-probs with the sampler's; set "
+            "rollout.recompute_old_log_probs: true (the default with an engine)"
+        )
+    if rollout.engine != "native" and models is not None:
+        rollout.engine.check_settings(models, generation)
     if not rewards and not custom_reward:
         raise ValueError(
             "no reward: add a component to rewards (RewardModel, RewardFunction, RemoteReward), "

@@ -34,7 +34,11 @@ def ppo_micro_step(
         micro.sequences, micro.attention_mask, num_actions, temperature, entropy_grad=algorithm.entropy_coef != 0
     )
     clip = (algorithm.clip_eps, algorithm.clip_eps_high)
-    loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, algorithm.dual_clip)
+    weights = None
+    if algorithm.rollout_correction == "tis":
+        cap = algorithm.rollout_correction_cap
+        weights = F.truncated_importance_weights(micro.old_log_probs, micro.rollout_log_probs, cap)
+    loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, algorithm.dual_clip, weights)
     mean_entropy = F.masked_mean(entropy, mask)
     stats = {
         "policy/loss": loss.detach(),

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lit_rlhf.models import ValueModel, load_tokenizer
+from lit_rlhf.models.padding import length_groups
 from lit_rlhf.rewards.base import RewardBatch, RewardComponent
 from lit_rlhf.settings import LoadSettings
 
@@ -47,7 +48,9 @@ class RewardModel(RewardComponent):
         path: a ``*ForSequenceClassification`` checkpoint (local directory or hub id).
         weight: the component's weight in the summed reward.
         normalize: apply the mean/std stored in the checkpoint: ``(s - mean) / std``.
-        micro_batch_size: rows per reward-model forward.
+        micro_batch_size: rows per reward-model forward (rows of similar length go together).
+        micro_batch_tokens: also cut a micro-batch before its rows x its longest row pass this many
+            tokens (None = rows only).
         name: the name in metrics and errors (default ``reward_model``).
     """
 
@@ -57,14 +60,19 @@ class RewardModel(RewardComponent):
         weight: float = 1.0,
         normalize: bool = False,
         micro_batch_size: int = 16,
+        micro_batch_tokens: int | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(weight, name)
         if not isinstance(path, str) or not path.strip():
             raise ValueError(f"RewardModel.path must be a model directory or hub id, got {path!r}")
-        if micro_batch_size < 1:
-            raise ValueError(f"RewardModel.micro_batch_size must be >= 1, got {micro_batch_size}")
+        if micro_batch_size < 1 or (micro_batch_tokens is not None and micro_batch_tokens < 1):
+            raise ValueError(
+                f"RewardModel.micro_batch_size and micro_batch_tokens must be >= 1, got {micro_batch_size}, "
+                f"{micro_batch_tokens}"
+            )
         self.path, self.normalize, self.micro_batch_size = path, normalize, micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.model: ValueModel | None = None
         self.tokenizer = None
         self.shares_tokenizer = False
@@ -92,9 +100,9 @@ class RewardModel(RewardComponent):
             sequences, mask = append_eos(batch.sequences, batch.attention_mask, self.eos_token_ids.to(batch.sequences))
         else:
             sequences, mask = self.tokenize(batch.prompts, batch.responses)
-        size = self.micro_batch_size
-        chunks = zip(sequences.split(size), mask.split(size), strict=True)
-        return torch.cat([self.model.score(s, m, normalize=self.normalize) for s, m in chunks])
+        groups = length_groups(mask.sum(-1), self.micro_batch_size, self.micro_batch_tokens)  # little padding
+        scores = torch.cat([self.model.score(sequences[rows], mask[rows], normalize=self.normalize) for rows in groups])
+        return scores[torch.argsort(torch.cat(groups))]
 
     def tokenize(self, prompts: list[str], responses: list[str]) -> tuple[Tensor, Tensor]:
         """``prompt + response + EOS`` with the reward model's tokenizer, right-padded."""
@@ -109,5 +117,6 @@ class RewardModel(RewardComponent):
             "path": self.path,
             "normalize": self.normalize,
             "micro_batch_size": self.micro_batch_size,
+            "micro_batch_tokens": self.micro_batch_tokens,
             **super().init_args(),
         }

@@ -1,7 +1,8 @@
-"""Rollouts: Experience, ExperienceBuffer, RolloutCallback, rewards and KL controllers."""
+"""Rollouts: Experience, ExperienceBuffer, RolloutCallback, KL controllers and rollout engines."""
 
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import AdaptiveKLController, KLController
+from lit_rlhf.rollout.vllm_engine import VLLMEngine
 
-__all__ = ["AdaptiveKLController", "Experience", "ExperienceBuffer", "KLController", "RolloutCallback"]
+__all__ = ["AdaptiveKLController", "Experience", "ExperienceBuffer", "KLController", "RolloutCallback", "VLLMEngine"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 
 import lightning as L
 import torch
@@ -12,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from lit_rlhf.rollout.maker import RolloutModels, make_experience, rollout_metrics
+from lit_rlhf.rollout.maker import RolloutModels, make_experience, mismatch_metrics, rollout_metrics
 from lit_rlhf.rollout.progress import PhaseProgress
 
 
@@ -29,6 +30,18 @@ class RolloutCallback(L.Callback):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.last_timing: dict[str, float] = {}  # the latest rollout's phase seconds (benchmarks read it)
+        self._started_engine = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine = pl_module.rollout.engine
+        if engine != "native":  # this rank's engine, on this rank's device (the models are loaded by now)
+            self._started_engine = engine.start(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        engine = pl_module.rollout.engine
+        if engine != "native" and self._started_engine:  # an engine started by its owner stays with its owner
+            engine.shutdown()
+            self._started_engine = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -47,7 +60,13 @@ class RolloutCallback(L.Callback):
             "attention_mask": batch["attention_mask"].to(device),
         }
         progress = PhaseProgress(trainer)
+        engine = pl_module.rollout.engine
         with fsdp1_full_params(trainer):
+            sync_s = None
+            if engine != "native":  # the engine generates with the weights of the last optimizer step
+                start = time.perf_counter()
+                engine.sync_weights(pl_module)
+                sync_s = time.perf_counter() - start
             experience, reward_parts, timing = make_experience(
                 RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
                 batch,
@@ -61,14 +80,20 @@ class RolloutCallback(L.Callback):
                 generator=generator,
                 all_reduce=all_reduce,
                 progress=progress,
+                reduce_max=_reduce_max(trainer),
             )
         progress.training()
         pl_module.buffer.fill(experience)
         self.last_timing = timing
         metrics = rollout_metrics(experience, reward_parts, pl_module.actor.eos_token_ids, all_reduce)
+        if pl_module.rollout.recomputes_old_log_probs:
+            metrics.update(mismatch_metrics(experience, all_reduce, _reduce_max(trainer)))
         metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
         pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
         metrics.update(_perf_metrics(timing, rollout, batch))
+        if sync_s is not None:
+            metrics["perf/weight_sync_s"] = torch.tensor(sync_s)
+            timing["weight_sync_s"] = sync_s
         for key, value in metrics.items():
             # already reduced over ranks; sync_dist makes Lightning average identical values (no warning)
             pl_module.log(
@@ -102,6 +127,13 @@ def fsdp1_full_params(trainer: L.Trainer):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
+
+
+def _reduce_max(trainer: L.Trainer):
+    """Maximum across ranks (identity in one process)."""
+    if trainer.world_size == 1:
+        return lambda x: x
+    return lambda x: trainer.strategy.reduce(x, reduce_op="max")
 
 
 def _all_reduce(trainer: L.Trainer):

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from lit_rlhf.models.padding import length_groups
+
 
 @dataclass
 class Experience:
@@ -20,6 +22,8 @@ class Experience:
         attention_mask: ``[B, P+A]`` long. 1 for prompt tokens and response tokens up to the first EOS.
         action_mask: ``[B, A]`` bool. True for response tokens up to and including the first EOS.
         old_log_probs: ``[B, A]`` fp32. Actor log-probs at sampling time (the PPO ratio's denominator).
+        rollout_log_probs: ``[B, A]`` fp32. The sampler's own log-probs of the tokens (an engine's may
+            differ slightly from the trainer's ``old_log_probs``; equal to them when they are reused).
         ref_log_probs: ``[B, A]`` fp32. Reference-policy log-probs of the same tokens.
         values: ``[B, A]`` fp32. Critic value of the state before each action (zeros without a critic).
         rewards: ``[B, A]`` fp32. Per-token rewards: KL penalty, plus the score at the last valid token.
@@ -34,6 +38,7 @@ class Experience:
     attention_mask: Tensor
     action_mask: Tensor
     old_log_probs: Tensor
+    rollout_log_probs: Tensor
     ref_log_probs: Tensor
     values: Tensor
     rewards: Tensor
@@ -57,6 +62,11 @@ class Experience:
     def split(self, size: int) -> list[Experience]:
         """Consecutive chunks of at most ``size`` rows."""
         return [self.index(slice(start, start + size)) for start in range(0, len(self), size)]
+
+    def micro_batches(self, max_rows: int, max_tokens: int | None = None, count: int | None = None) -> list[Experience]:
+        """Micro-batches of rows of similar length (see ``lit_rlhf.models.padding.length_groups``)."""
+        groups = length_groups(self.attention_mask.sum(-1), max_rows, max_tokens, count)
+        return [self.index(rows) for rows in groups]
 
     def to(self, device: torch.device | str) -> Experience:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})

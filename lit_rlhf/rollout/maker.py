@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lit_rlhf.models import Actor, GenerationOutput, ValueModel
+from lit_rlhf.models.padding import length_groups
 from lit_rlhf.models.sharding import gathered
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
 from lit_rlhf.rollout.experience import Experience
@@ -70,14 +71,18 @@ def eval_mode(*modules: torch.nn.Module | None):
 
 
 def in_micro_batches(
-    fn: Callable[[Tensor, Tensor], Tensor], gen: GenerationOutput, size: int, tick: Callable[[], None] = lambda: None
+    fn: Callable[[Tensor, Tensor], Tensor],
+    gen: GenerationOutput,
+    groups: list[Tensor],
+    tick: Callable[[], None] = lambda: None,
 ) -> Tensor:
-    """Apply ``fn(sequences, attention_mask)`` over row chunks of ``size`` and concatenate (``tick`` after each)."""
+    """``fn(sequences, attention_mask)`` over the row ``groups`` (``tick`` after each), in the rows' order."""
     outputs = []
-    for s, m in zip(gen.sequences.split(size), gen.attention_mask.split(size), strict=True):
-        outputs.append(fn(s, m))
+    for rows in groups:
+        outputs.append(fn(gen.sequences[rows], gen.attention_mask[rows]))
         tick()
-    return torch.cat(outputs)
+    order = torch.cat(groups)
+    return torch.cat(outputs)[torch.argsort(order)]
 
 
 def reference_log_probs(
@@ -93,6 +98,14 @@ def reference_log_probs(
         return reference(sequences, attention_mask, num_actions, temperature)
     with actor.adapter_disabled():
         return actor(sequences, attention_mask, num_actions, temperature)
+
+
+def scoring_groups(lengths: Tensor, rollout: RolloutSettings, reduce_max: AllReduce = no_reduce) -> list[Tensor]:
+    """The rows of each scoring forward: similar lengths together; the same number of forwards on every rank."""
+    size, tokens = rollout.score_micro_batch_size, rollout.score_micro_batch_tokens
+    groups = length_groups(lengths, size, tokens)
+    count = int(reduce_max(torch.tensor(len(groups), device=lengths.device)))
+    return length_groups(lengths, size, tokens, count) if count != len(groups) else groups
 
 
 def repeat_rows(values: list, times: int) -> list:
@@ -115,6 +128,7 @@ def make_experience(
     generator: torch.Generator | None = None,
     all_reduce: AllReduce = no_reduce,
     progress: Progress = no_progress,
+    reduce_max: AllReduce = no_reduce,
 ) -> Rollout:
     """Generate, score and compute advantages for one batch of left-padded prompts.
 
@@ -148,22 +162,28 @@ def make_experience(
     with eval_mode(actor, critic, reference):
         # 2.
         start = time.perf_counter()
-        with gathered(actor.model, rollout.gather_for_generation):
-            on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
-            gen = actor.generate(input_ids, attention_mask, generation, generator=generator, on_token=on_token)
+        on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
+        if rollout.engine == "native":
+            with gathered(actor.model, rollout.gather_for_generation):
+                gen = actor.generate(input_ids, attention_mask, generation, generator=generator, on_token=on_token)
+        else:  # the engine has the actor's weights (pushed before the rollout); seeds from the same generator
+            seed = int(
+                torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device if generator else None)
+            )
+            gen = rollout.engine.generate(input_ids, attention_mask, generation, seed)
         generation_s = time.perf_counter() - start
         num_actions = gen.action_mask.shape[1]
         # 3.
         start = time.perf_counter()
-        chunks = -(-len(gen.sequences) // micro)
-        forwards = chunks * (1 + rollout.recompute_old_log_probs + (critic is not None)) + 1  # + the rewards
+        micro = scoring_groups(gen.attention_mask.sum(-1), rollout, reduce_max)
+        forwards = len(micro) * (1 + rollout.recomputes_old_log_probs + (critic is not None)) + 1  # + the rewards
         done = [0]
 
         def tick() -> None:
             done[0] += 1
             progress("scoring", done[0], forwards)
 
-        if rollout.recompute_old_log_probs:
+        if rollout.recomputes_old_log_probs:
             old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro, tick)
         else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
             old_log_probs = gen.log_probs
@@ -191,6 +211,7 @@ def make_experience(
         attention_mask=gen.attention_mask,
         action_mask=gen.action_mask,
         old_log_probs=old_log_probs,
+        rollout_log_probs=gen.log_probs,
         ref_log_probs=ref_log_probs,
         values=values,
         rewards=rewards,
@@ -261,3 +282,23 @@ def rollout_metrics(
     }
     metrics.update({f"reward/{key}": value for key, value in zip(reward_parts, mean[5:], strict=True)})
     return metrics
+
+
+def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, reduce_max: AllReduce = no_reduce):
+    """How far the sampler's log-probs are from the trainer's old ones (valid tokens of all ranks).
+
+    ``rollout/logprob_abs_diff`` (mean, ``_max``) and the importance ratio ``exp(old - rollout)``
+    (``rollout/importance_ratio`` mean, ``_max``): what ``algorithm.rollout_correction: tis`` corrects.
+    """
+    mask = experience.action_mask
+    diff = (experience.old_log_probs - experience.rollout_log_probs).float()
+    ratio = torch.where(mask, diff.exp(), 0.0)
+    absolute = torch.where(mask, diff.abs(), 0.0)
+    sums = all_reduce(torch.stack([absolute.sum(), ratio.sum(), mask.sum().float()]))
+    maxima = reduce_max(torch.stack([absolute.max(), ratio.max()]))
+    return {
+        "rollout/logprob_abs_diff": sums[0] / sums[2],
+        "rollout/logprob_abs_diff_max": maxima[0],
+        "rollout/importance_ratio": sums[1] / sums[2],
+        "rollout/importance_ratio_max": maxima[1],
+    }

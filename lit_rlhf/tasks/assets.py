@@ -12,10 +12,12 @@ from lit_rlhf.tasks.arithmetic import corpus, prompt_records, split_problems, wr
 from lit_rlhf.tasks.tiny import save_tiny_models, tiny_llama_config, train_tokenizer
 
 
-def build_tiny_assets(out: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> dict[str, str]:
+def build_tiny_assets(
+    out: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, num_heads: int = 4
+) -> dict[str, str]:
     """Write ``policy/``, ``reward/``, ``prompts.jsonl`` and ``val_prompts.jsonl`` under ``out``."""
     tokenizer = train_tokenizer(corpus(), kind="char")
-    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4)
+    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
     paths = save_tiny_models(out, tokenizer, config, seed=seed)
     splits = split_problems(seed)
     paths["prompts"] = os.path.join(out, "prompts.jsonl")

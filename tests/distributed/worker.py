@@ -43,18 +43,19 @@ def fixed_experience(module) -> Experience:
     advantages = F.masked_whiten(torch.randn(ROWS, 5, generator=g), action_mask) * action_mask
     zeros = torch.zeros(ROWS, 5)
     return Experience(
-        sequences,
-        attention_mask,
-        action_mask,
-        old,
-        old - 0.01 * torch.rand(ROWS, 5, generator=g),
-        values,
-        zeros,
-        advantages,
-        values + advantages,
-        torch.zeros(ROWS),
-        zeros,
-        torch.zeros(ROWS, dtype=torch.long),
+        sequences=sequences,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        old_log_probs=old,
+        rollout_log_probs=old,
+        ref_log_probs=old - 0.01 * torch.rand(ROWS, 5, generator=g),
+        values=values,
+        rewards=zeros,
+        advantages=advantages,
+        returns=values + advantages,
+        scores=torch.zeros(ROWS),
+        kl=zeros,
+        rollout_id=torch.zeros(ROWS, dtype=torch.long),
     )
 
 
@@ -129,18 +130,19 @@ def stats(args) -> None:
     dist.all_gather(gathered, whitened)
     scores = torch.randn(8, generator=g)
     exp = Experience(
-        torch.randint(3, 14, (8, 10), generator=g),
-        torch.ones(8, 10, dtype=torch.long),
-        mask,
-        values,
-        values * 0.5,
-        values,
-        values,
-        values,
-        values,
-        scores,
-        values,
-        torch.zeros(8, dtype=torch.long),
+        sequences=torch.randint(3, 14, (8, 10), generator=g),
+        attention_mask=torch.ones(8, 10, dtype=torch.long),
+        action_mask=mask,
+        old_log_probs=values,
+        rollout_log_probs=values,
+        ref_log_probs=values * 0.5,
+        values=values,
+        rewards=values,
+        advantages=values,
+        returns=values,
+        scores=scores,
+        kl=values,
+        rollout_id=torch.zeros(8, dtype=torch.long),
     )
     eos = torch.tensor([2])
     distributed = rollout_metrics(exp.index(rows), {}, eos, all_reduce)

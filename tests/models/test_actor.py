@@ -102,26 +102,71 @@ def test_forward_matches_transformers_generate_scores(actor, tokenizer):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 
 
-def test_same_tokens_as_transformers_generate_for_a_seed(actor, tokenizer):
-    input_ids, attention_mask = prompts(tokenizer)
-    torch.manual_seed(7)
-    ours = actor.generate(
-        input_ids, attention_mask, GenerationSettings(max_new_tokens=12, temperature=0.9, top_k=5, top_p=0.9)
-    )
-    torch.manual_seed(7)
+def filtered_probs(logits, temperature, top_k, top_p):
+    """The distribution to sample from, written out: softmax(z / T) restricted to top-k, then to top-p."""
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    kept = torch.zeros_like(probs, dtype=torch.bool)
+    kept[order[:top_k]] = True
+    probs = torch.where(kept, probs, 0.0) / probs[kept].sum()
+    cumulative, total = 0.0, torch.zeros_like(probs)
+    for i in order.tolist():  # the smallest set of most likely tokens whose mass reaches top_p
+        if probs[i] == 0 or cumulative >= top_p:
+            break
+        total[i], cumulative = probs[i], cumulative + probs[i].item()
+    return total / total.sum()
+
+
+def test_the_sampler_draws_from_the_same_distribution_as_transformers_generate(actor, tokenizer):
+    """Not HF's token stream (one uniform per row instead of torch.multinomial), but its distribution."""
+    n, settings = 6000, GenerationSettings(max_new_tokens=1, temperature=0.9, top_k=5, top_p=0.9)
+    enc = tokenizer(["12+34="] * n, return_tensors="pt")
+    with torch.no_grad():
+        logits = actor.model(enc.input_ids[:1]).logits[0, -1]
+    expected = filtered_probs(logits, 0.9, 5, 0.9)
+    ours = actor.generate(enc.input_ids, enc.attention_mask, settings, torch.Generator().manual_seed(3))
+    torch.manual_seed(3)
     hf = actor.model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        temperature=0.9,
-        top_k=5,
-        top_p=0.9,
-        max_new_tokens=12,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **enc, do_sample=True, temperature=0.9, top_k=5, top_p=0.9, max_new_tokens=1, pad_token_id=0
     )
-    assert (ours.sequences == tokenizer.eos_token_id).any(), "the seed should produce an EOS to compare stopping"
-    assert torch.equal(ours.sequences, hf)
+    for tokens in (ours.sequences[:, -1], hf[:, -1]):
+        frequencies = torch.bincount(tokens, minlength=len(expected)).float() / n
+        assert 0.5 * (frequencies - expected).abs().sum() < 0.03  # total variation; sampling noise ~0.01
+        assert not frequencies[expected == 0].any(), "filtered-out tokens are never drawn"
+
+
+def test_dropping_finished_rows_changes_no_row_and_stops_paying_for_them(actor, tokenizer, monkeypatch):
+    monkeypatch.setattr(actor_module, "RESPONSE_ROOM", 2)  # the KV cache grows 2 -> 4 -> 8 -> 12 on the way
+    input_ids, attention_mask = prompts(tokenizer, ("1+2=", "3+4=", "55+66=", "9-1=") * 4)
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.5)
+    batch_sizes = []
+    forward = actor.model.forward
+
+    def counting(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    outputs = {}
+    for compact in (False, True):
+        batch_sizes.clear()
+        monkeypatch.setattr(actor.model, "forward", counting)
+        outputs[compact] = (
+            actor.generate(input_ids, attention_mask, settings, torch.Generator().manual_seed(5), compact=compact),
+            list(batch_sizes),
+        )
+    (plain, plain_sizes), (compacted, sizes) = outputs[False], outputs[True]
+    assert (plain.sequences == tokenizer.eos_token_id).any(1).sum() >= 4, (
+        "rows must finish early for this to mean anything"
+    )
+    assert torch.equal(compacted.sequences, plain.sequences) and torch.equal(compacted.action_mask, plain.action_mask)
+    torch.testing.assert_close(
+        compacted.log_probs[plain.action_mask], plain.log_probs[plain.action_mask], atol=1e-5, rtol=0
+    )
+    assert set(plain_sizes) == {16} and min(sizes) < 16 and sum(sizes) < sum(plain_sizes), (sizes, plain_sizes)
+    # the log-probs the compacted sampler reports are the model's own: the right rows stayed in the cache
+    forward_log_probs = actor(compacted.sequences, compacted.attention_mask, compacted.action_mask.shape[1], 1.5)
+    mask = compacted.action_mask
+    torch.testing.assert_close(forward_log_probs[mask], compacted.log_probs[mask], atol=1e-4, rtol=0)
 
 
 def test_log_probs_do_not_depend_on_left_padding(actor, tokenizer):

@@ -101,3 +101,20 @@ def test_values_and_scores_equal_the_unpadded_rows(tiny_paths, tokenizer, paddin
         want_values = critic(tokens, ones, n)[0]
         torch.testing.assert_close(values[row, action_mask[row]], want_values, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(scores[row], critic.score(tokens, ones)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_sort_cut_at_rows_or_tokens_and_agree_on_a_count():
+    from lit_rlhf.models.padding import length_groups
+
+    lengths = torch.tensor([30, 5, 100, 7, 6, 31, 8, 29])
+    groups = length_groups(lengths, max_rows=3)
+    assert [g.tolist() for g in groups] == [[1, 4, 3], [6, 7, 0], [5, 2]]  # shortest first, 3 rows at most
+    assert sorted(torch.cat(groups).tolist()) == list(range(8)), "every row once"
+    by_tokens = length_groups(lengths, max_rows=8, max_tokens=100)
+    for group in by_tokens:  # rows x longest row within budget, or a single (too long) row
+        assert len(group) == 1 or len(group) * lengths[group].max() <= 100
+    assert [lengths[g].tolist() for g in by_tokens] == [[5, 6, 7, 8], [29, 30, 31], [100]]
+    agreed = length_groups(lengths, max_rows=8, max_tokens=100, count=5)
+    assert len(agreed) == 5 and sorted(torch.cat(agreed).tolist()) == list(range(8))
+    padded = sum(len(g) * lengths[g].max() for g in length_groups(lengths, 3))
+    assert padded < 8 * lengths.max() / 2, "sorting cuts the padded work by more than half here"

@@ -164,16 +164,20 @@ def test_micro_batch_accumulation_gives_the_full_mini_batch_gradient(make, tmp_p
         batch.action_mask[row, length:] = False
         batch.attention_mask[row, batch.sequences.shape[1] - batch.num_actions + length :] = 0
 
-    def grads(micro_size):
+    def grads(micro_size, max_tokens=None):
         actor, critic = copy.deepcopy(module.actor), copy.deepcopy(module.critic)
         total = batch.action_mask.sum()
-        for micro in batch.split(micro_size):
+        micro_batches = batch.split(micro_size) if max_tokens is None else batch.micro_batches(micro_size, max_tokens)
+        for micro in micro_batches:
             loss, _ = ppo_micro_step(actor, critic, micro, module.algorithm, module.kl, 0.1, 1.0)
             (loss * micro.action_mask.sum() / total).backward()
         return [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()] if p.grad is not None]
 
-    for full, accumulated in zip(grads(8), grads(2), strict=True):
-        torch.testing.assert_close(accumulated, full, atol=1e-6, rtol=1e-5)
+    assert len(batch.micro_batches(8, max_tokens=30)) >= 3, "the token budget splits the mini-batch"
+    full = grads(8)
+    for accumulated in (grads(2), grads(8, max_tokens=30)):  # fixed rows; rows of similar length under a budget
+        for f, a in zip(full, accumulated, strict=True):
+            torch.testing.assert_close(a, f, atol=1e-6, rtol=1e-5)
 
 
 def test_generation_settings_override_checkpoint_generation_config(tiny_assets, tmp_path):

@@ -131,3 +131,31 @@ def test_reinforce_pp_whitens_discounted_returns(models):
     returns = exp.rewards.flip(-1).cumsum(-1).flip(-1) * mask  # reward-to-go
     torch.testing.assert_close(exp.returns, returns, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exp.advantages, F.masked_whiten(returns, mask) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_groups_by_length_give_the_results_of_plain_micro_batches(models):
+    """Rows sorted into micro-batches of similar length (and a token budget) score exactly as before."""
+    tok, rollout_models, reward, prompts = models
+    runs = {}
+    for name, rollout in (
+        ("rows", RolloutSettings(score_micro_batch_size=6)),
+        ("budget", RolloutSettings(score_micro_batch_size=4, score_micro_batch_tokens=20)),
+    ):
+        exp, _, _ = make_experience(
+            rollout_models,
+            prompts,
+            reward_model_scores(reward),
+            generation=GenerationSettings(max_new_tokens=8, temperature=1.5, n_samples_per_prompt=2),
+            rollout=rollout,
+            algorithm=AlgorithmSettings(),
+            kl=KLSettings(),
+            kl_coef=0.1,
+            rollout_id=0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        runs[name] = exp
+    a, b = runs["rows"], runs["budget"]
+    assert torch.equal(a.sequences, b.sequences) and a.action_mask.sum(1).unique().numel() > 1
+    mask = a.action_mask  # outside it: padding, masked out of every loss
+    for field in ("ref_log_probs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(b, field)[mask], getattr(a, field)[mask], atol=1e-5, rtol=1e-5, msg=field)

