@@ -121,6 +121,8 @@ def main() -> None:
         "generated_tokens_per_iter": round(statistics.median(tokens)),
         "generated_tokens_per_s": round(statistics.median(tokens) / median, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # the largest child process (the vLLM engine's worker; 0 with the native engine)
+        "children_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "phase_median_s": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
         "matmul_2048_gflops_before": matmul_before,
         "matmul_2048_gflops_after": matmul_after,

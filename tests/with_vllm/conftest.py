@@ -7,13 +7,17 @@ The engine is started with the demo's architecture (head size 32: vLLM's CPU att
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 
-import lightning as L
 import pytest
 import torch
 
 from lit_rlhf.models import Actor, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def module_of(actor: Actor) -> types.SimpleNamespace:
@@ -23,29 +27,33 @@ def module_of(actor: Actor) -> types.SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict[str, str]:
-    """The embedded task, reduced: data and a briefly trained SFT policy (about a minute)."""
-    from lit_rlhf import SFTDataModule, SFTModule
+    """The embedded task's data and its SFT policy, trained with the demo's own recipe
+    (``configs/sft_tiny.yaml`` through the CLI: about 3 minutes on 2 cores)."""
     from lit_rlhf.tasks.demo import prepare
 
     root = tmp_path_factory.mktemp("demo")
-    prepare(str(root), sft_size=8192, pairs=256)
-    sft = SFTModule(
-        models={"path": str(root / "base")},
-        optim={"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.9, 0.95)), "warmup_steps": 10},
-        export_dir=str(root / "sft"),
-    )
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=150,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    data = SFTDataModule(str(root / "sft.jsonl"), batch_size=128, max_length=16)
-    trainer.fit(sft, datamodule=data)
+    prepare(str(root), pairs=256)
+    overrides = {
+        "model.init_args.models.path": root / "base",
+        "model.init_args.export_dir": root / "sft",
+        "data.init_args.path": root / "sft.jsonl",
+        "data.init_args.val_path": root / "sft_val.jsonl",
+        "trainer.default_root_dir": root / "runs",
+        "trainer.logger": "false",
+        "trainer.enable_progress_bar": "false",
+    }
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "sft_tiny.yaml"),
+    ]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": ROOT}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
     return {
         "sft": str(root / "sft"),
         "prompts": str(root / "prompts.jsonl"),

