@@ -57,6 +57,7 @@ def main() -> None:
         max_epochs=2,
         callbacks=[record],
         logger=False,
+        default_root_dir=os.path.dirname(args.out),  # samples and the export go there
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

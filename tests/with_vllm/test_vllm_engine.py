@@ -230,7 +230,12 @@ def test_two_process_ddp_runs_one_engine_per_rank(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
-        [*command, worker, "--assets", str(assets), "--out", out], env=env, capture_output=True, text=True, timeout=600
+        [*command, worker, "--assets", str(assets), "--out", out],
+        env=env,
+        cwd=os.path.dirname(out),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-6000:]
     ranks = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in (0, 1)]
