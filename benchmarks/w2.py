@@ -89,8 +89,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="result JSON path")
     parser.add_argument("--engine", choices=["native", "vllm"], default="native")
     parser.add_argument("--harness", type=Path, default=REPO.parent / "shared" / "bench", help="shared bench dir")
-    parser.add_argument("--score-tokens", type=int, default=2048, help="rollout.score_micro_batch_tokens")
-    parser.add_argument("--micro-tokens", type=int, default=768, help="algorithm.micro_batch_tokens")
+    parser.add_argument("--score-tokens", type=int, default=1024, help="rollout.score_micro_batch_tokens")
+    parser.add_argument("--micro-tokens", type=int, default=384, help="algorithm.micro_batch_tokens")
     args = parser.parse_args()
     for need in ("tokenizer", "policy", "reward", "prompts.jsonl"):
         if not (args.assets / need).exists():

@@ -185,6 +185,20 @@ class Actor(nn.Module):
         ``generator`` (on the model's device) makes sampling independent of the global RNG;
         ``on_token(done, total)`` is told after each decoding step (a progress display).
         """
+        # in the weights' dtype even under mixed precision (validation runs inside autocast): the
+        # static cache holds one dtype, while autocast gives bf16 values and (after rotary) fp32 keys
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return self._generate(input_ids, attention_mask, settings, generator, on_token, compact)
+
+    def _generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        settings: GenerationSettings,
+        generator: torch.Generator | None,
+        on_token: Callable[[int, int], None] | None,
+        compact: bool,
+    ) -> GenerationOutput:
         eos_ids, (batch, prompt_len), device = self.eos_token_ids, input_ids.shape, input_ids.device
         max_new = settings.max_new_tokens
         # a pre-allocated cache, written in place; it starts with room for a short response and

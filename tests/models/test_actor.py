@@ -169,6 +169,16 @@ def test_dropping_finished_rows_changes_no_row_and_stops_paying_for_them(actor, 
     torch.testing.assert_close(forward_log_probs[mask], compacted.log_probs[mask], atol=1e-4, rtol=0)
 
 
+def test_generation_inside_mixed_precision_runs_in_the_weights_dtype(actor, tokenizer):
+    # validation runs inside autocast: the sampler must neither crash nor change its tokens there
+    enc = tokenizer(["12+34=", "5+6="], return_tensors="pt", padding=True)
+    settings = GenerationSettings(max_new_tokens=40, stop_at_eos=False)
+    plain = actor.generate(enc.input_ids, enc.attention_mask, settings, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = actor.generate(enc.input_ids, enc.attention_mask, settings, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.sequences, mixed.sequences) and mixed.log_probs.dtype == torch.float32
+
+
 def test_log_probs_do_not_depend_on_left_padding(actor, tokenizer):
     seq = torch.tensor([[1, 5, 4, 6, 11, 7, 8, 2]])
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), seq], 1)
