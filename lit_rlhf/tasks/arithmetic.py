@@ -75,12 +75,17 @@ def sft_records(prompts: list[str], n: int, wrong_fraction: float, seed: int) ->
 
 
 def preference_records(prompts: list[str], n: int, seed: int) -> list[dict]:
-    """``n`` (prompt, chosen = right answer, rejected = wrong answer) pairs, wrong answers of every kind."""
+    """``n`` (prompt, chosen = right answer, rejected = wrong answer) pairs, wrong answers of every kind.
+
+    Each record also carries the ``answer`` column, which the held-out metric
+    (:func:`exact_match_reward`) reads when DPO samples on the validation pairs' prompts.
+    """
     rng = random.Random(seed)
     records = []
     for _ in range(n):
         prompt = rng.choice(prompts)
-        records.append({"prompt": prompt, "chosen": solve(prompt), "rejected": wrong_answer(prompt, rng)})
+        answer = solve(prompt)
+        records.append({"prompt": prompt, "chosen": answer, "rejected": wrong_answer(prompt, rng), "answer": answer})
     return records
 
 

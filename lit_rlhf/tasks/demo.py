@@ -1,7 +1,8 @@
-"""The embedded RLHF pipeline's data and report: ``prepare`` before SFT, ``report`` after PPO.
+"""The embedded RLHF pipeline's data and report: ``prepare`` before SFT, ``report`` after PPO (and DPO).
 
 python -m lit_rlhf.tasks.demo prepare --out assets/demo
 python -m lit_rlhf.tasks.demo report --assets assets/demo --run runs/ppo_tiny   (its newest run)
+python -m lit_rlhf.tasks.demo report --assets assets/demo --run runs/ppo_tiny --dpo_run runs/dpo_tiny
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ def plot(metrics_csv: str, out_png: str, sft_accuracy: float | None = None) -> N
     plt.close(fig)
 
 
-def report(assets: str, run: str, export_dir: str | None = None) -> dict:
+def report(assets: str, run: str, export_dir: str | None = None, dpo_run: str | None = None) -> dict:
     """Before/after table on the test prompts, stage timings, and ``demo.png`` in the run directory.
 
     ``run`` is a PPO run directory, or its config's root (``runs/ppo_tiny``: the newest run);
-    ``export_dir`` defaults to the run's ``export/``.
+    ``export_dir`` defaults to the run's ``export/``. ``dpo_run`` (a DPO run or its config's root)
+    adds the DPO policy, trained from the same SFT policy on the reward model's pairs, as a row.
     """
     from lit_rlhf.plot import newest_run
 
@@ -121,8 +123,11 @@ def report(assets: str, run: str, export_dir: str | None = None) -> dict:
         "SFT policy": evaluate(sft, sft, rm, prompts),
         "PPO policy": evaluate(f"{export_dir}/actor", sft, rm, prompts),
     }
+    if dpo_run is not None:
+        dpo_run = newest_run(dpo_run)
+        rows["DPO policy"] = evaluate(f"{dpo_run}/export", sft, rm, prompts)
     timings = {}
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "dpo"):
         path = f"{assets}/{stage}_seconds.txt"
         if os.path.exists(path):
             with open(path) as f:
@@ -133,11 +138,16 @@ def report(assets: str, run: str, export_dir: str | None = None) -> dict:
         print(f"{name:12} {row['accuracy']:9.3f} {row['reward_model_score']:9.3f} {row['kl_to_reference']:10.3f}")
     gain = rows["PPO policy"]["accuracy"] - rows["SFT policy"]["accuracy"]
     print(f"accuracy gain: {100 * gain:+.1f} points")
+    if "DPO policy" in rows:
+        dpo_gain = rows["DPO policy"]["accuracy"] - rows["SFT policy"]["accuracy"]
+        print(f"DPO accuracy gain: {100 * dpo_gain:+.1f} points")
     if timings:
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     csvs = sorted(glob.glob(f"{run}/**/metrics.csv", recursive=True), key=os.path.getmtime)
     summary = {"before": rows["SFT policy"], "after": rows["PPO policy"], "gain_points": 100 * gain, "seconds": timings}
     summary["run"] = run
+    if "DPO policy" in rows:
+        summary.update(dpo=rows["DPO policy"], dpo_gain_points=100 * dpo_gain, dpo_run=dpo_run)
     if csvs:
         plot(csvs[-1], f"{run}/demo.png", rows["SFT policy"]["accuracy"])
         summary["plot"] = f"{run}/demo.png"
@@ -156,11 +166,12 @@ def main() -> None:
     rep.add_argument("--assets", default="assets/demo")
     rep.add_argument("--run", default="runs/ppo_tiny", help="a PPO run, or its config's root (the newest run)")
     rep.add_argument("--export_dir", default=None, help="the exported policy (default: the run's export/)")
+    rep.add_argument("--dpo_run", default=None, help="a DPO run, or its config's root: adds its policy as a row")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out)
     else:
-        report(args.assets, args.run, args.export_dir)
+        report(args.assets, args.run, args.export_dir, args.dpo_run)
 
 
 if __name__ == "__main__":

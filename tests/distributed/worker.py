@@ -2,6 +2,7 @@
 
 python worker.py train --strategy single|ddp|fsdp --assets DIR --out FILE
 python worker.py stats --out FILE
+python worker.py dpo --strategy single|ddp|fsdp --assets DIR --out FILE
 """
 
 from __future__ import annotations
@@ -157,11 +158,54 @@ def stats(args) -> None:
     dist.destroy_process_group()
 
 
+def dpo_train(args) -> None:
+    """One DPO step on 8 fixed pairs: one process with all of them, or two ranks with 4 each (DDP, FSDP2).
+
+    The reference is a separate frozen copy whose log-probs are cached before the step (the ranks
+    split that pass and all-gather it); the trained policy is exported at the end of ``fit``.
+    """
+    from lit_rlhf import DPOModule, PreferenceDataModule
+    from lit_rlhf.tasks.arithmetic import preference_records, split_problems, write_jsonl
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    pairs = f"{args.out}.pairs.{rank}.jsonl"  # the same 8 pairs on every rank
+    write_jsonl(pairs, preference_records(split_problems(0)["train"], ROWS, seed=0))
+    module = DPOModule(
+        models={"path": f"{args.assets}/policy"},
+        optim={"optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "max_grad_norm": None},
+        export_dir=f"{args.out}.export",
+    )
+    strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
+    if args.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=PreferenceDataModule(pairs, batch_size=ROWS // world))
+    state = {f"actor.{k}": v for k, v in full_state_dict(module.actor.model).items()}
+    state["cached_rows"] = torch.tensor(len(module.reference_cache))
+    if trainer.is_global_zero:
+        torch.save(state, args.out)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "stats"])
+    parser.add_argument("mode", choices=["train", "stats", "dpo"])
     parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp"])
     parser.add_argument("--assets")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    train(args) if args.mode == "train" else stats(args)
+    {"train": train, "stats": stats, "dpo": dpo_train}[args.mode](args)
