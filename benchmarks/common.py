@@ -29,8 +29,10 @@ def model_folders(assets: Path, workdir: Path) -> dict[str, str]:
     return {"policy": str(workdir / "policy"), "reward": str(workdir / "reward")}
 
 
-def cpu_trainer(epochs: int, callbacks: list) -> L.Trainer:
+def cpu_trainer(epochs: int, callbacks: list, root: str) -> L.Trainer:
+    """The benchmark's Trainer; the run's outputs (the end-of-fit export) go under ``root``."""
     return L.Trainer(
+        default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,

@@ -125,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         module = build_module(args.assets, Path(tmp), args.variant, args.prompts, args.response_len)
         timer = IterationTimer()
-        trainer = cpu_trainer(WARMUP + TIMED, [timer])
+        trainer = cpu_trainer(WARMUP + TIMED, [timer], tmp)
         trainer.fit(module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl")))
         config = module.actor.model.config
     matmul_after = matmul_gflops()

@@ -105,7 +105,9 @@ def main() -> None:
         engine = vllm_engine() if args.engine == "vllm" else "native"
         module = build_module(model_folders(args.assets, Path(tmp)), engine, args.score_tokens, args.micro_tokens)
         timer = IterationTimer()
-        cpu_trainer(WARMUP + TIMED, [timer]).fit(module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl")))
+        cpu_trainer(WARMUP + TIMED, [timer], tmp).fit(
+            module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl"))
+        )
     matmul_after = matmul_gflops()
     rate = 0.5 * (matmul_before["median"] + matmul_after["median"])
     timed, phases, lengths = timer.seconds[WARMUP:], timer.phases[WARMUP:], timer.lengths[WARMUP:]
