@@ -7,29 +7,36 @@ rollout. Kept free of heavy imports so the settings groups can name the type.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 
-class RolloutEngine:
-    """Base of rollout engines. Subclasses implement the methods below and ``init_args``."""
+class RolloutEngine(ABC):
+    """Base of rollout engines: subclasses implement ``start``, ``sync_weights`` and ``generate``
+    (and ``init_args``, so that a config can rebuild them)."""
 
     def check_settings(self, models: Any, generation: Any) -> None:
-        """Raise if the engine cannot run these settings as the trainer would (before models load)."""
+        """Raise if the engine cannot run these settings as the trainer would (before models load).
 
+        Every setting is accepted unless an engine says otherwise.
+        """
+        return None
+
+    @abstractmethod
     def start(self, module: Any) -> bool:
         """Start the engine for this process (after the models load); False if it already runs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sync_weights(self, module: Any) -> None:
         """Give the engine the actor's current weights (before every rollout)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def generate(self, input_ids, attention_mask, generation, seed: int):
         """Sample responses like ``Actor.generate`` (a ``GenerationOutput``)."""
-        raise NotImplementedError
 
     def shutdown(self) -> None:
-        """Stop the engine and free what it holds."""
+        """Stop the engine and free what it holds (nothing, unless an engine holds something)."""
+        return None
 
     def init_args(self) -> dict:
         return {}

@@ -49,6 +49,24 @@ def shard_model(model: nn.Module, mesh, mp_policy=None, separate_backbone: bool 
     fully_shard(model, **kwargs)
 
 
+def fsdp2_setup(mesh, precision: str | None) -> tuple:
+    """``(data-parallel mesh, mixed-precision policy)`` for ``shard_model`` under ModelParallelStrategy.
+
+    bf16-mixed training computes in bf16 and reduces gradients in fp32; tensor parallelism is refused.
+    """
+    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "lit_rlhf shards with FSDP2 only: set ModelParallelStrategy(data_parallel_size=<world size>, "
+            "tensor_parallel_size=1)"
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = None
+    if precision is not None and "bf16-mixed" in str(precision):
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return (mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh), policy
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

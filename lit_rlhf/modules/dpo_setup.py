@@ -22,7 +22,7 @@ from lit_rlhf import functional as F
 from lit_rlhf.data.sft import IGNORE_INDEX, pad_right
 from lit_rlhf.functional import PreferenceLossType
 from lit_rlhf.models import Actor, load_tokenizer
-from lit_rlhf.models.sharding import shard_model
+from lit_rlhf.models.sharding import fsdp2_setup, shard_model
 from lit_rlhf.rewards.model import freeze
 from lit_rlhf.settings import ModelSettings
 
@@ -134,17 +134,7 @@ def build_reference(models: DPOModelSettings, tokenizer: PreTrainedTokenizerBase
 
 def shard_policy(actor: Actor, reference: Actor | None, mesh: Any, precision: str | None) -> None:
     """FSDP2 over the data-parallel mesh: the policy and a separate reference, sharded per decoder layer."""
-    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            "lit_rlhf shards with FSDP2 only: set ModelParallelStrategy(data_parallel_size=<world size>, "
-            "tensor_parallel_size=1)"
-        )
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    policy = None
-    if precision is not None and "bf16-mixed" in str(precision):
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    data_parallel = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+    data_parallel, policy = fsdp2_setup(mesh, precision)
     for wrapper in (actor, reference):
         if wrapper is not None:
             shard_model(wrapper.model, data_parallel, policy)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.models import Actor, ValueModel
-from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard_model
+from lit_rlhf.models.sharding import fsdp2_setup, full_state_dict, is_sharded, shard_model
 from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.rewards import RewardModel
 
@@ -76,17 +76,7 @@ def load_extras(module, checkpoint: dict) -> None:
 
 def shard_models(module, mesh: Any, precision: str | None) -> None:
     """FSDP2 over the data-parallel mesh: every model, trainable and frozen, sharded per decoder layer."""
-    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
-            "lit_rlhf shards with FSDP2 only: set ModelParallelStrategy(data_parallel_size=<world size>, "
-            "tensor_parallel_size=1)"
-        )
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    policy = None
-    if precision is not None and "bf16-mixed" in str(precision):
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    data_parallel = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
+    data_parallel, policy = fsdp2_setup(mesh, precision)
     for wrapper in (module.actor, module.reference):
         if wrapper is not None:
             shard_model(wrapper.model, data_parallel, policy)
