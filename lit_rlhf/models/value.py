@@ -16,7 +16,7 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
-from lit_rlhf.models.padding import pack_rows, unpack, valid_window
+from lit_rlhf.models.padding import pack_rows, packed_forward, unpack, valid_window
 from lit_rlhf.settings import LoadSettings
 
 HEAD_NAMES = ("score", "classifier")
@@ -87,9 +87,7 @@ class ValueModel(nn.Module):
         backbone = getattr(inner, inner.base_model_prefix)
         if self.padding_free:
             packed = pack_rows(sequences, attention_mask)
-            hidden = backbone(
-                input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
-            ).last_hidden_state[0]
+            hidden = packed_forward(backbone, packed, attention_mask.sum(-1), use_cache=False).last_hidden_state[0]
             wanted = torch.where(columns >= 0, packed.index.gather(1, columns.clamp_min(0)), -1)
             return unpack(hidden[wanted[wanted >= 0]], wanted)
         start, end = valid_window(attention_mask)

@@ -118,3 +118,91 @@ def test_length_groups_sort_cut_at_rows_or_tokens_and_agree_on_a_count():
     assert len(agreed) == 5 and sorted(torch.cat(agreed).tolist()) == list(range(8))
     padded = sum(len(g) * lengths[g].max() for g in length_groups(lengths, 3))
     assert padded < 8 * lengths.max() / 2, "sorting cuts the padded work by more than half here"
+
+
+def test_row_runs_group_consecutive_equal_lengths_and_skip_empty_rows():
+    from lit_rlhf.models.padding import row_runs
+
+    assert row_runs([3, 3, 0, 5, 5, 5, 2]).runs == [(0, 2, 3), (6, 3, 5), (21, 1, 2)]
+    assert row_runs([4] * 64).runs == [(0, 64, 4)], "fixed-length rows: one attention call per layer"
+
+
+def _packed_family_model(family, tokenizer, **extra):
+    import transformers
+
+    from tests.models.test_families import tiny_config
+
+    config = tiny_config(family, tokenizer)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize(
+    "family,extra",
+    [("llama", {}), ("gpt2", {}), ("qwen2", {}), ("mistral", {"sliding_window": 3}), ("gemma", {})],
+)
+def test_packed_sdpa_forward_equals_each_row_alone(tokenizer, family, extra):
+    """Every query sees only its own row (within a sliding window where the model has one), with one
+    attention call per layer per run of equal-length rows, and no mask is built for the packed row."""
+    from lit_rlhf.models.padding import RowRuns, pack_rows, packed_forward
+
+    model = _packed_family_model(family, tokenizer, **extra)
+    sequences, attention_mask, _ = rollout_batch(tokenizer)
+    packed = pack_rows(sequences, attention_mask)
+    seen = []
+    original = RowRuns.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RowRuns, "__init__", spy)
+        with torch.no_grad():
+            logits = packed_forward(model, packed, attention_mask.sum(-1), use_cache=False).logits[0]
+    assert model.config._attn_implementation == "sdpa", "the model's own setting is restored"
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 1 and seen[0].calls == layers
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=t).logits[0] for t in alone(sequences, attention_mask, lambda t: t)])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    if extra.get("sliding_window"):  # the window matters here: the block-causal answer differs
+        model.config.sliding_window = None
+        with torch.no_grad():
+            unwindowed = packed_forward(model, packed, attention_mask.sum(-1), use_cache=False).logits[0]
+        assert (unwindowed - want).abs().max() > 1e-3
+
+
+def test_packed_forward_under_gradient_checkpointing_keeps_the_gradients(tiny_paths, tokenizer):
+    """Recomputed layers run after the packed call returns: the checkpointed model keeps transformers'
+    own packed path, and its gradients equal the plain packed forward's."""
+    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
+    num_actions = action_mask.shape[1]
+    grads = []
+    for checkpointing in (False, True):
+        actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer).train()
+        actor.padding_free = True
+        if checkpointing:
+            actor.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = torch.where(action_mask, actor(sequences, attention_mask, num_actions), 0.0).sum()
+        grads.append(torch.autograd.grad(loss, list(actor.parameters())))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_forward_refuses_a_model_that_bypasses_the_attention_interface(tokenizer):
+    from types import SimpleNamespace
+
+    from lit_rlhf.models.padding import pack_rows, packed_forward
+
+    class OwnAttention(torch.nn.Module):  # attends over the whole packed row: rows would mix
+        config = SimpleNamespace(_attn_implementation="sdpa")
+
+        def forward(self, input_ids, position_ids, **kwargs):
+            return input_ids.float()
+
+    sequences, attention_mask, _ = rollout_batch(tokenizer)
+    with pytest.raises(RuntimeError, match="set models.padding_free: false"):
+        packed_forward(OwnAttention(), pack_rows(sequences, attention_mask), attention_mask.sum(-1))
