@@ -104,6 +104,15 @@ def select_rows(cache: StaticCache, rows: Tensor) -> None:
             layer.batch_size = len(rows)
 
 
+def takes_decode_mask(config) -> bool:
+    """Whether decoding can hand the model a ready ``[B, 1, 1, cache]`` key mask: ``sdpa`` attention
+    with no sliding-window layers (transformers then passes the mask through instead of building one
+    per step; a sliding window needs its own per-layer mask, so those models keep the 2D mask)."""
+    if config._attn_implementation != "sdpa" or getattr(config, "sliding_window", None) is not None:
+        return False
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+
+
 class Actor(nn.Module):
     """A causal LM policy (optionally with a LoRA adapter).
 
@@ -226,6 +235,10 @@ class Actor(nn.Module):
         active = torch.arange(batch, device=device)  # the rows still decoding, as indices into the batch
         next_position = positions[:, -1:] + 1
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        key_mask = None  # the keys each row may attend to, as the model's 4D mask (see takes_decode_mask)
+        if takes_decode_mask(self.model.config):
+            key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new, dtype=torch.bool, device=device)
+            key_mask[:, 0, 0, :prompt_len] = attention_mask.bool()
         steps = max_new
         for step in range(max_new):
             uniform = torch.rand(batch, generator=generator, device=device)[active]  # the whole batch's draw
@@ -244,13 +257,16 @@ class Actor(nn.Module):
                 select_rows(cache, keep)
                 active, mask, next_position = active[keep], mask[keep], next_position[keep]
                 finished, token = finished[keep], token[keep]
+                key_mask = key_mask[keep] if key_mask is not None else None
             length = prompt_len + step + 1
             if length == prompt_len + room:
                 room = min(max_new, 2 * room)
                 grow(cache, prompt_len + room)
+            if key_mask is not None:
+                key_mask[:, 0, 0, length - 1] = True
             logits = self.model(
                 input_ids=token.unsqueeze(1),
-                attention_mask=mask[:, :length],
+                attention_mask=mask[:, :length] if key_mask is None else key_mask[..., : prompt_len + room],
                 position_ids=next_position,
                 past_key_values=cache,
                 cache_position=torch.tensor([length - 1], device=device),

@@ -169,6 +169,44 @@ def test_dropping_finished_rows_changes_no_row_and_stops_paying_for_them(actor, 
     torch.testing.assert_close(forward_log_probs[mask], compacted.log_probs[mask], atol=1e-4, rtol=0)
 
 
+def test_the_ready_decode_mask_gives_the_same_tokens_as_the_2d_mask(actor, tokenizer, monkeypatch):
+    """With sdpa the sampler hands the model its own 4D key mask (no per-step mask building): left
+    padding, growing cache and dropped rows included, every token and log-prob is the 2D mask's."""
+    monkeypatch.setattr(actor_module, "RESPONSE_ROOM", 2)
+    input_ids, attention_mask = prompts(tokenizer, ("1+2=", "3+4=", "55+66=", "9-1=") * 4)
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.5)
+    masks = []
+    forward = actor.model.forward
+
+    def recording(*args, **kwargs):
+        masks.append(kwargs["attention_mask"].dim())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(actor.model, "forward", recording)
+    assert actor_module.takes_decode_mask(actor.model.config)
+    ready = actor.generate(input_ids, attention_mask, settings, torch.Generator().manual_seed(5))
+    assert masks[0] == 2 and set(masks[1:]) == {4}, "the prefill builds its causal mask, decode steps do not"
+    monkeypatch.setattr(actor_module, "takes_decode_mask", lambda config: False)
+    plain = actor.generate(input_ids, attention_mask, settings, torch.Generator().manual_seed(5))
+    assert (plain.sequences == tokenizer.eos_token_id).any(1).sum() >= 4, "rows finish early: rows are dropped"
+    assert torch.equal(ready.sequences, plain.sequences)
+    torch.testing.assert_close(ready.log_probs, plain.log_probs, atol=1e-6, rtol=0)
+
+
+def test_the_ready_decode_mask_is_only_for_sdpa_without_sliding_windows(actor):
+    import copy
+
+    config = copy.deepcopy(actor.model.config)
+    assert actor_module.takes_decode_mask(config)
+    config.sliding_window = 4
+    assert not actor_module.takes_decode_mask(config), "a sliding window needs transformers' own mask"
+    config.sliding_window, config.layer_types = None, ["full_attention", "sliding_attention"]
+    assert not actor_module.takes_decode_mask(config)
+    config.layer_types = None
+    config._attn_implementation = "eager"  # eager adds a float mask: a boolean one would be wrong
+    assert not actor_module.takes_decode_mask(config)
+
+
 def test_generation_inside_mixed_precision_runs_in_the_weights_dtype(actor, tokenizer):
     # validation runs inside autocast: the sampler must neither crash nor change its tokens there
     enc = tokenizer(["12+34=", "5+6="], return_tensors="pt", padding=True)
