@@ -1,7 +1,10 @@
 """VLLMEngine: generate rollouts with vLLM, colocated with the trainer, weights pushed every rollout.
 
 Each rank starts its own engine (``rollout.engine`` in the config) on its own devices, generates
-its own prompts, and receives the actor's current weights before every rollout: full weights under
+its own prompts, and receives the actor's current weights before every rollout. With
+``tensor_parallel_size=t`` every ``t`` consecutive ranks form one engine instead, each rank holding
+one shard in its own process (vLLM's external launcher): the group gathers its prompts, generates
+them together and each rank keeps its own rows. The weights are pushed as full weights under
 their Hugging Face names with any LoRA adapter merged, streamed a few whole decoder layers at a time
 (an FSDP-sharded actor is gathered one tensor at a time, never as a second full copy). vLLM is an
 optional extra (``pip install -e ".[vllm]"``), imported only when an engine starts.
@@ -62,7 +65,8 @@ class VLLMEngine(RolloutEngine):
         max_num_seqs: sequences decoded together (vLLM's batch).
         max_model_len: longest prompt + response (None: the model's position range).
         enforce_eager: no CUDA graphs (None: eager on CPU, graphs on a GPU).
-        tensor_parallel_size: GPUs per engine (only 1 is supported: one engine per rank).
+        tensor_parallel_size: ranks (devices) per engine: every ``t`` consecutive ranks run one engine,
+            one shard each, in their own processes; the trainer's world size must be a multiple of it.
         enable_sleep_mode: on a GPU, free the engine's weights and KV cache between rollouts
             (vLLM sleep level 1), so training gets the memory back.
         push_chunk_mib: weights are pushed in chunks of whole decoder layers of about this size.
@@ -84,18 +88,13 @@ class VLLMEngine(RolloutEngine):
             "gpu_memory_utilization": 0 < gpu_memory_utilization <= 1,
             "max_num_seqs": max_num_seqs >= 1,
             "max_model_len": max_model_len is None or max_model_len >= 2,
+            "tensor_parallel_size": isinstance(tensor_parallel_size, int) and tensor_parallel_size >= 1,
             "push_chunk_mib": push_chunk_mib > 0,
         }
         for name, ok in checks.items():
             if not ok:
                 value = locals()[name]
                 raise ValueError(f"rollout.engine.init_args.{name}={value!r} is out of range; see VLLMEngine's docs")
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"rollout.engine.init_args.tensor_parallel_size={tensor_parallel_size}: the colocated engine runs "
-                "one engine per rank on that rank's device; scale generation with more ranks (trainer.devices) "
-                "instead of tensor parallelism"
-            )
         self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
         self.max_num_seqs, self.max_model_len, self.enforce_eager = max_num_seqs, max_model_len, enforce_eager
         self.tensor_parallel_size, self.enable_sleep_mode = tensor_parallel_size, enable_sleep_mode
@@ -108,6 +107,8 @@ class VLLMEngine(RolloutEngine):
         self.last_push: dict[str, float] = {}
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._signature: tuple = ()
+        self._group: Any = None  # the engine's ranks (tensor parallelism): prompts are gathered over it
+        self._group_rank = 0
 
     def init_args(self) -> dict:
         return {
@@ -144,6 +145,29 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"rollout.engine: vLLM runs on CUDA GPUs or the CPU, not on {device.type}")
         if self.enable_sleep_mode and device.type != "cuda":
             raise ValueError("rollout.engine.init_args.enable_sleep_mode needs a GPU (vLLM's sleep mode is CUDA-only)")
+
+    def _shard_group(self, module: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        """With tensor parallelism: this rank's engine group, and the environment and arguments of
+        vLLM's external launcher (the engine runs in this process, on the trainer's process group)."""
+        t = self.tensor_parallel_size
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world % t:
+            raise ValueError(
+                f"rollout.engine.init_args.tensor_parallel_size={t} splits each engine over {t} ranks, but the "
+                f"trainer runs {world} rank(s): set trainer.devices (x num_nodes) to a multiple of {t}, or "
+                "tensor_parallel_size: 1"
+            )
+        rank = torch.distributed.get_rank()
+        groups = [torch.distributed.new_group(list(range(g, g + t))) for g in range(0, world, t)]  # on every rank
+        self._group, self._group_rank = groups[rank // t], rank % t
+        device = module.device
+        local = device.index if device.type == "cuda" and device.index is not None else module.local_rank
+        env = {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world)}
+        return env, {
+            "tensor_parallel_size": t,
+            "data_parallel_size": world // t,
+            "distributed_executor_backend": "external_launcher",
+        }
 
     def start(self, module: Any) -> bool:
         """Start this rank's engine from the actor's architecture (weights arrive with the first push).
@@ -203,11 +227,17 @@ class VLLMEngine(RolloutEngine):
         if self.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         env = {**quiet, **ENGINE_ENV, **({} if cuda else CPU_ENGINE_ENV)}
-        if cuda:  # the spawned engine sees only this rank's GPU
+        remove = LAUNCHER_ENV
+        if self.tensor_parallel_size > 1:  # one shard per rank, in this process
+            launcher_env, launcher_args = self._shard_group(module)
+            env.update(launcher_env)
+            kwargs.update(launcher_args)
+            remove = ()
+        elif cuda:  # the spawned engine sees only this rank's GPU
             index = module.device.index if module.device.index is not None else torch.cuda.current_device()
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
-        with _environment(env, remove=LAUNCHER_ENV):
+        with _environment(env, remove=remove):
             self.llm = vllm.LLM(**kwargs)
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
@@ -282,9 +312,17 @@ class VLLMEngine(RolloutEngine):
                 "prompts (data.init_args.max_prompt_len) or max_new_tokens"
             )
         rows = [ids[len(ids) - n :] for ids, n in zip(input_ids.tolist(), lengths, strict=True)]
+        seeds = [(seed + i) % (2**31 - 1) for i in range(len(rows))]
+        first, mine = 0, len(rows)
+        if self._group is not None:  # the engine's ranks generate all their rows together, same seeds
+            shares: list[Any] = [None] * self.tensor_parallel_size
+            torch.distributed.all_gather_object(shares, (rows, seeds), group=self._group)
+            first = sum(len(share[0]) for share in shares[: self._group_rank])
+            rows = [row for share in shares for row in share[0]]
+            seeds = [s for share in shares for s in share[1]]
         prompts = [{"prompt_token_ids": ids} for ids in rows]
-        params = [self.sampling_params(generation, (seed + i) % (2**31 - 1)) for i in range(len(rows))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        params = [self.sampling_params(generation, s) for s in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)[first : first + mine]
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
         tokens = [list(out.outputs[0].token_ids) for out in outputs]
@@ -321,6 +359,12 @@ class VLLMEngine(RolloutEngine):
             with contextlib.suppress(Exception):
                 self.llm.llm_engine.engine_core.shutdown(timeout=1)
             self.llm = None
+            if self._group is not None:  # the external launcher's model-parallel groups
+                with contextlib.suppress(Exception):
+                    from vllm.distributed.parallel_state import destroy_model_parallel
+
+                    destroy_model_parallel()
+                self._group = None
         if self._model_dir is not None:
             self._model_dir.cleanup()
             self._model_dir = None

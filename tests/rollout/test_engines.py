@@ -157,7 +157,8 @@ def test_engine_settings_round_trip_and_are_checked():
     assert plain["engine"]["class_path"] == "lit_rlhf.rollout.vllm_engine.VLLMEngine"
     assert RolloutSettings(**plain).engine == rollout.engine
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        VLLMEngine(tensor_parallel_size=2)
+        VLLMEngine(tensor_parallel_size=0)
+    assert VLLMEngine(tensor_parallel_size=2).tensor_parallel_size == 2
     with pytest.raises(ValueError, match="kv_cache_gib"):
         VLLMEngine(kv_cache_gib=0)
     with pytest.raises(ValueError, match="rollout.engine must be"):
@@ -204,3 +205,13 @@ def test_engine_sampling_settings_need_the_vocabulary():
         pytest.skip("builds vLLM's SamplingParams")
     with pytest.raises(ValueError, match="suppress_token_ids"):
         engine.sampling_params(GenerationSettings(suppress_token_ids=[12]), seed=0)
+
+
+def test_a_sharded_engine_needs_a_world_size_it_divides():
+    """tensor_parallel_size=t puts one engine on every t ranks: a single-process trainer cannot host
+    t=2, and the error says which setting to change (checked before vLLM is imported)."""
+    import types
+
+    module = types.SimpleNamespace(device=torch.device("cpu"), local_rank=0)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 splits each engine over 2 ranks.*trainer.devices"):
+        VLLMEngine(tensor_parallel_size=2)._shard_group(module)

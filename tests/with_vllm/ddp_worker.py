@@ -1,6 +1,7 @@
-"""One rank of a two-process DDP PPO fit with one vLLM engine per rank (torchrun, gloo, CPU).
+"""One rank of a two-process DDP PPO fit with vLLM engines (torchrun, gloo, CPU): one engine per
+rank, or with ``--tensor-parallel 2`` one engine sharded over both ranks.
 
-python ddp_worker.py --assets DIR --out PREFIX   (writes PREFIX.<rank>.json)
+python ddp_worker.py --assets DIR --out PREFIX [--tensor-parallel 2]   (writes PREFIX.<rank>.json)
 """
 
 from __future__ import annotations
@@ -27,26 +28,37 @@ class Record(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         engine = pl_module.rollout.engine
+        parallel = engine.llm.llm_engine.vllm_config.parallel_config
         self.epochs.append(
             {
                 "engine_running": engine.llm is not None,
+                "engine_tensor_parallel": parallel.tensor_parallel_size,
+                "engine_in_this_process": os.getpid() in _worker_pids(),
                 "logprob_abs_diff_max": float(trainer.callback_metrics["rollout/logprob_abs_diff_max"]),
                 "weight_sync_s": float(trainer.callback_metrics["perf/weight_sync_s"]),
             }
         )
 
 
+def _worker_pids() -> set[int]:
+    """Processes that hold a vLLM worker: this one (external launcher) or spawned engine processes."""
+    import vllm.distributed.parallel_state as state
+
+    return {os.getpid()} if state.model_parallel_is_initialized() else set()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--assets", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--tensor-parallel", type=int, default=1)
     args = parser.parse_args()
     paths = {
         "policy": f"{args.assets}/policy",
         "prompts": f"{args.assets}/prompts.jsonl",
         "val_prompts": f"{args.assets}/val_prompts.jsonl",
     }
-    engine = VLLMEngine(kv_cache_gib=0.25, max_num_seqs=64)
+    engine = VLLMEngine(kv_cache_gib=0.25, max_num_seqs=64, tensor_parallel_size=args.tensor_parallel)
     module = small_module(paths, rollout={"engine": engine})
     record = Record()
     L.seed_everything(0, verbose=False)

@@ -213,7 +213,12 @@ def test_resume_with_the_engine_continues_like_an_uninterrupted_run(engine, demo
 
 
 @pytest.mark.slow
-def test_two_process_ddp_runs_one_engine_per_rank(tmp_path_factory):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_two_process_ddp_runs_one_engine_per_rank_or_one_sharded_over_both(tmp_path_factory, tensor_parallel):
+    """tensor_parallel 1: each rank spawns its own engine. 2: both ranks hold one shard of a single
+    engine in their own processes (external launcher), generate their gathered prompts together and
+    keep their own rows: a row given to the wrong rank would pair its prompt with another row's
+    response, and the trainer's log-probs would then be far from the engine's."""
     import json
     import os
     import subprocess
@@ -226,11 +231,11 @@ def test_two_process_ddp_runs_one_engine_per_rank(tmp_path_factory):
     build_tiny_assets(str(assets), hidden_size=64, num_layers=1, num_heads=2)  # head size 32
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     worker = os.path.join(root, "tests", "with_vllm", "ddp_worker.py")
-    out = str(tmp_path_factory.mktemp("ddp") / "rank")
+    out = str(tmp_path_factory.mktemp(f"ddp_tp{tensor_parallel}") / "rank")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
-        [*command, worker, "--assets", str(assets), "--out", out],
+        [*command, worker, "--assets", str(assets), "--out", out, "--tensor-parallel", str(tensor_parallel)],
         env=env,
         cwd=os.path.dirname(out),
         capture_output=True,
@@ -242,6 +247,9 @@ def test_two_process_ddp_runs_one_engine_per_rank(tmp_path_factory):
     assert ranks[0]["pid"] != ranks[1]["pid"]
     for rank in ranks:
         assert len(rank["epochs"]) == 2 and all(epoch["engine_running"] for epoch in rank["epochs"])
+        assert all(epoch["engine_tensor_parallel"] == tensor_parallel for epoch in rank["epochs"])
+        # a sharded engine lives in the trainer's processes; a per-rank engine in its own process
+        assert all(epoch["engine_in_this_process"] == (tensor_parallel > 1) for epoch in rank["epochs"])
         # every rollout of every rank sampled from the weights of the latest step (pushed to its own engine)
         assert all(epoch["logprob_abs_diff_max"] < 1e-3 for epoch in rank["epochs"]), rank
         assert not rank["engine_after_fit"]  # shut down at teardown
