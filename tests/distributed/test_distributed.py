@@ -25,17 +25,22 @@ def launch(args, tmp_path, processes=2):
     return out
 
 
-@pytest.fixture(scope="module")
-def one_step(tiny_assets, tmp_path_factory):
-    """One optimizer step on a fixed 8-row buffer: one process, and two ranks of 4 rows (DDP, FSDP2)."""
-    root = tmp_path_factory.mktemp("one_step")
+def one_step_per_strategy(mode: str, tiny_assets, root) -> dict:
+    """The worker's ``mode`` step in one process and on two ranks (DDP, FSDP2): ``{strategy: (state,
+    export dir)}``."""
     assets = os.path.dirname(tiny_assets["policy"])
     results = {}
     for strategy, processes in (("single", 1), ("ddp", 2), ("fsdp", 2)):
         out = str(root / f"{strategy}.pt")
-        launch([WORKER, "train", "--strategy", strategy, "--assets", assets, "--out", out], root, processes)
+        launch([WORKER, mode, "--strategy", strategy, "--assets", assets, "--out", out], root, processes)
         results[strategy] = (torch.load(out), out + ".export")
     return results
+
+
+@pytest.fixture(scope="module")
+def one_step(tiny_assets, tmp_path_factory):
+    """One optimizer step on a fixed 8-row buffer: one process, and two ranks of 4 rows (DDP, FSDP2)."""
+    return one_step_per_strategy("train", tiny_assets, tmp_path_factory.mktemp("one_step"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

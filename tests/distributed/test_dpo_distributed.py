@@ -1,12 +1,10 @@
 """DPO under DDP and FSDP2 for real: two CPU processes (gloo) against one process with the combined batch."""
 
-import os
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.distributed.test_distributed import WORKER, launch
+from tests.distributed.test_distributed import one_step_per_strategy
 
 pytestmark = pytest.mark.slow
 
@@ -14,14 +12,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dpo_step(tiny_assets, tmp_path_factory):
     """One DPO step on 8 pairs: one process, and two ranks of 4 pairs each (DDP, FSDP2)."""
-    root = tmp_path_factory.mktemp("dpo_step")
-    assets = os.path.dirname(tiny_assets["policy"])
-    results = {}
-    for strategy, processes in (("single", 1), ("ddp", 2), ("fsdp", 2)):
-        out = str(root / f"{strategy}.pt")
-        launch([WORKER, "dpo", "--strategy", strategy, "--assets", assets, "--out", out], root, processes)
-        results[strategy] = (torch.load(out), out + ".export")
-    return results
+    return one_step_per_strategy("dpo", tiny_assets, tmp_path_factory.mktemp("dpo_step"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -29,6 +29,28 @@ from tests.helpers import SevensPPO, datamodule  # noqa: E402
 ROWS = 8
 
 
+def quiet_trainer(strategy_name: str, world: int, **stop) -> L.Trainer:
+    """A CPU Trainer for ``single`` / ``ddp`` / ``fsdp`` (FSDP2) on ``world`` ranks, without logging,
+    checkpoints or validation; ``stop`` is ``max_epochs`` or ``max_steps``."""
+    strategy = {"single": "auto", "ddp": "ddp"}.get(strategy_name)
+    if strategy_name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **stop,
+    )
+
+
 def fixed_experience(module) -> Experience:
     """8 experiences of different lengths, identical on every rank (seeded)."""
     actor, critic = module.actor, module.critic
@@ -81,24 +103,8 @@ def train(args) -> None:
         return Rollout(experience.index(slice(rank * per_rank, (rank + 1) * per_rank)), {}, timing)
 
     callback_module.make_experience = fixed_rollout
-    strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
-    if args.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=strategy,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(args.strategy, world, max_epochs=1)
     assets = {"prompts": f"{args.assets}/prompts.jsonl", "val_prompts": f"{args.assets}/val_prompts.jsonl"}
     trainer.fit(module, datamodule=datamodule(assets))
     state = {f"actor.{k}": v for k, v in full_state_dict(module.actor.model).items()}
@@ -176,24 +182,8 @@ def dpo_train(args) -> None:
         optim={"optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "max_grad_norm": None},
         export_dir=f"{args.out}.export",
     )
-    strategy = {"single": "auto", "ddp": "ddp"}.get(args.strategy)
-    if args.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=strategy,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(args.strategy, world, max_steps=1)
     trainer.fit(module, datamodule=PreferenceDataModule(pairs, batch_size=ROWS // world))
     state = {f"actor.{k}": v for k, v in full_state_dict(module.actor.model).items()}
     state["cached_rows"] = torch.tensor(len(module.reference_cache))

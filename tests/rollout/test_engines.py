@@ -17,6 +17,7 @@ from lit_rlhf.models.sharding import policy_weights
 from lit_rlhf.rollout import VLLMEngine
 from lit_rlhf.rollout.maker import mismatch_metrics
 from lit_rlhf.rollout.vllm_engine import _layer_of
+from lit_rlhf.rollout.vllm_launch import shard_group
 from lit_rlhf.settings import GenerationSettings, RolloutSettings, to_plain
 from lit_rlhf.tasks import build_causal_lm, tiny_llama_config
 from tests.helpers import datamodule, small_module, trainer
@@ -214,4 +215,4 @@ def test_a_sharded_engine_needs_a_world_size_it_divides():
 
     module = types.SimpleNamespace(device=torch.device("cpu"), local_rank=0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 splits each engine over 2 ranks.*trainer.devices"):
-        VLLMEngine(tensor_parallel_size=2)._shard_group(module)
+        shard_group(VLLMEngine(tensor_parallel_size=2).tensor_parallel_size, module)
