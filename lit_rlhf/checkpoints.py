@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +46,8 @@ def write_atomically(checkpoint: dict[str, Any], path: str) -> None:
     """``torch.save`` to ``path`` so that the file is either the old one or the whole new one.
 
     Raises:
-        OSError: naming the checkpoint (a full disk, a read-only directory); the old file is untouched.
+        OSError: naming the checkpoint, the cause (a full disk, a read-only directory) and the space left
+            on its disk; the old file is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -58,10 +61,49 @@ def write_atomically(checkpoint: dict[str, Any], path: str) -> None:
     except BaseException as err:
         if os.path.exists(partial):
             os.remove(partial)
-        if isinstance(err, OSError):
-            kept = "the previous checkpoint there is untouched" if os.path.exists(path) else "no checkpoint is there"
-            raise OSError(err.errno, f"could not write checkpoint {path!r} ({err.strerror or err}); {kept}") from err
+        if isinstance(err, OSError) or _is_write_failure(err):
+            raise write_error(path, err) from err
         raise
+
+
+# torch's zip writer reports a failed ``write`` (ENOSPC included) as an enforce failure of its own,
+# with the file's OSError only as the exception's context
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILURES)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """``err`` or the first ``OSError`` in its context chain (what the file system said)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def write_error(path: str, err: BaseException) -> OSError:
+    """An ``OSError`` that says why writing checkpoint ``path`` failed, how much space is left, what is kept."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        space = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free in {directory!r}"
+    except OSError:
+        space = f"the free space in {directory!r} is unknown"
+    cause = _os_error(err)
+    code = cause.errno if cause is not None and cause.errno is not None else errno.EIO
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({cause.strerror})"
+    elif cause is not None:
+        reason = f"the write failed ({cause.strerror or cause})"
+    else:  # torch said nothing more: a full disk is the usual cause
+        reason = f"the write failed (torch: {str(err).splitlines()[0]}), most often because the disk is full"
+    kept = "keeps its previous contents" if os.path.exists(path) else "was not created"
+    return OSError(
+        code,
+        f"could not write checkpoint {path!r}: {reason}; {space}. The file {kept} and earlier checkpoints are "
+        "untouched: free space there or point the checkpoints elsewhere (ModelCheckpoint dirpath), then resume "
+        "with --ckpt_path last",
+    )
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict[str, Any]:

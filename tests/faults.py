@@ -39,3 +39,24 @@ class KillDuringSave(L.Callback):
             return original(obj, f, *args, **kwargs)
 
         checkpoints.torch.save = save
+
+
+def full_disk_at_save(monkeypatch, save: int = 2) -> None:
+    """Checkpoint write number ``save`` (1-based) goes to ``/dev/full``: the real ``torch.save`` then fails
+    exactly as on a full disk (torch's ``[enforce fail at inline_container.cc]``, the ENOSPC only as context).
+    """
+    import lit_rlhf.checkpoints as checkpoints
+
+    count = [0]
+
+    def open_partial(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - the caller closes it
+        if "w" in mode and str(path).endswith(".partial"):
+            count[0] += 1
+            if count[0] == save:
+                full = os.open("/dev/full", os.O_WRONLY)
+                os.dup2(full, f.fileno())
+                os.close(full)
+        return f
+
+    monkeypatch.setattr(checkpoints, "open", open_partial, raising=False)

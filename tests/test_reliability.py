@@ -20,6 +20,7 @@ from lit_rlhf import PPOModule, PromptDataModule
 from lit_rlhf.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lit_rlhf.precision import AutoPrecision
 from lit_rlhf.rewards import RewardFunction, RewardModel
+from tests import faults
 from tests.helpers import SevensPPO, datamodule, small_module, trainer
 from tests.test_cli import ROOT, run, tiny_overrides
 
@@ -41,19 +42,33 @@ def good_checkpoint(tiny_assets, tmp_path_factory):
     return callback.last_model_path
 
 
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_assets, tmp_path, monkeypatch):
-    real_save, calls = checkpoints.torch.save, [0]
+@pytest.mark.parametrize("fault", ["oserror", "torch_enforce"])
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_assets, tmp_path, monkeypatch, fault):
+    """``oserror``: the file says ENOSPC; ``torch_enforce``: the real torch.save on /dev/full, which says only
+    ``[enforce fail at inline_container.cc]`` -- both become an error naming the file, the full disk, the space left.
+    """
+    if fault == "oserror":
+        real_save, calls = checkpoints.torch.save, [0]
 
-    def full_disk(obj, f, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            f.write(b"PK\x03\x04 the start of a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+        def full_disk(obj, f, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 2:
+                f.write(b"PK\x03\x04 the start of a checkpoint")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
-    with pytest.raises(OSError, match="could not write checkpoint .*epoch=1.*No space left on device"):
+        monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    else:
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full (Linux)")
+        faults.full_disk_at_save(monkeypatch, save=2)
+    message = (
+        r"could not write checkpoint .*epoch=1.*: the disk is full \(No space left on device\); [\d.]+ MiB free in"
+    )
+    with pytest.raises(OSError, match=message) as raised:
         fit_with_checkpoints(tiny_assets, tmp_path, epochs=2)
+    assert raised.value.errno == errno.ENOSPC and "inline_container" not in str(raised.value)
+    assert "earlier checkpoints are untouched" in str(raised.value)
     files = sorted(os.listdir(tmp_path / "ckpt"))
     assert not [f for f in files if f.endswith(".partial")], "the half-written file is removed"
     checkpoint = load_checkpoint_file(str(tmp_path / "ckpt" / "last.ckpt"))
