@@ -207,12 +207,13 @@ def _version_of(root: Path, ckpt_path: str) -> str | None:
 
 
 def run_loggers(loggers, run_dir: str) -> list:
-    """The configured loggers writing into ``run_dir``, plus the CSV log every run keeps (for its plot)."""
+    """The configured loggers writing into ``run_dir``, plus the CSV log every run keeps (for its plot).
+
+    ``logger: false`` turns the logging services off, not ``metrics.csv``: the run still keeps it.
+    """
     from jsonargparse import Namespace
 
-    if loggers is False:
-        return False
-    configured = [] if loggers in (None, True) else (loggers if isinstance(loggers, list) else [loggers])
+    configured = [] if loggers in (None, True, False) else (loggers if isinstance(loggers, list) else [loggers])
     for logger in configured:
         if isinstance(logger, Namespace) and logger.init_args.get("save_dir") in (None, "."):
             logger.init_args.save_dir = run_dir

@@ -85,6 +85,18 @@ def test_every_shipped_config_instantiates_and_print_config_round_trips(config, 
     assert again.model.hparams == cli.model.hparams
 
 
+@pytest.mark.parametrize("logger", ["false", "true"])
+def test_logger_false_still_keeps_metrics_csv_in_the_run_folder(tiny_assets, tmp_path, logger):
+    """``--trainer.logger false`` turns W&B off; the CSV log every run keeps stays, in the run folder."""
+    from lit_rlhf.cli import LitRLHFCLI, RunCSVLogger
+
+    args = config_args(os.path.join(ROOT, "configs", "ppo_tiny.yaml"), tiny_assets)
+    args += ["--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", logger]
+    cli = LitRLHFCLI(args=args, run=False)
+    assert [type(lg) for lg in cli.trainer.loggers] == [RunCSVLogger]
+    assert os.path.normpath(cli.trainer.loggers[0].log_dir) == str(tmp_path / "runs" / "version_0")
+
+
 def test_groups_from_the_cli_reach_the_module(tiny_assets):
     """A nested group field set on the command line is the value the module uses."""
     from lit_rlhf.cli import LitRLHFCLI
