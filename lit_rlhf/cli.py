@@ -16,6 +16,7 @@ import csv
 import netrc
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import lit_rlhf.modules  # noqa: F401  (registers the modules, so `--model.help 
 from lit_rlhf.checkpoints import AtomicCheckpointIO, load_checkpoint_file, newest_checkpoint, verify_digest
 from lit_rlhf.modules.ppo_setup import check_writable
 from lit_rlhf.quiet import quiet
+from lit_rlhf.signals import GracefulStop
 
 RUN_DIR_ENV = "LIT_RLHF_RUN_DIR"
 SETTINGS_POINTER = """lit-rlhf {subcommand} --config CONFIG [--trainer.FIELD VALUE] [--model.GROUP.FIELD VALUE] ...
@@ -94,6 +96,8 @@ class LitRLHFCLI(LightningCLI):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        given = kwargs.get("args")
+        self.argv = list(given) if isinstance(given, list | tuple) else sys.argv[1:] if given is None else None
         # each settings field's docstring is its --help line
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its own config
@@ -170,9 +174,25 @@ class LitRLHFCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(PlotCallback())
+        trainer.callbacks.append(GracefulStop(resume_command(self.argv)))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own CheckpointIO
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def resume_command(argv: list[str] | None) -> str | None:
+    """``lit-rlhf fit <the same arguments> --ckpt_path last``: what resumes a stopped ``fit`` (None otherwise)."""
+    if not argv or argv[0] != "fit":
+        return None
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["lit-rlhf", "fit", *kept, "--ckpt_path", "last"])
 
 
 def run_directory(root: str | None, ckpt_path: str | None = None) -> str:
