@@ -170,6 +170,9 @@ class GenerationSettings:
     suppress_token_ids: tuple[int, ...] = ()
     """token ids that are never sampled (e.g. pad/bos; EOS for fixed-length responses)."""
     val_temperature: float | None = None
+    stop_strings: tuple[str, ...] = ()
+    """a row ends (finished, like an EOS) at the token whose text completes one of these; that token is
+    kept and the response text contains the string (e.g. ``["\\n\\n"]``)."""
     """validation sampling temperature (None = ``temperature``; 0 = greedy)."""
 
     def __post_init__(self) -> None:
@@ -183,6 +186,9 @@ class GenerationSettings:
         _check(all(isinstance(i, int) and i >= 0 for i in ids), "generation", "suppress_token_ids", ids, "ids >= 0")
         object.__setattr__(self, "suppress_token_ids", ids)
         if self.val_temperature is not None:
+        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings or ())
+        _check(all(isinstance(s, str) and s for s in stops), "generation", "stop_strings", stops, "non-empty strings")
+        object.__setattr__(self, "stop_strings", stops)
             _check(self.val_temperature >= 0, "generation", "val_temperature", self.val_temperature, ">= 0")
 
     @property

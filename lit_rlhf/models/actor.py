@@ -22,6 +22,7 @@ from lit_rlhf.models.loading import (
     prepare,
 )
 from lit_rlhf.models.padding import pack_rows, packed_forward, unpack, valid_window
+from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.settings import GenerationSettings, LoadSettings
 
 
@@ -33,12 +34,16 @@ class GenerationOutput(NamedTuple):
     action_mask: ``[B, A]`` bool, True for response tokens up to and including the first EOS.
     log_probs: ``[B, A]`` fp32 log-probs of the sampled tokens at the sampling temperature
         (before top-k/top-p filtering), as seen while decoding.
+    finished: ``[B]`` bool, the row ended by itself (an EOS, or a token that completed one of
+        ``generation.stop_strings``) rather than at ``max_new_tokens``; None: read it from the
+        response's last token (:func:`lit_rlhf.rollout.maker.ends_with_eos`).
     """
 
     sequences: Tensor
     attention_mask: Tensor
     action_mask: Tensor
     log_probs: Tensor
+    finished: Tensor | None = None
 
 
 class ActionLogits(NamedTuple):
@@ -122,13 +127,20 @@ class Actor(nn.Module):
         pad_token_id: id written after a row's EOS.
         padding_free: pack the rows of every scoring/training forward into one row without padding
             (worth it with ``flash_attention_2``; see ``lit_rlhf.models.padding``).
+        tokenizer: decodes sampled responses for ``generation.stop_strings`` (``from_pretrained`` sets it).
     """
 
     def __init__(
-        self, model: nn.Module, eos_token_ids: list[int], pad_token_id: int, padding_free: bool = False
+        self,
+        model: nn.Module,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        padding_free: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer
         self.padding_free = padding_free
         self.register_buffer("eos_token_ids", torch.tensor(eos_token_ids, dtype=torch.long), persistent=False)
         self.pad_token_id = pad_token_id
@@ -161,7 +173,7 @@ class Actor(nn.Module):
         disable_dropout(model)
         eos = tokenizer.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        return cls(model, eos_ids, tokenizer.pad_token_id, padding_free=settings.padding_free)
+        return cls(model, eos_ids, tokenizer.pad_token_id, padding_free=settings.padding_free, tokenizer=tokenizer)
 
     @property
     def has_adapter(self) -> bool:
@@ -235,6 +247,9 @@ class Actor(nn.Module):
         active = torch.arange(batch, device=device)  # the rows still decoding, as indices into the batch
         next_position = positions[:, -1:] + 1
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        stops = StopStrings(self.tokenizer, settings.stop_strings) if settings.stop_strings else None
+        kept = torch.full((batch,), max_new + 1, device=device)  # tokens kept by a row a stop string ended
+        early = settings.stop_at_eos or stops is not None  # rows can finish before max_new_tokens
         key_mask = None  # the keys each row may attend to, as the model's 4D mask (see takes_decode_mask)
         if takes_decode_mask(self.model.config):
             key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new, dtype=torch.bool, device=device)
@@ -245,11 +260,15 @@ class Actor(nn.Module):
             token = torch.where(finished, self.pad_token_id, sample_tokens(logits, settings, uniform))
             responses[active, step] = token
             log_probs[active, step] = log_probs_from_logits(logits, token, settings.scoring_temperature)
+            if stops is not None:  # the same rule as the vLLM engine's (see lit_rlhf.models.stop_strings)
+                hit = stops.completed(responses[active, max(0, step + 1 - stops.window) : step + 1]) & ~finished
+                kept[active[hit]] = step + 1
+                finished = finished | hit
             finished = finished | torch.isin(token, eos_ids)
             if on_token is not None:
                 on_token(step + 1, max_new)
-            done = int(finished.sum()) if settings.stop_at_eos else 0  # one host sync per step
-            if step == max_new - 1 or (settings.stop_at_eos and done == len(active)):
+            done = int(finished.sum()) if early else 0  # one host sync per step
+            if step == max_new - 1 or (early and done == len(active)):
                 steps = step + 1
                 break
             if compact and done and done >= len(active) / 4:
@@ -274,12 +293,15 @@ class Actor(nn.Module):
             ).logits[:, -1]
             next_position = next_position + 1
         responses = responses[:, :steps]
-        action_mask = action_mask_from_responses(responses, eos_ids)
+        action_mask = action_mask_from_responses(responses, eos_ids) & (
+            torch.arange(steps, device=device) < kept[:, None]
+        )
         return GenerationOutput(
             sequences=torch.cat([input_ids, responses], dim=1),
             attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
             action_mask=action_mask,
             log_probs=log_probs[:, :steps],
+            finished=(torch.isin(responses, eos_ids) & action_mask).any(-1) | (kept <= max_new),
         )
 
     def action_logits(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:

@@ -232,7 +232,9 @@ class PPOModule(L.LightningModule):
         self.watch_reward_scale(raw)
         scores = raw
         if self.algorithm.missing_eos_penalty is not None:
-            has_eos = ends_with_eos(gen.sequences, gen.action_mask, self.actor.eos_token_ids)
+            has_eos = gen.finished  # an EOS or a stop string: only rows cut at max_new_tokens are penalised
+            if has_eos is None:
+                has_eos = ends_with_eos(gen.sequences, gen.action_mask, self.actor.eos_token_ids)
             scores = torch.where(has_eos, scores, scores - self.algorithm.missing_eos_penalty)
         if self.algorithm.reward_clip is not None:
             scores = scores.clamp(-self.algorithm.reward_clip, self.algorithm.reward_clip)

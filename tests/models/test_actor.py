@@ -1,6 +1,7 @@
 """Actor: generation masks, log-prob agreement with sampling, padding invariance, LoRA, export."""
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -313,3 +314,60 @@ def test_suppressed_tokens_are_never_sampled(actor, tokenizer):
     responses = out.sequences[:, input_ids.shape[1] :]
     assert not torch.isin(responses, torch.tensor([0, 1, 2])).any()
     assert out.action_mask.all(), "without EOS every response runs to max_new_tokens"
+
+
+def test_a_stop_string_ends_its_row_at_the_token_that_completes_it(actor, tokenizer, monkeypatch):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    four, five, six, one = (tokenizer.convert_tokens_to_ids(c) for c in "4561")
+    # row 0 writes "456": "45" is complete after its 2nd token; row 1 "111" never; row 2 "4" then EOS
+    steps = iter(torch.tensor([[four, one, four], [five, one, eos], [six, one, one]]))
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s, g: next(steps))
+    input_ids, attention_mask = prompts(tokenizer)
+    settings = GenerationSettings(max_new_tokens=3, stop_strings=("45",))
+    out = actor.generate(input_ids, attention_mask, settings, compact=False)  # the fake sampler fills every row
+    responses = out.sequences[:, input_ids.shape[1] :]
+    assert responses.tolist() == [[four, five, pad], [one, one, one], [four, eos, pad]]
+    assert out.action_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    assert out.finished.tolist() == [True, False, True]  # stopped, cut at max_new_tokens, EOS
+    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.action_mask.long()], 1))
+    # the text the rewards read (the decode of the kept ids) holds the stop string
+    texts = tokenizer.batch_decode(responses.masked_fill(~out.action_mask, pad), skip_special_tokens=True)
+    assert texts == ["45", "111", "4"]
+    # the kept tokens' log-probs are the policy's
+    scored = actor(out.sequences, out.attention_mask, 3)
+    torch.testing.assert_close(out.log_probs[out.action_mask], scored[out.action_mask], atol=1e-5, rtol=0)
+
+
+def test_stop_strings_cut_rows_that_hold_them_and_leave_the_others_alone(actor, tokenizer):
+    input_ids, attention_mask = prompts(tokenizer, ("1+2=", "12+34=", "7+7=", "5+5=") * 4)
+    settings = GenerationSettings(
+        max_new_tokens=8, stop_at_eos=False, suppress_token_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    )
+    plain = actor.generate(input_ids, attention_mask, settings, torch.Generator().manual_seed(3))
+    stopped = actor.generate(
+        input_ids, attention_mask, replace(settings, stop_strings=("1", "+=")), torch.Generator().manual_seed(3)
+    )
+    width = input_ids.shape[1]
+    hits = 0
+    for row in range(len(input_ids)):
+        ids = plain.sequences[row, width:].tolist()
+        texts = [tokenizer.decode(ids[: end + 1], skip_special_tokens=True) for end in range(len(ids))]
+        stop = next((end for end, text in enumerate(texts) if "1" in text or "+=" in text), None)
+        kept = stopped.action_mask[row].sum().item()
+        if stop is None:  # unaffected: the same tokens and log-probs, still cut at max_new_tokens
+            assert kept == 8 and stopped.sequences[row, width:].tolist() == ids and not stopped.finished[row]
+        else:  # exactly the sampled ids up to the token that completed the stop string
+            hits += 1
+            assert kept == stop + 1 and stopped.finished[row], (row, texts)
+            assert stopped.sequences[row, width : width + kept].tolist() == ids[:kept]
+        torch.testing.assert_close(stopped.log_probs[row, :kept], plain.log_probs[row, :kept], atol=1e-6, rtol=0)
+    assert 0 < hits < len(input_ids)  # both kinds of rows were seen
+
+
+def test_stop_strings_need_the_tokenizer(tiny_paths, tokenizer):
+    bare = Actor(Actor.from_pretrained(tiny_paths["policy"], tokenizer).model, [tokenizer.eos_token_id], 0)
+    with pytest.raises(ValueError, match="generation.stop_strings needs the policy's tokenizer"):
+        bare.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=2, stop_strings=("1",)))
+    assert GenerationSettings(stop_strings="\n").stop_strings == ("\n",)
+    with pytest.raises(ValueError, match="generation.stop_strings"):
+        GenerationSettings(stop_strings=("",))
