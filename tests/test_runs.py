@@ -139,3 +139,39 @@ def test_the_progress_bar_shows_each_phase_with_a_count(tiny_assets, tmp_path, m
     assert "Epoch 0 · scoring 5/5" in shown, shown  # 2 chunks x (reference, critic) + the rewards
     assert shown[-1] == "Epoch 0 · training"
     assert shown.index("Epoch 0 · scoring 5/5") > max(i for i, s in enumerate(shown) if "generating" in s)
+
+
+def test_a_fit_from_python_prints_what_the_cli_prints(tiny_assets, tmp_path, recwarn):
+    """No Lightning adverts, no deprecation warnings from lit_rlhf's own calls, no ``v_num`` and no
+    ``Epoch 8/-2`` in a step-counted run's progress bar: a Trainer and a PPOModule built in Python."""
+    import logging
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips.addHandler(handler)
+    try:
+        bar = RichProgressBar()
+        t = L.Trainer(
+            accelerator="cpu",
+            max_steps=8,
+            max_epochs=-1,
+            default_root_dir=str(tmp_path),
+            limit_val_batches=0,
+            callbacks=[bar],
+            enable_model_summary=False,
+        )
+        models = {"actor_path": tiny_assets["policy"], "new_value_head": True, "gradient_checkpointing": True}
+        module = small_module(tiny_assets, SevensPPO, models={**models, "lora": {"rank": 4}})
+        t.fit(module, datamodule=datamodule(tiny_assets))
+    finally:
+        tips.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "Tip:" in r.getMessage()]
+    deprecations = [str(w.message) for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecations == [], deprecations
+    assert t.global_step == 8 and t.loggers, "a step-counted run with a logger (which has a version)"
+    assert "v_num" not in bar.get_metrics(t, module)
+    assert bar._get_train_description(8).strip() == "Epoch 8"

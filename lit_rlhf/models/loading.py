@@ -186,6 +186,19 @@ def apply_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str, modul
     return get_peft_model(model, config)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, through the name this transformers version keeps.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
+    warns on the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare(model: torch.nn.Module, settings: LoadSettings, task_type: str, modules_to_save: list[str] | None = None):
     """Apply k-bit preparation, gradient checkpointing and LoRA to a freshly loaded model."""
     if settings.load_in_4bit:
@@ -193,7 +206,7 @@ def prepare(model: torch.nn.Module, settings: LoadSettings, task_type: str, modu
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if settings.lora.enabled:
         model = apply_lora(model, settings.lora, task_type, modules_to_save)

@@ -5,5 +5,8 @@ from lit_rlhf.modules.dpo_setup import DPOModelSettings, DPOSettings
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward import RewardModelModule
 from lit_rlhf.modules.sft import SFTModule
+from lit_rlhf.quiet import quiet
+
+quiet()  # before the user builds a Trainer: no adverts, no known-harmless warnings (see lit_rlhf.quiet)
 
 __all__ = ["DPOModelSettings", "DPOModule", "DPOSettings", "PPOModule", "RewardModelModule", "SFTModule"]

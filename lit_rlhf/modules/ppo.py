@@ -23,6 +23,7 @@ from lit_rlhf.modules.ppo_setup import (
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
 from lit_rlhf.modules.schedule import cosine_with_warmup, make_optimizer
+from lit_rlhf.quiet import quiet_run
 from lit_rlhf.rewards import (
     RewardBatch,
     RewardComponent,
@@ -152,6 +153,7 @@ class PPOModule(L.LightningModule):
         and log every optimizer step.
         """
         self.run_dir = run_directory(self.trainer)
+        quiet_run(self.trainer)  # what the CLI prints, from Python too
         if stage == "fit":
             outputs = {"export_dir": export_directory(self.export_dir, self.run_dir)}
             for callback in self.trainer.checkpoint_callbacks:

@@ -7,6 +7,7 @@ import lightning as L
 from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.modules.outputs import export_directory, run_directory
 from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
+from lit_rlhf.quiet import quiet_run
 from lit_rlhf.settings import ModelSettings, OptimizerSettings, as_group, save_settings, to_plain
 
 
@@ -44,6 +45,7 @@ class SingleModelModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.run_dir = run_directory(self.trainer)  # on every rank: a collective under DDP
+        quiet_run(self.trainer)  # what the CLI prints, from Python too
         if self.trainer.gradient_clip_val is not None:
             raise ValueError(
                 "gradient clipping is a module setting here: set model.init_args.optim.max_grad_norm "
