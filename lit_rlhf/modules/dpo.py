@@ -29,6 +29,7 @@ from lit_rlhf.modules.dpo_setup import (
 from lit_rlhf.modules.outputs import export_directory, replaced_directory
 from lit_rlhf.modules.ppo_setup import check_writable
 from lit_rlhf.modules.single import SingleModelModule
+from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.rewards import RewardBatch, RewardFunction, score_components
 from lit_rlhf.rollout.maker import eval_mode, reference_log_probs
 from lit_rlhf.settings import GenerationSettings, OptimizerSettings, as_group, to_plain
@@ -58,6 +59,8 @@ class DPOModule(SingleModelModule):
             columns are the validation record's other fields (e.g. ``answer``); logged as ``val/<name>``.
         export_dir: where ``on_train_end`` writes the policy as a Hugging Face checkpoint (None =
             ``export/`` in the run directory).
+        val_before_train: validate once before the first update, so the ``val/`` curves start from
+            the starting policy (logged at step 0; a resumed run skips it).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class DPOModule(SingleModelModule):
         generation: GenerationSettings = GenerationSettings(),
         val_metrics: dict[str, str] | None = None,
         export_dir: str | None = None,
+        val_before_train: bool = False,
     ) -> None:
         models, algorithm = as_group(DPOModelSettings, models), as_group(DPOSettings, algorithm)
         generation = as_group(GenerationSettings, generation)
@@ -77,11 +81,13 @@ class DPOModule(SingleModelModule):
             "algorithm": to_plain(algorithm),
             "generation": to_plain(generation),
             "val_metrics": {fn.name: fn.fn_path for fn in val_metric_fns},
+            "val_before_train": val_before_train,
         }
         super().__init__(models, optim, export_dir, default_lr=DPO_LR, extra_hparams=extra)
         self.algorithm, self.generation = algorithm, generation
         self.val_generation = generation.for_validation()
         self.val_metric_fns = val_metric_fns  # plain functions, not submodules: they hold no weights
+        self.val_before_train = val_before_train
         self.tokenizer = load_tokenizer(self.models.path, trust_remote_code=self.models.trust_remote_code)
         self.actor: Actor | None = None
         self.reference: Actor | None = None
@@ -111,6 +117,10 @@ class DPOModule(SingleModelModule):
 
     def on_fit_start(self) -> None:
         self.prepare_examples(validation_only=False)
+
+    def on_train_start(self) -> None:
+        if self.val_before_train:
+            validate_before_training(self.trainer)
 
     def on_validation_start(self) -> None:
         self.prepare_examples(validation_only=True)  # nothing to do after on_fit_start's

@@ -23,6 +23,7 @@ from lit_rlhf.modules.ppo_setup import (
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
 from lit_rlhf.modules.schedule import cosine_with_warmup, make_optimizer
+from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.quiet import quiet_run
 from lit_rlhf.rewards import (
     RewardBatch,
@@ -79,6 +80,8 @@ class PPOModule(L.LightningModule):
             (None = ``export/`` in the run directory).
         log_samples_every_n_epochs: log a table of sample generations every N rollouts (0 = never).
         num_logged_samples: rows in each sample table.
+        val_before_train: validate once before the first rollout, so the ``val/`` curves start from
+            the starting policy (logged at step 0; a resumed run skips it).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class PPOModule(L.LightningModule):
         export_dir: str | None = None,
         log_samples_every_n_epochs: int = 1,
         num_logged_samples: int = 8,
+        val_before_train: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -116,6 +120,7 @@ class PPOModule(L.LightningModule):
         self.val_metric_fns = [RewardFunction(fn, name=name) for name, fn in (val_metrics or {}).items()]
         self.export_dir = export_dir
         self.log_samples_every_n_epochs, self.num_logged_samples = log_samples_every_n_epochs, num_logged_samples
+        self.val_before_train = val_before_train
         save_settings(self, self._plain_settings())
         self.val_generation = self.generation.for_validation()
         self.kl_controller = make_kl_controller(self.kl)
@@ -141,6 +146,7 @@ class PPOModule(L.LightningModule):
             "export_dir": self.export_dir,
             "log_samples_every_n_epochs": self.log_samples_every_n_epochs,
             "num_logged_samples": self.num_logged_samples,
+            "val_before_train": self.val_before_train,
         }
 
     # --- models -------------------------------------------------------------------------------
@@ -367,6 +373,10 @@ class PPOModule(L.LightningModule):
             for name, values in score_components(self.val_metric_fns, responses, self.device).items():
                 self.val_metric_means[name].update(values)
                 self.log(f"val/{name}", self.val_metric_means[name], on_epoch=True, prog_bar=True)
+
+    def on_train_start(self) -> None:
+        if self.val_before_train:
+            validate_before_training(self.trainer)
 
     def on_train_end(self) -> None:
         self.export_pretrained(export_directory(self.export_dir, self.run_dir))
