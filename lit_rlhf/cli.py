@@ -3,6 +3,7 @@
 lit-rlhf fit --config configs/ppo_tiny.yaml [--model.init_args.generation.max_new_tokens 8] [--ckpt_path ...]
 lit-rlhf validate --config configs/ppo_tiny.yaml
 lit-rlhf export --config configs/ppo_tiny.yaml --ckpt_path last.ckpt --export_dir out/ [--merge_lora false]
+    [--push_to_hub REPO]
 lit-rlhf serve-reward --reward_path DIR [--host 127.0.0.1 --port 8000]
 
 Every run writes into one directory, ``<trainer.default_root_dir>/version_<N>`` (see
@@ -32,6 +33,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 import lit_rlhf.data  # noqa: F401  (registers the datamodules, so `--data PromptDataModule` resolves)
 import lit_rlhf.modules  # noqa: F401  (registers the modules, so `--model.help PPOModule` resolves)
 from lit_rlhf.checkpoints import AtomicCheckpointIO, load_checkpoint_file, newest_checkpoint, verify_digest
+from lit_rlhf.modules.model_card import create_hub_repo, push_to_hub
+from lit_rlhf.modules.outputs import check_export_dir, checkpoint_outputs
 from lit_rlhf.modules.ppo_setup import check_writable
 from lit_rlhf.quiet import quiet
 from lit_rlhf.signals import GracefulStop
@@ -258,32 +261,49 @@ def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lit-rlhf export",
         description="Load a checkpoint into the configured module and write Hugging Face checkpoints "
-        "(PPO: actor/ and critic/; SFT, reward model, DPO: the model itself). Every other option (--config, "
-        "--model...) is the fit command's.",
-        usage="lit-rlhf export --config CONFIG --ckpt_path CKPT --export_dir DIR [--merge_lora false] [fit options]",
+        "(PPO: actor/ and critic/; SFT, reward model, DPO: the model itself) with a model card (README.md). "
+        "Every other option (--config, --model...) is the fit command's.",
+        usage="lit-rlhf export --config CONFIG --ckpt_path CKPT --export_dir DIR [--merge_lora false] "
+        "[--push_to_hub REPO [--hub_private]] [fit options]",
     )
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (file, or FSDP2 folder)")
-    parser.add_argument("--export_dir", required=True, help="output directory (actor/ and critic/ inside)")
+    parser.add_argument(
+        "--export_dir",
+        required=True,
+        help="output folder (PPO: actor/ and critic/ inside): new, empty, or an earlier export of the same kind",
+    )
     parser.add_argument("--merge_lora", default="true", choices=["true", "false"], help="merge LoRA into the weights")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="then upload the folder to this Hub model repository")
+    parser.add_argument("--hub_private", action="store_true", help="create the Hub repository as private")
     return parser
 
 
 def export(args: list[str]) -> dict[str, str]:
-    """``export``: load a checkpoint into the configured module and write Hugging Face checkpoints."""
+    """``export``: load a checkpoint into the configured module and write Hugging Face checkpoints.
+
+    Every check that needs no model runs first: the export folder may be written and replaced (it holds no run
+    and nothing lit_rlhf did not write), the Hub repository exists, the checkpoint loads.
+    """
     known, rest = export_parser().parse_known_args(args)
+    check_writable({"--export_dir": known.export_dir})
+    check_export_dir(known.export_dir, None, "--export_dir", checkpoint_outputs(known.ckpt_path))
+    if known.push_to_hub:
+        create_hub_repo(known.push_to_hub, known.hub_private)  # auth and name fail now, not after the export
     checkpoint = load_checkpoint(known.ckpt_path)  # a bad file fails here, before any model loads
     verify_digest(checkpoint, known.ckpt_path)
-    check_writable({"--export_dir": known.export_dir})
     cli = LitRLHFCLI(args=rest, run=False)
     module = cli.model
     if not hasattr(module, "export_pretrained"):
         raise ValueError(f"{type(module).__name__} has no export_pretrained(); nothing to export")
+    check_export_dir(known.export_dir, getattr(module, "export_kind", None), "--export_dir")
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     paths = module.export_pretrained(known.export_dir, merge_lora=known.merge_lora == "true")
     for name, path in paths.items():
         print(f"exported {name} to {path}")
+    if known.push_to_hub:
+        print(f"pushed {known.export_dir} to {push_to_hub(known.export_dir, known.push_to_hub, known.hub_private)}")
     return paths
 
 

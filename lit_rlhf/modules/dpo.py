@@ -27,7 +27,6 @@ from lit_rlhf.modules.dpo_setup import (
     shard_policy,
 )
 from lit_rlhf.modules.outputs import export_directory, replaced_directory
-from lit_rlhf.modules.ppo_setup import check_writable
 from lit_rlhf.modules.single import SingleModelModule
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.rewards import RewardBatch, RewardFunction, score_components
@@ -63,6 +62,8 @@ class DPOModule(SingleModelModule):
             the starting policy (logged at step 0; a resumed run skips it).
     """
 
+    export_kind = "dpo"
+
     def __init__(
         self,
         models: DPOModelSettings,
@@ -97,9 +98,7 @@ class DPOModule(SingleModelModule):
     # --- models -------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            check_writable({"export_dir": export_directory(self.export_dir, self.run_dir)})
+        super().setup(stage)  # checks the export folder before any model loads
         check_reference_tokenizer(self.models, self.tokenizer)
 
     def configure_model(self) -> None:
@@ -263,7 +262,7 @@ class DPOModule(SingleModelModule):
         Under FSDP2 every rank must call this (the full weights are gathered); rank 0 writes.
         """
         writer = self._trainer is None or self.trainer.is_global_zero
-        target = replaced_directory(directory) if writer else contextlib.nullcontext(directory)
+        target = replaced_directory(directory, "dpo", self) if writer else contextlib.nullcontext(directory)
         with target as partial:  # whole or not at all
             state = full_state_dict(self.actor.model)  # collective under FSDP2
             if writer:

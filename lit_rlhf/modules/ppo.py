@@ -11,14 +11,13 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import GenerationOutput, load_tokenizer
-from lit_rlhf.modules.outputs import export_directory, run_directory
+from lit_rlhf.modules.outputs import check_outputs, export_directory, run_directory
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_setup import (
     build_models,
     check_ppo_settings,
     check_prompt_lengths,
     check_tokenizers,
-    check_writable,
     critic_path,
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
@@ -83,6 +82,8 @@ class PPOModule(L.LightningModule):
         val_before_train: validate once before the first rollout, so the ``val/`` curves start from
             the starting policy (logged at step 0; a resumed run skips it).
     """
+
+    export_kind = "ppo"  # what export_dir holds: actor/ and critic/
 
     def __init__(
         self,
@@ -160,11 +161,8 @@ class PPOModule(L.LightningModule):
         """
         self.run_dir = run_directory(self.trainer)
         quiet_run(self.trainer)  # what the CLI prints, from Python too
-        if stage == "fit":
-            outputs = {"export_dir": export_directory(self.export_dir, self.run_dir)}
-            for callback in self.trainer.checkpoint_callbacks:
-                outputs["the checkpoint directory"] = getattr(callback, "dirpath", None) or self.run_dir
-            check_writable(outputs)
+        if stage == "fit":  # writable, and replacing nothing but an earlier PPO export
+            check_outputs(self.trainer, self.export_dir, self.run_dir, self.export_kind)
         uses_critic = self.algorithm.uses_critic
         check_tokenizers(self.models, self.tokenizer, self.critic_path if uses_critic else None)
         check_prompt_lengths(self.trainer.datamodule, self.models, self.generation.max_new_tokens)

@@ -94,7 +94,7 @@ def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, 
     writer = trainer is None or trainer.is_global_zero
     parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.critic is not None else [])
     # written whole or not at all: a failed export leaves a previous one in ``directory`` as it was
-    target = replaced_directory(directory) if writer else contextlib.nullcontext(directory)
+    target = replaced_directory(directory, "ppo", module) if writer else contextlib.nullcontext(directory)
     with target as partial:
         for name, wrapper in parts:
             state = full_state_dict(wrapper.model)  # collective under FSDP2: every rank takes part

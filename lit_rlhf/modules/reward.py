@@ -32,6 +32,8 @@ class RewardModelModule(SingleModelModule):
             directory).
     """
 
+    export_kind = "reward"
+
     def __init__(
         self,
         models: ModelSettings,
@@ -81,7 +83,7 @@ class RewardModelModule(SingleModelModule):
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         """Write the reward model (with its score statistics) and tokenizer in Hugging Face format."""
         self.tokenizer.padding_side = "left"
-        with replaced_directory(directory) as partial:  # whole or not at all
+        with replaced_directory(directory, self.export_kind, self) as partial:  # whole or not at all
             self.model.save_pretrained(partial, merge_lora=merge_lora, tokenizer=self.tokenizer)
         self.tokenizer.padding_side = "right"
         return {"reward": directory}

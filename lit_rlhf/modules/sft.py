@@ -22,6 +22,8 @@ class SFTModule(SingleModelModule):
             directory).
     """
 
+    export_kind = "sft"
+
     def __init__(
         self,
         models: ModelSettings,
@@ -63,7 +65,7 @@ class SFTModule(SingleModelModule):
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
         """Write the fine-tuned model (LoRA merged unless ``merge_lora=False``) with its tokenizer."""
         self.tokenizer.padding_side = "left"
-        with replaced_directory(directory) as partial:  # whole or not at all
+        with replaced_directory(directory, self.export_kind, self) as partial:  # whole or not at all
             self.actor.save_pretrained(partial, merge_lora=merge_lora, tokenizer=self.tokenizer)
         self.tokenizer.padding_side = "right"
         return {"actor": directory}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 from lit_rlhf.checkpoints import add_digest, verify_digest
-from lit_rlhf.modules.outputs import export_directory, run_directory
+from lit_rlhf.modules.outputs import check_outputs, export_directory, run_directory
 from lit_rlhf.modules.schedule import make_optimizer, optimizer_with_schedule
 from lit_rlhf.quiet import quiet_run
 from lit_rlhf.settings import ModelSettings, OptimizerSettings, as_group, save_settings, to_plain
@@ -26,6 +26,8 @@ class SingleModelModule(L.LightningModule):
         extra_hparams: the subclass's own settings, recorded with the groups.
     """
 
+    export_kind = "model"  # what the export holds: an earlier export of the same kind is all it replaces
+
     def __init__(
         self,
         models: ModelSettings,
@@ -44,7 +46,10 @@ class SingleModelModule(L.LightningModule):
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
 
     def setup(self, stage: str) -> None:
+        """Find the run directory (on every rank) and, before any model loads, check the outputs."""
         self.run_dir = run_directory(self.trainer)  # on every rank: a collective under DDP
+        if stage == "fit":  # an unwritable or unsafe export_dir fails now, not after training
+            check_outputs(self.trainer, self.export_dir, self.run_dir, self.export_kind)
         quiet_run(self.trainer)  # what the CLI prints, from Python too
         if self.trainer.gradient_clip_val is not None:
             raise ValueError(
