@@ -16,7 +16,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -27,7 +27,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
 KLEstimator = Literal["k1", "k2", "k3"]
-LRDecay = Literal["constant", "cosine"]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"]
 # the same type as Lightning's ``OptimizerCallable``: YAML gives ``class_path`` + ``init_args``
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -372,10 +372,15 @@ class OptimizerSettings:
     optimizer: OptimizerCallable | None = None
     """any ``torch.optim`` class with its ``init_args`` (None = AdamW, fused kernel where possible, at
     the module's default learning rate)."""
+    lr_scheduler: LRScheduler = "constant_with_warmup"
+    """``transformers.get_scheduler``'s schedule: ``constant`` (no warm-up), ``constant_with_warmup``,
+    ``linear`` / ``cosine`` to 0 at the run's last optimizer step, ``cosine_with_min_lr`` to ``min_lr_ratio``."""
     warmup_steps: int = 0
-    """linear learning-rate warm-up, in optimizer steps."""
-    lr_decay: LRDecay = "constant"
-    """after warm-up: ``constant``, or ``cosine`` to 0 at the end of training."""
+    """linear learning-rate warm-up from 0, in optimizer steps."""
+    warmup_ratio: float = 0.0
+    """warm-up as a fraction of the run's optimizer steps (rounded up; instead of ``warmup_steps``)."""
+    min_lr_ratio: float | None = None
+    """``cosine_with_min_lr``'s final learning rate as a fraction of the peak (None = 0.1)."""
     max_grad_norm: float | None = 1.0
     """clip the gradient norm to this (None = off)."""
 
@@ -385,9 +390,23 @@ class OptimizerSettings:
         if self.optimizer is not None and not callable(self.optimizer):
             raise ValueError(f"optim.optimizer must be a torch.optim class with init_args, got {self.optimizer!r}")
         _check(self.warmup_steps >= 0, "optim", "warmup_steps", self.warmup_steps, ">= 0")
-        _choice(self.lr_decay, ("constant", "cosine"), "optim", "lr_decay")
+        _choice(self.lr_scheduler, get_args(LRScheduler), "optim", "lr_scheduler")
+        _check_schedule(self)
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "optim", "max_grad_norm", self.max_grad_norm, "> 0 (or null: no clipping)")
+
+
+def _check_schedule(settings: OptimizerSettings) -> None:
+    _check(0 <= settings.warmup_ratio < 1, "optim", "warmup_ratio", settings.warmup_ratio, "in [0, 1)")
+    if settings.warmup_ratio and settings.warmup_steps:
+        raise ValueError("optim.warmup_steps and optim.warmup_ratio are both set: give one of them")
+    if settings.lr_scheduler == "constant" and (settings.warmup_steps or settings.warmup_ratio):
+        raise ValueError("optim.lr_scheduler='constant' has no warm-up: use constant_with_warmup, or no warm-up")
+    if settings.min_lr_ratio is None:
+        return
+    if settings.lr_scheduler != "cosine_with_min_lr":
+        raise ValueError("optim.min_lr_ratio is read only by optim.lr_scheduler='cosine_with_min_lr'")
+    _check(0 <= settings.min_lr_ratio <= 1, "optim", "min_lr_ratio", settings.min_lr_ratio, "in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

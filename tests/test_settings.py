@@ -49,7 +49,7 @@ GROUPS = [
         (S.PPOModelSettings, {"actor_path": "a", "load_in_4bit": True}, "set models.lora.rank > 0"),
         (S.OptimizerSettings, {"max_grad_norm": 0.0}, "optim.max_grad_norm must be > 0"),
         (S.OptimizerSettings, {"warmup_steps": -1}, "optim.warmup_steps must be >= 0"),
-        (S.OptimizerSettings, {"lr_decay": "linear"}, "unknown optim.lr_decay 'linear'; valid: constant, cosine"),
+        (S.OptimizerSettings, {"lr_scheduler": "poly"}, "unknown optim.lr_scheduler 'poly'; valid: constant, "),
     ],
 )
 def test_a_bad_field_is_named(group, fields, message):

@@ -21,7 +21,7 @@ from lit_rlhf.modules.ppo_setup import (
     critic_path,
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
-from lit_rlhf.modules.schedule import cosine_with_warmup, make_optimizer
+from lit_rlhf.modules.schedule import make_optimizer, make_scheduler, ppo_total_steps
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.quiet import quiet_run
 from lit_rlhf.rewards import (
@@ -271,16 +271,15 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         """The actor's (and the critic's) optimiser, each with its warm-up/decay schedule per step."""
-        total = self.trainer.max_epochs * len(self.buffer) if self.trainer.max_epochs else None
         parts = [(self.optim.actor, self.actor, ACTOR_LR)]
         if self.critic is not None:
             parts.append((self.optim.critic, self.critic, CRITIC_LR))
+        total = ppo_total_steps(self.trainer.max_epochs, self.trainer.max_steps, len(self.buffer), len(parts))
         optimizers, schedulers = [], []
         for settings, model, default_lr in parts:
             optimizer = make_optimizer(settings.optimizer, model, default_lr)
-            schedule = cosine_with_warmup(settings.warmup_steps, settings.lr_decay, total)
             optimizers.append(optimizer)
-            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+            schedulers.append(make_scheduler(optimizer, settings, total))
         return optimizers, schedulers
 
     def train_dataloader(self) -> DataLoader:

@@ -225,7 +225,7 @@ def test_resume_gives_the_same_subsequent_losses(tiny_assets, pairs, tmp_path):
     def module():
         return DPOModule(
             models={"path": tiny_assets["policy"]},
-            optim={"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3), "warmup_steps": 3, "lr_decay": "cosine"},
+            optim={"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3), "warmup_steps": 3, "lr_scheduler": "cosine"},
         )
 
     def data():
