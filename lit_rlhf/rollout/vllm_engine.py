@@ -30,12 +30,16 @@ from torch import Tensor
 from lit_rlhf.engines import RolloutEngine
 from lit_rlhf.models.actor import GenerationOutput, action_mask_from_responses
 from lit_rlhf.models.sharding import hf_model, policy_weights
+from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.rollout.vllm_launch import (
     CPU_ENGINE_ENV,
     ENGINE_ENV,
     LAUNCHER_ENV,
     check_cpu_head_dim,
+    engine_death,
     environment,
+    quiet_chat_warmup,
+    scheduler_args,
     shard_group,
     spawned_engine_gpu,
 )
@@ -52,6 +56,10 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: share of the GPU's memory the engine may use (weights + KV cache);
             the trainer shares the device, so keep it well under vLLM's own default of 0.9.
         max_num_seqs: sequences decoded together (vLLM's batch).
+        max_num_batched_tokens: tokens one scheduler step may process (prompt chunks + one per decoding
+            sequence; None: vLLM's default, at least ``max_model_len`` when chunked prefill is off).
+        enable_chunked_prefill: let one step take part of a prompt and finish it in the next (None: off
+            on CPU, where vLLM cannot re-seed a request whose prompt was split, vLLM's default on a GPU).
         max_model_len: longest prompt + response (None: the model's position range).
         enforce_eager: no CUDA graphs (None: eager on CPU, graphs on a GPU).
         tensor_parallel_size: ranks (devices) per engine: every ``t`` consecutive ranks run one engine,
@@ -66,6 +74,8 @@ class VLLMEngine(RolloutEngine):
         kv_cache_gib: float | None = None,
         gpu_memory_utilization: float = 0.5,
         max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         tensor_parallel_size: int = 1,
@@ -76,6 +86,7 @@ class VLLMEngine(RolloutEngine):
             "kv_cache_gib": kv_cache_gib is None or kv_cache_gib > 0,
             "gpu_memory_utilization": 0 < gpu_memory_utilization <= 1,
             "max_num_seqs": max_num_seqs >= 1,
+            "max_num_batched_tokens": max_num_batched_tokens is None or max_num_batched_tokens >= 1,
             "max_model_len": max_model_len is None or max_model_len >= 2,
             "tensor_parallel_size": isinstance(tensor_parallel_size, int) and tensor_parallel_size >= 1,
             "push_chunk_mib": push_chunk_mib > 0,
@@ -86,6 +97,7 @@ class VLLMEngine(RolloutEngine):
                 raise ValueError(f"rollout.engine.init_args.{name}={value!r} is out of range; see VLLMEngine's docs")
         self.kv_cache_gib, self.gpu_memory_utilization = kv_cache_gib, gpu_memory_utilization
         self.max_num_seqs, self.max_model_len, self.enforce_eager = max_num_seqs, max_model_len, enforce_eager
+        self.max_num_batched_tokens, self.enable_chunked_prefill = max_num_batched_tokens, enable_chunked_prefill
         self.tensor_parallel_size, self.enable_sleep_mode = tensor_parallel_size, enable_sleep_mode
         self.push_chunk_mib = push_chunk_mib
         self.llm: Any = None
@@ -93,6 +105,7 @@ class VLLMEngine(RolloutEngine):
         self.vocab_size = 0
         self.eos_token_ids: list[int] = []
         self.pad_token_id = 0
+        self.tokenizer: Any = None  # the actor's (stop strings); vLLM gets a copy to detokenize with
         self.last_push: dict[str, float] = {}
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._signature: tuple = ()
@@ -104,6 +117,8 @@ class VLLMEngine(RolloutEngine):
             "kv_cache_gib": self.kv_cache_gib,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "enable_chunked_prefill": self.enable_chunked_prefill,
             "max_model_len": self.max_model_len,
             "enforce_eager": self.enforce_eager,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -134,6 +149,12 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"rollout.engine: vLLM runs on CUDA GPUs or the CPU, not on {device.type}")
         if self.enable_sleep_mode and device.type != "cuda":
             raise ValueError("rollout.engine.init_args.enable_sleep_mode needs a GPU (vLLM's sleep mode is CUDA-only)")
+        if self.enable_chunked_prefill and device.type == "cpu":
+            raise ValueError(
+                "rollout.engine.init_args.enable_chunked_prefill=true on CPU: vLLM's CPU sampler cannot re-seed a "
+                "request whose prompt is split over scheduler steps (RuntimeError: CPU Generator does not use offset); "
+                "leave it null (off on CPU)"
+            )
 
     def start(self, module: Any) -> bool:
         """Start this rank's engine from the actor's architecture (weights arrive with the first push).
@@ -174,15 +195,24 @@ class VLLMEngine(RolloutEngine):
         # an empty model folder (the architecture only): the weights are the actor's, pushed before use
         self._model_dir = tempfile.TemporaryDirectory(prefix="lit-rlhf-vllm-")
         config.save_pretrained(self._model_dir.name)
+        self.tokenizer = getattr(actor, "tokenizer", None)
+        if self.tokenizer is not None:  # vLLM detokenizes to find stop strings
+            self.tokenizer.save_pretrained(self._model_dir.name)
         kwargs: dict[str, Any] = {
             "model": self._model_dir.name,
             "load_format": "dummy",
             "dtype": str(self.dtype).removeprefix("torch."),
             "seed": 0,
             "max_model_len": self.max_model_len or positions,
-            "max_num_seqs": self.max_num_seqs,
+            **scheduler_args(
+                self.max_num_seqs,
+                self.max_num_batched_tokens,
+                self.enable_chunked_prefill,
+                self.max_model_len or positions,
+                cuda,
+            ),
             "enforce_eager": (not cuda) if self.enforce_eager is None else self.enforce_eager,
-            "skip_tokenizer_init": True,
+            "skip_tokenizer_init": self.tokenizer is None,
             "logprobs_mode": "processed_logprobs",  # log-probs of the distribution sampled from (T, top-k/p)
             "worker_extension_cls": "lit_rlhf.rollout.vllm_worker.WeightReceiver",
             "gpu_memory_utilization": self.gpu_memory_utilization,
@@ -202,7 +232,7 @@ class VLLMEngine(RolloutEngine):
             remove = ()
         elif cuda:  # the spawned engine sees only this rank's GPU
             env.update(spawned_engine_gpu(module.device))
-        with environment(env, remove=remove):
+        with environment(env, remove=remove), quiet_chat_warmup():
             self.llm = vllm.LLM(**kwargs)
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
@@ -249,6 +279,10 @@ class VLLMEngine(RolloutEngine):
                     f"generation.suppress_token_ids has ids >= the vocabulary size {self.vocab_size}: {sorted(banned)}"
                 )
             allowed = [i for i in range(self.vocab_size) if i not in banned]
+        stops: dict[str, Any] = {}
+        if generation.stop_strings:  # vLLM detokenizes to find them; the ids are cut again by our rule (generate)
+            StopStrings(self.tokenizer, generation.stop_strings)  # no tokenizer: an error naming the setting
+            stops = {"stop": list(generation.stop_strings), "include_stop_str_in_output": True}
         return SamplingParams(
             n=1,
             temperature=generation.temperature,
@@ -256,11 +290,12 @@ class VLLMEngine(RolloutEngine):
             top_k=generation.top_k if generation.top_k > 0 else 0,
             max_tokens=generation.max_new_tokens,
             logprobs=0,
-            detokenize=False,
+            detokenize=bool(stops),
             seed=seed,
             stop_token_ids=self.eos_token_ids if generation.stop_at_eos else None,
             ignore_eos=not generation.stop_at_eos,
             allowed_token_ids=allowed,
+            **stops,
         )
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor, generation, seed: int) -> GenerationOutput:
@@ -287,7 +322,13 @@ class VLLMEngine(RolloutEngine):
             seeds = [s for share in shares for s in share[1]]
         prompts = [{"prompt_token_ids": ids} for ids in rows]
         params = [self.sampling_params(generation, s) for s in seeds]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)[first : first + mine]
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)[first : first + mine]
+        except Exception as error:
+            death = engine_death(error, self.llm, len(rows), sum(len(row) for row in rows))
+            if death is None:
+                raise
+            raise death from error
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
         tokens = [list(out.outputs[0].token_ids) for out in outputs]
@@ -295,10 +336,22 @@ class VLLMEngine(RolloutEngine):
             [lp[token].logprob for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)]
             for out in outputs
         ]
-        return self.as_generation_output(input_ids, attention_mask, tokens, log_probs)
+        finished = [out.outputs[0].finish_reason == "stop" for out in outputs]  # EOS or a stop string, not length
+        if generation.stop_strings:  # the native sampler's rule, so that both engines cut at the same token
+            rule = StopStrings(self.tokenizer, generation.stop_strings)
+            for row, ids in enumerate(tokens):
+                stop = rule.first_stop(ids)
+                if stop is not None:
+                    tokens[row], log_probs[row], finished[row] = ids[: stop + 1], log_probs[row][: stop + 1], True
+        return self.as_generation_output(input_ids, attention_mask, tokens, log_probs, finished)
 
     def as_generation_output(
-        self, input_ids: Tensor, attention_mask: Tensor, tokens: list[list[int]], log_probs: list[list[float]]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        tokens: list[list[int]],
+        log_probs: list[list[float]],
+        finished: list[bool] | None = None,
     ) -> GenerationOutput:
         """Pack variable-length responses like the native sampler: right-padded with the pad id."""
         width = max(1, max(len(t) for t in tokens))
@@ -317,6 +370,7 @@ class VLLMEngine(RolloutEngine):
             attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
             action_mask=action_mask,
             log_probs=torch.where(action_mask, scores, 0.0),
+            finished=None if finished is None else torch.tensor(finished, device=device),
         )
 
     def shutdown(self) -> None:

@@ -4,6 +4,7 @@ vLLM's CPU build supports. Nothing here imports vLLM at module import time."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -104,3 +105,64 @@ def environment(values: dict[str, str], remove: tuple[str, ...] = ()) -> Iterato
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def scheduler_args(
+    max_num_seqs: int,
+    max_num_batched_tokens: int | None,
+    enable_chunked_prefill: bool | None,
+    max_model_len: int | None,
+    cuda: bool,
+) -> dict[str, Any]:
+    """vLLM's scheduler arguments. Every request is seeded (one seed per row), and on CPU vLLM cannot
+    rewind a seeded request's generator after a step that computed only part of its prompt
+    (``gpu_model_runner`` calls ``Generator.set_offset``, CUDA-only), so the engine would die as soon as
+    one step's token budget ends inside a prompt: chunked prefill is off on CPU, and every step then
+    takes whole prompts only (vLLM keeps the budget at least ``max_model_len``)."""
+    chunked = cuda if enable_chunked_prefill is None else enable_chunked_prefill
+    if not chunked and max_num_batched_tokens is not None and max_model_len and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"rollout.engine.init_args.max_num_batched_tokens={max_num_batched_tokens} is less than max_model_len "
+            f"{max_model_len}: without chunked prefill one step must hold a whole prompt; raise it, lower "
+            "max_model_len, or leave it null"
+        )
+    args: dict[str, Any] = {"max_num_seqs": max_num_seqs}
+    if enable_chunked_prefill is not None or not cuda:
+        args["enable_chunked_prefill"] = chunked
+    if max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = max_num_batched_tokens
+    return args
+
+
+class _DropChatWarmup(logging.Filter):
+    """vLLM's ``LLM`` renders a chat template once at start-up to warm it up; the engine is token-in,
+    token-out (no chat, and no tokenizer unless stop strings need one), so its failure is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
+
+
+@contextlib.contextmanager
+def quiet_chat_warmup() -> Iterator[None]:
+    """Drop the chat-template warm-up's warning (a ``Tokenizer not available`` traceback) while an engine starts."""
+    logger, drop = logging.getLogger("vllm.renderers.base"), _DropChatWarmup()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def engine_death(error: BaseException, llm: Any, rows: int, prompt_tokens: int) -> RuntimeError | None:
+    """An error that says what to change when vLLM's engine died (``EngineDeadError``), else None."""
+    if type(error).__name__ != "EngineDeadError":
+        return None
+    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    return RuntimeError(
+        f"rollout.engine: the vLLM engine died while generating {rows} rows ({prompt_tokens} prompt tokens) with "
+        f"max_num_seqs={scheduler.max_num_seqs}, max_num_batched_tokens={scheduler.max_num_batched_tokens}, "
+        f"enable_chunked_prefill={scheduler.enable_chunked_prefill}; the cause is in the EngineCore traceback above. "
+        "'CPU Generator does not use offset': a seeded prompt was split over steps, set "
+        "rollout.engine.init_args.enable_chunked_prefill: false (the CPU default); out of memory: lower "
+        "rollout.engine.init_args.max_num_seqs or max_num_batched_tokens, or raise kv_cache_gib"
+    )

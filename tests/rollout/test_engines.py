@@ -216,3 +216,59 @@ def test_a_sharded_engine_needs_a_world_size_it_divides():
     module = types.SimpleNamespace(device=torch.device("cpu"), local_rank=0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 splits each engine over 2 ranks.*trainer.devices"):
         shard_group(VLLMEngine(tensor_parallel_size=2).tensor_parallel_size, module)
+
+
+def test_a_row_ended_by_a_stop_string_is_finished_not_penalised_as_truncated(tiny_assets):
+    from lit_rlhf import PPOModule
+
+    class Zero(PPOModule):
+        def compute_reward(self, prompts, responses):
+            return torch.zeros(len(responses))
+
+    module = small_module(tiny_assets, cls=Zero, algorithm={"missing_eos_penalty": 1.0})
+    module.configure_model()
+    engine = VLLMEngine()
+    engine.eos_token_ids, engine.pad_token_id = [module.tokenizer.eos_token_id], module.tokenizer.pad_token_id
+    input_ids, attention_mask = torch.tensor([[5, 6]] * 3), torch.ones(3, 2, dtype=torch.long)
+    tokens = [[4, 5], [4, 4, 4], [4, engine.eos_token_ids[0]]]  # a stop string, cut at max tokens, EOS
+    log_probs = [[-1.0] * len(t) for t in tokens]
+    out = engine.as_generation_output(input_ids, attention_mask, tokens, log_probs, [True, False, True])
+    assert out.finished.tolist() == [True, False, True]
+    assert module.score_responses(out, ["p"] * 3, {}).scores.tolist() == [0.0, -1.0, 0.0]
+    # without the engine's word, a row is finished only if its last token is an EOS
+    unknown = out._replace(finished=None)
+    assert module.score_responses(unknown, ["p"] * 3, {}).scores.tolist() == [-1.0, -1.0, 0.0]
+
+
+def test_the_scheduler_never_splits_a_seeded_prompt_on_cpu():
+    from lit_rlhf.rollout.vllm_launch import scheduler_args
+
+    # CPU: chunked prefill off (vLLM's CPU sampler cannot rewind a seeded request's generator)
+    assert scheduler_args(64, None, None, 256, cuda=False) == {"max_num_seqs": 64, "enable_chunked_prefill": False}
+    assert scheduler_args(64, 512, None, 256, cuda=True) == {"max_num_seqs": 64, "max_num_batched_tokens": 512}
+    with pytest.raises(ValueError, match="max_num_batched_tokens=128 is less than max_model_len 256"):
+        scheduler_args(64, 128, None, 256, cuda=False)
+    engine = VLLMEngine(enable_chunked_prefill=True, max_num_batched_tokens=4096)
+    assert engine.init_args()["enable_chunked_prefill"] and engine.init_args()["max_num_batched_tokens"] == 4096
+    with pytest.raises(ValueError, match="enable_chunked_prefill=true on CPU"):
+        engine.check_device(torch.device("cpu"))
+    with pytest.raises(ValueError, match="max_num_batched_tokens=0"):
+        VLLMEngine(max_num_batched_tokens=0)
+
+
+def test_an_engine_death_names_the_cause_and_the_settings_to_change():
+    from lit_rlhf.rollout.vllm_launch import engine_death
+
+    class EngineDeadError(Exception):  # vLLM's, by name (vLLM is not installed here)
+        pass
+
+    scheduler = types.SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=4096, enable_chunked_prefill=True)
+    llm = types.SimpleNamespace(
+        llm_engine=types.SimpleNamespace(vllm_config=types.SimpleNamespace(scheduler_config=scheduler))
+    )
+    error = engine_death(EngineDeadError("EngineCore encountered an issue"), llm, rows=128, prompt_tokens=7808)
+    message = str(error)
+    assert "128 rows (7808 prompt tokens)" in message and "max_num_batched_tokens=4096" in message
+    assert "CPU Generator does not use offset" in message
+    assert "rollout.engine.init_args.enable_chunked_prefill: false" in message
+    assert engine_death(ValueError("a bad prompt"), llm, 1, 1) is None  # other errors pass through unchanged

@@ -256,3 +256,68 @@ def test_two_process_ddp_runs_one_engine_per_rank_or_one_sharded_over_both(tmp_p
     # DDP kept the two actors identical
     assert ranks[0]["actor_sum"] == pytest.approx(ranks[1]["actor_sum"], abs=1e-6)
     assert ranks[0]["actor_abs_sum"] == pytest.approx(ranks[1]["actor_abs_sum"], abs=1e-6)
+
+
+def test_a_rollout_with_more_prompt_tokens_than_one_scheduler_step_holds(engine, demo_assets):
+    """The crash this guards against: chunked prefill split a seeded prompt between two steps and vLLM's
+    CPU sampler died rewinding its generator (``CPU Generator does not use offset``)."""
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert not scheduler.enable_chunked_prefill  # the CPU default: every step takes whole prompts
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
+    engine.sync_weights(module_of(actor))
+    # a long shared system-like preamble makes each prompt ~90 tokens: 64 rows (max_num_seqs) x 90 > the budget
+    texts = [" ".join(PROMPTS * 5) + " " + p for p in PROMPTS * 16]
+    enc = chat_prompts(tok, texts)
+    assert int(enc.attention_mask.sum()) > scheduler.max_num_batched_tokens
+    settings = GenerationSettings(max_new_tokens=4, temperature=1.0)
+    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=3)
+    assert out.sequences.shape[0] == len(texts) and bool(out.action_mask[:, 0].all())
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+
+
+def test_stop_strings_end_rows_at_the_completing_token_with_exact_ids_and_log_probs(engine, demo_assets):
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
+    engine.sync_weights(module_of(actor))
+    enc = chat_prompts(tok, PROMPTS * 8)
+    width = enc.input_ids.shape[1]
+    base = GenerationSettings(max_new_tokens=6, temperature=1.0)
+    stops = dataclasses.replace(base, stop_strings=("4", "9"))
+    assert engine.sampling_params(stops, 0).stop == ["4", "9"]
+    plain = engine.generate(enc.input_ids, enc.attention_mask, base, seed=11)
+    out = engine.generate(enc.input_ids, enc.attention_mask, stops, seed=11)
+    hits = 0
+    for row in range(len(enc.input_ids)):
+        ids = plain.sequences[row, width:][plain.action_mask[row]].tolist()
+        kept = out.sequences[row, width:][out.action_mask[row]].tolist()
+        texts = [tok.decode(ids[: end + 1], skip_special_tokens=True) for end in range(len(ids))]
+        stop = next((end for end, text in enumerate(texts) if "4" in text or "9" in text), None)
+        if stop is None:  # a row without a stop string is unaffected
+            assert kept == ids and bool(out.finished[row]) == bool(plain.finished[row])
+        else:  # exactly the sampled ids up to the token that completed the stop string, finished
+            hits += 1
+            assert kept == ids[: stop + 1] and bool(out.finished[row]), (row, texts)
+            assert any(s in tok.decode(kept, skip_special_tokens=True) for s in ("4", "9"))  # the text keeps it
+    assert 0 < hits < len(enc.input_ids)
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+
+
+def test_an_engine_without_a_tokenizer_starts_quietly_and_refuses_stop_strings(demo_assets, capfd):
+    from lit_rlhf.rollout import VLLMEngine
+
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok)
+    actor.tokenizer = None  # vLLM starts with skip_tokenizer_init=True
+    bare = VLLMEngine(kv_cache_gib=0.1, max_num_seqs=8)
+    capfd.readouterr()
+    try:
+        bare.start(module_of(actor))
+        printed = capfd.readouterr()
+        # vLLM warms up a chat template it cannot render without a tokenizer: that traceback is dropped
+        assert "Tokenizer not available" not in printed.out + printed.err
+        assert "Chat template warmup failed" not in printed.out + printed.err
+        with pytest.raises(ValueError, match="generation.stop_strings needs the policy's tokenizer"):
+            bare.sampling_params(GenerationSettings(stop_strings=("4",)), 0)
+    finally:
+        bare.shutdown()
