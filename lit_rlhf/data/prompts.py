@@ -10,18 +10,29 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lit_rlhf.data.chat import DataError, Where, check_template, render_prompt
+from lit_rlhf.data.chat import DataError, Where, as_turns, check_template, render_prompt
 from lit_rlhf.data.files import read_rows, split_train_val
+from lit_rlhf.rewards.inputs import MissingColumn
+
+# the column that carries each row's messages (before the chat template) to the rewards
+MESSAGES_COLUMN = "prompt_messages"
 
 log = logging.getLogger(__name__)
 
 
 class PromptRecord(NamedTuple):
-    """One prompt: the text the policy sees, its token ids, and every other field of its record."""
+    """One prompt: the text the policy sees, its token ids, every other field of its record, and where it is.
+
+    ``messages`` are the turns the chat template rendered (with an added system prompt), or None
+    for a prompt used as raw text.
+    """
 
     text: str
     ids: list[int]
     columns: dict
+    messages: list[dict] | None = None
+    path: str = ""
+    row: int = 0
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -30,7 +41,9 @@ class PromptDataModule(L.LightningDataModule):
     A prompt is a plain string or a conversation (a list of ``{"role", "content"}`` messages); with
     ``apply_chat_template`` it is rendered with the tokenizer's chat template and the generation
     prompt (the assistant header), so the policy answers as the assistant. Every other field of a
-    record (e.g. ``answer``) travels with its prompt to the rewards as a column. Records are checked,
+    record (e.g. ``answer``) travels with its prompt to the rewards as a column (a row whose record
+    lacks a field another row has is an error once a reward reads it, naming file and row), and so
+    do the messages the template rendered (``prompt_messages``). Records are checked,
     rendered and tokenised in ``setup``, before any model is loaded; a bad one is named by file,
     row and field.
 
@@ -81,6 +94,7 @@ class PromptDataModule(L.LightningDataModule):
         self.val_prompts: list[PromptRecord] = []
         self.tokenizer = None
         self.truncated = 0
+        self.column_names: list[str] = []
 
     def setup(self, stage: str) -> None:
         if self.train_prompts:
@@ -90,24 +104,46 @@ class PromptDataModule(L.LightningDataModule):
         check_template(self.tokenizer, hp.apply_chat_template)
         val = self._read(hp.val_path) if hp.val_path is not None else None
         self.train_prompts, self.val_prompts = split_train_val(self._read(hp.path), hp.path, val, hp.val_size, hp.seed)
+        # every batch has every column of both files, so a row that lacks one is found (never a silent None)
+        records = [*self.train_prompts, *self.val_prompts]
+        self.column_names = list(dict.fromkeys(name for r in records for name in r.columns))
 
     def _read(self, path: str) -> list[PromptRecord]:
         """Every record of ``path`` checked, rendered and tokenised."""
         hp, rows = self.hparams, read_rows(path, split=self.hparams.split)
-        texts, columns = [], []
+        texts, columns, messages = [], [], []
         for row, record in rows:
             where = Where(path, row, hp.field)
             if hp.field not in record:
                 raise DataError(f"{where}: the prompt field is missing; the record's fields are {sorted(record)}")
+            if MESSAGES_COLUMN in record and hp.field != MESSAGES_COLUMN:
+                raise DataError(
+                    f"{Where(path, row, MESSAGES_COLUMN)}: this name is reserved for the messages the rewards get; "
+                    "rename the field"
+                )
             value = record[hp.field]
             texts.append(render_prompt(self.tokenizer, value, where, hp.apply_chat_template, hp.system_prompt))
+            messages.append(self._messages(value, where))
             columns.append({k: v for k, v in record.items() if k != hp.field})
         # the chat template writes the special tokens itself; raw text gets the tokenizer's (e.g. BOS)
         ids = self.tokenizer(texts, add_special_tokens=not hp.apply_chat_template).input_ids
         for (row, _), x in zip(rows, ids, strict=True):
             if not x:
                 raise DataError(f"{Where(path, row, hp.field)}: the prompt is empty (no tokens)")
-        return [PromptRecord(t, x, c) for t, x, c in zip(texts, ids, columns, strict=True)]
+        return [
+            PromptRecord(t, x, c, m, path, row)
+            for t, x, c, m, (row, _) in zip(texts, ids, columns, messages, rows, strict=True)
+        ]
+
+    def _messages(self, value: str | list, where: Where) -> list[dict] | None:
+        """The turns ``render_prompt`` renders (a string as a user turn, system prompt first); None for raw text."""
+        hp = self.hparams
+        if not hp.apply_chat_template:
+            return None
+        messages = as_turns(value, where, "user")
+        if hp.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": hp.system_prompt}, *messages]
+        return messages
 
     def _tokenizer(self):
         if self.hparams.tokenizer_path is not None:
@@ -122,6 +158,8 @@ class PromptDataModule(L.LightningDataModule):
     def collate(self, records: list[PromptRecord]) -> dict:
         """A batch: left-padded ``input_ids``/``attention_mask``, the rendered ``prompts`` and ``columns``.
 
+        ``columns`` has every field of the data files, a :class:`MissingColumn` where a row lacks
+        one, and with the chat template ``prompt_messages`` (each row's turns before rendering).
         Over-long prompts keep their last ``max_prompt_len`` tokens (counted in ``num_truncated``).
         """
         max_len = self.hparams.max_prompt_len
@@ -136,8 +174,13 @@ class PromptDataModule(L.LightningDataModule):
         for row, x in enumerate(ids):
             input_ids[row, -len(x) :] = torch.tensor(x)
             attention_mask[row, -len(x) :] = 1
-        names = list(dict.fromkeys(name for r in records for name in r.columns))
-        columns = {name: [r.columns.get(name) for r in records] for name in names}
+        names = self.column_names or list(dict.fromkeys(name for r in records for name in r.columns))
+        columns = {
+            name: [r.columns[name] if name in r.columns else MissingColumn(name, r.path, r.row) for r in records]
+            for name in names
+        }
+        if self.hparams.apply_chat_template:
+            columns[MESSAGES_COLUMN] = [r.messages for r in records]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

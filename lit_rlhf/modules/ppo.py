@@ -199,7 +199,8 @@ class PPOModule(L.LightningModule):
         Args:
             prompts: each row's prompt as the policy saw it (chat template applied).
             responses: the decoded responses (special tokens skipped).
-            columns: the other fields of each row's prompt record (e.g. ``answer``), one per row.
+            columns: the other fields of each row's prompt record (e.g. ``answer``), one per row, and
+                ``prompt_messages``: each row's messages before the chat template (None for plain text).
         """
         return self.reward_sum(RewardBatch(prompts, responses, columns))
 
@@ -227,7 +228,8 @@ class PPOModule(L.LightningModule):
         if self._has_custom_reward():
             name = f"{type(self).__qualname__}.compute_reward"
             try:
-                out = call_with_columns(self.compute_reward, batch.prompts, batch.responses, batch.columns)
+                columns_in = batch.columns_with_messages()  # with prompt_messages, which super() passes on
+                out = call_with_columns(self.compute_reward, batch.prompts, batch.responses, columns_in)
             except RewardError:
                 raise
             except Exception as err:

@@ -13,16 +13,17 @@ from lit_rlhf.rewards.base import (
     RewardBatch,
     RewardComponent,
     RewardError,
-    call_with_columns,
     check_scores,
     score_components,
     to_scores,
 )
 from lit_rlhf.rewards.function import RewardFunction
+from lit_rlhf.rewards.inputs import MissingColumn, call_with_columns
 from lit_rlhf.rewards.model import RewardModel
 from lit_rlhf.rewards.remote import RemoteReward
 
 __all__ = [
+    "MissingColumn",
     "RemoteReward",
     "RewardBatch",
     "RewardComponent",

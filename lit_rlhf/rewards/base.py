@@ -8,17 +8,19 @@ the batch behind another one.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import copy
 import functools
 import inspect
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lit_rlhf.rewards.deadline import DeadlinePassed, LoopBlocked, await_with_deadlines, run_in_thread, timeout_message
+from lit_rlhf.rewards.inputs import completions_of
 from lit_rlhf.settings import LoadSettings, import_object
 
 # keys reserved by the metrics of the summed reward (reward/score, reward/mean, reward/std)
@@ -37,10 +39,15 @@ class RewardBatch:
             samples of a prompt.
         responses: the decoded responses (special tokens skipped), or a callable that decodes them
             on first use (the reward-model fast path never needs the text).
-        columns: every other field of each row's prompt record (e.g. ``answer``), one entry per row.
+        columns: every other field of each row's prompt record (e.g. ``answer``), one entry per row
+            (a :class:`~lit_rlhf.rewards.inputs.MissingColumn` where a row's record lacks it). A
+            ``prompt_messages`` entry (as ``PromptDataModule`` sends it) is taken out into
+            :attr:`prompt_messages`.
         sequences: ``[B, P+A]`` the actor's token ids (left-padded prompt, right-padded response),
             or None when the batch comes from text only.
         attention_mask: ``[B, P+A]`` 1 for prompt tokens and response tokens up to the first EOS.
+        prompt_messages: each row's messages before the chat template (with the system prompt if
+            one was added), or None for a row rendered without a template; None: no row has any.
     """
 
     def __init__(
@@ -50,12 +57,18 @@ class RewardBatch:
         columns: dict[str, list] | None = None,
         sequences: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        prompt_messages: list[list[dict] | None] | None = None,
     ) -> None:
         self.prompts = prompts
         self._responses = responses
-        self.columns = columns or {}
+        columns = dict(columns or {})
+        carried = columns.pop("prompt_messages", None)
+        self.prompt_messages = prompt_messages if prompt_messages is not None else carried
+        if self.prompt_messages is None:
+            self.prompt_messages = [None] * len(prompts)
+        self.columns = columns
         self.sequences, self.attention_mask = sequences, attention_mask
-        for name, values in self.columns.items():
+        for name, values in {**self.columns, "prompt_messages": self.prompt_messages}.items():
             if len(values) != len(prompts):
                 raise ValueError(f"column {name!r} has {len(values)} entries for {len(prompts)} prompts")
 
@@ -65,6 +78,38 @@ class RewardBatch:
     @functools.cached_property
     def responses(self) -> list[str]:
         return self._responses() if callable(self._responses) else self._responses
+
+    @property
+    def completions(self) -> list:
+        """TRL's completions: ``[{"role": "assistant", "content": response}]`` per conversational row, else the text."""
+        return completions_of(self.responses, self.prompt_messages)
+
+    def inputs(self) -> dict[str, list]:
+        """What a reward function may ask for by name besides the columns (see ``lit_rlhf.rewards.inputs``)."""
+        return {
+            "prompts": self.prompts,
+            "responses": self.responses,
+            "completions": self.completions,
+            "prompt_messages": self.prompt_messages,
+        }
+
+    def columns_with_messages(self) -> dict[str, list]:
+        """The columns plus ``prompt_messages``: what a ``compute_reward`` override gets and passes on."""
+        return {**self.columns, "prompt_messages": self.prompt_messages}
+
+    def copy(self) -> RewardBatch:
+        """A batch of its own for one component: its edits of texts, columns or tensors reach no other one.
+
+        The responses are copied when first read, so the reward-model fast path still never decodes.
+        """
+        return RewardBatch(
+            copy.deepcopy(self.prompts),
+            lambda: copy.deepcopy(self.responses),
+            copy.deepcopy(self.columns),
+            None if self.sequences is None else self.sequences.clone(),
+            None if self.attention_mask is None else self.attention_mask.clone(),
+            copy.deepcopy(self.prompt_messages),
+        )
 
     def sample(self, i: int) -> tuple[str, str]:
         """Row ``i``'s prompt and response, for error messages."""
@@ -78,18 +123,28 @@ class RewardComponent(nn.Module):
     :meth:`setup`, which runs once before the first score (at model set-up, or on first use when a
     ``compute_reward`` override calls the components itself).
 
+    Every call has a total deadline, ``timeout_s``: a component that has not returned its scores by
+    then ends the run with a :class:`RewardError` naming it and the setting. A sync ``score`` runs
+    on a helper thread the trainer stops waiting for (``score_on_thread``); an async one is cancelled.
+
     Args:
         weight: the component's weight in the sum.
         name: the name in metrics (``reward/<name>``) and errors; a default comes from the component.
+        timeout_s: seconds one call (a whole batch) may take before the run stops with an error.
     """
 
-    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+    # False keeps a sync score on the trainer's thread (its deadline is then checked once it returns)
+    score_on_thread: bool = True
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, timeout_s: float = 300.0) -> None:
         super().__init__()
         if not isinstance(weight, int | float) or not math.isfinite(weight):
             raise ValueError(f"reward weight must be a finite number, got {weight!r}")
         if name is not None and (not name or name in RESERVED_NAMES or "/" in name):
             raise ValueError(f"reward name {name!r} is empty, contains '/', or is one of {RESERVED_NAMES}")
-        self.weight, self._name = float(weight), name
+        if not isinstance(timeout_s, int | float) or not timeout_s > 0 or not math.isfinite(timeout_s):
+            raise ValueError(f"reward timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+        self.weight, self._name, self.timeout_s = float(weight), name, float(timeout_s)
         self.is_set_up = False
 
     @property
@@ -117,29 +172,21 @@ class RewardComponent(nn.Module):
         """One score per response of ``batch`` (``Tensor[B]`` or ``B`` floats), or an awaitable of it."""
         raise NotImplementedError(f"{type(self).__name__} must implement score(batch)")
 
+    @property
+    def is_async(self) -> bool:
+        """Whether :meth:`score` returns an awaitable (awaited concurrently with the other async components)."""
+        return inspect.iscoroutinefunction(self.score)
+
+    def timeout_detail(self) -> str:
+        """Words added to the time-out error (e.g. the URL and the last error of a remote reward)."""
+        return ""
+
     def to_config(self) -> dict:
         """``{class_path, init_args}`` that rebuild this component (for checkpoints and loggers)."""
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.init_args()}
 
     def init_args(self) -> dict:
-        return {"weight": self.weight, "name": self._name}
-
-
-def accepted_columns(fn: Callable, columns: dict[str, list]) -> dict[str, list]:
-    """The columns ``fn`` accepts: all of them if it takes ``**kwargs``, else those it names."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature get prompts and responses only
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return {k: v for k, v in columns.items() if k not in ("prompts", "responses")}
-    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in columns.items() if k in names and k not in ("prompts", "responses")}
-
-
-def call_with_columns(fn: Callable, prompts: list[str], responses: list[str], columns: dict[str, list]) -> Any:
-    """``fn(prompts, responses, **columns)`` with only the columns ``fn`` accepts."""
-    return fn(prompts, responses, **accepted_columns(fn, columns))
+        return {"weight": self.weight, "name": self._name, "timeout_s": self.timeout_s}
 
 
 def to_scores(value: Any, name: str, batch: RewardBatch, device: torch.device | str = "cpu") -> Tensor:
@@ -201,43 +248,61 @@ def check_scores(scores: Tensor, name: str, batch_size: int, sample: Callable[[i
 def score_components(
     components: Sequence[RewardComponent], batch: RewardBatch, device: torch.device | str = "cpu"
 ) -> dict[str, Tensor]:
-    """Each component's checked scores ``[B]``, by name; async components run concurrently."""
+    """Each component's checked scores ``[B]``, by name, each within its ``timeout_s``.
+
+    Sync components run one after the other, async ones concurrently; each gets its own copy of
+    the batch. Whatever a component raises becomes a :class:`RewardError` naming it.
+    """
     results: dict[str, Any] = {}
     pending: dict[str, Any] = {}
-    for component in components:
-        try:
-            out = component.score(batch)
-        except RewardError:
-            raise
-        except Exception as err:
-            raise RewardError(f"reward {component.name} raised {type(err).__name__}: {err}") from err
-        (pending if inspect.isawaitable(out) else results)[component.name] = out
+    try:
+        for component in components:
+            out = start_score(component, batch.copy())
+            (pending if inspect.isawaitable(out) else results)[component.name] = out
+    except BaseException:
+        for awaitable in pending.values():
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never awaited: close it rather than warn about it
+        raise
     if pending:
-        outcomes = run_concurrently(list(pending.values()))
-        for name, outcome in zip(pending, outcomes, strict=True):
-            if isinstance(outcome, RewardError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                raise RewardError(f"reward {name} raised {type(outcome).__name__}: {outcome}") from outcome
+        by_name = {c.name: c for c in components}
+        outcomes = await_with_deadlines(pending, {name: by_name[name].timeout_s for name in pending})
+        for name, outcome in outcomes.items():
             results[name] = outcome
+            if isinstance(outcome, BaseException):
+                error = as_reward_error(by_name[name], outcome)
+                raise error from (None if error is outcome or isinstance(outcome, DeadlinePassed) else outcome)
     return {c.name: to_scores(results[c.name], c.name, batch, device) for c in components}
 
 
-def run_concurrently(awaitables: list) -> list:
-    """Await ``awaitables`` together; exceptions are returned in place of results.
-
-    Inside a running event loop (a notebook) they run on a fresh loop in a helper thread.
-    """
-
-    async def gather() -> list:
-        return await asyncio.gather(*awaitables, return_exceptions=True)
-
+def start_score(component: RewardComponent, batch: RewardBatch) -> Any:
+    """``component.score(batch)``: its scores, or for an async component the awaitable of them."""
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(gather())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, gather()).result()
+        if component.is_async:  # calling it only makes the awaitable
+            return component.score(batch)
+        if component.score_on_thread:
+            return run_in_thread(lambda: component.score(batch), component.timeout_s, component.name)
+        start = time.monotonic()
+        out = component.score(batch)
+        if time.monotonic() - start > component.timeout_s:
+            raise DeadlinePassed(component.timeout_s)
+        return out
+    except BaseException as err:
+        error = as_reward_error(component, err)
+        if error is err:
+            raise
+        raise error from (None if isinstance(err, DeadlinePassed) else err)
+
+
+def as_reward_error(component: RewardComponent, err: BaseException) -> BaseException:
+    """``err`` as a :class:`RewardError` naming the component (interrupts pass through as they are)."""
+    if isinstance(err, RewardError) or not isinstance(err, Exception):
+        return err
+    if isinstance(err, DeadlinePassed):
+        blocked = " (its event loop stayed blocked: an async reward makes a blocking call)"
+        detail = component.timeout_detail() + (blocked if isinstance(err, LoopBlocked) else "")
+        return RewardError(timeout_message(component.name, component.timeout_s, detail))
+    return RewardError(f"reward {component.name} raised {type(err).__name__}: {err}")
 
 
 def as_components(rewards: Sequence[RewardComponent | Mapping] | None) -> list[RewardComponent]:

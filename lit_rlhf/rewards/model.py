@@ -35,6 +35,24 @@ def append_eos(sequences: Tensor, attention_mask: Tensor, eos_token_ids: Tensor)
     return sequences, attention_mask
 
 
+def check_stored_statistics(path: str, load: LoadSettings) -> None:
+    """``normalize=True`` needs the reward mean/std that ``RewardModelModule`` stores in the config.
+
+    Raises:
+        ValueError: naming the checkpoint and both fixes.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=load.trust_remote_code)
+    if getattr(config, "reward_mean", None) is None or getattr(config, "reward_std", None) is None:
+        raise ValueError(
+            f"RewardModel(normalize=true): {path!r} stores no reward mean/std (reward_mean, reward_std in its "
+            "config.json), so there is nothing to normalise with; train the reward model with lit_rlhf's "
+            "RewardModelModule (e.g. `lit-rlhf fit --config configs/rm_tiny.yaml`), which stores them, or set "
+            "normalize: false"
+        )
+
+
 class RewardModel(RewardComponent):
     """A frozen reward model's score of ``prompt + response + EOS``.
 
@@ -47,12 +65,18 @@ class RewardModel(RewardComponent):
     Args:
         path: a ``*ForSequenceClassification`` checkpoint (local directory or hub id).
         weight: the component's weight in the summed reward.
-        normalize: apply the mean/std stored in the checkpoint: ``(s - mean) / std``.
+        normalize: apply the mean/std stored in the checkpoint: ``(s - mean) / std`` (a checkpoint
+            without them, one not trained by ``RewardModelModule``, is an error).
         micro_batch_size: rows per reward-model forward (rows of similar length go together).
         micro_batch_tokens: also cut a micro-batch before its rows x its longest row pass this many
             tokens (None = rows only).
         name: the name in metrics and errors (default ``reward_model``).
+        timeout_s: seconds one batch's forwards may take; checked when they return (a forward
+            cannot be stopped part-way), the run then stops with an error naming the model.
     """
+
+    # the forward needs the trainer thread's autocast and device state (both thread-local)
+    score_on_thread = False
 
     def __init__(
         self,
@@ -62,8 +86,9 @@ class RewardModel(RewardComponent):
         micro_batch_size: int = 16,
         micro_batch_tokens: int | None = None,
         name: str | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
-        super().__init__(weight, name)
+        super().__init__(weight, name, timeout_s)
         if not isinstance(path, str) or not path.strip():
             raise ValueError(f"RewardModel.path must be a model directory or hub id, got {path!r}")
         if micro_batch_size < 1 or (micro_batch_tokens is not None and micro_batch_tokens < 1):
@@ -85,6 +110,8 @@ class RewardModel(RewardComponent):
             ": a reward model is a *ForSequenceClassification checkpoint with a trained score head (RewardModelModule)"
         )
         role = f"reward model {self.name}"
+        if self.normalize:
+            check_stored_statistics(self.path, load)
         self.model = freeze(ValueModel.from_pretrained(self.path, load.frozen(), role, frozen=True, fix=fix))
         self.tokenizer = load_tokenizer(self.path, padding_side="right")
         self.shares_tokenizer = tokenizer is not None and self.tokenizer.get_vocab() == tokenizer.get_vocab()

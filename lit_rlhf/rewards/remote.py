@@ -1,28 +1,33 @@
 """RemoteReward: a reward served over HTTP (``lit-rlhf serve-reward``, or any server of the protocol).
 
 Protocol: ``POST url`` with ``{"prompts": [...], "responses": [...], "columns": {name: [...]}}``,
-answered by ``{"rewards": [...]}`` (one float per response).
+answered by ``{"rewards": [...]}`` (one float per response). A column that some rows of a request
+lack is left out of that request (the server names it as missing, never reads None).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from lit_rlhf.rewards.base import RewardBatch, RewardComponent, RewardError
+from lit_rlhf.rewards.inputs import first_missing
 
 
 class RemoteReward(RewardComponent):
     """Scores from a reward server, in requests of ``batch_size`` rows sent concurrently.
 
-    Connection errors, time-outs and 5xx answers are retried with exponential back-off
-    (0.5 s, 1 s, 2 s, ...); after the last try the run stops with an error naming the URL. A
-    reward is never silently replaced by a default.
+    Connection errors, read time-outs and 5xx answers are retried with exponential back-off
+    (0.5 s, 1 s, 2 s, ...); after the last try the run stops with an error naming the URL. The
+    whole call, every request, retry and back-off included, ends within ``timeout_s`` (a server
+    that trickles its answer a byte at a time is cut off there too). A reward is never silently
+    replaced by a default.
 
     Args:
         url: the endpoint, e.g. ``http://127.0.0.1:8000/predict``.
         weight: the component's weight in the summed reward.
-        timeout_s: seconds to wait for one answer.
+        timeout_s: seconds the whole call (all the batch's requests, with retries) may take.
         max_retries: further tries after the first failed one.
         batch_size: rows per request.
         name: the name in metrics and errors (default ``remote``).
@@ -37,7 +42,6 @@ class RemoteReward(RewardComponent):
         batch_size: int = 64,
         name: str | None = None,
     ) -> None:
-        super().__init__(weight, name)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward.url must be an http:// or https:// URL, got {url!r}")
         if timeout_s <= 0 or max_retries < 0 or batch_size < 1:
@@ -45,10 +49,16 @@ class RemoteReward(RewardComponent):
                 "RemoteReward needs timeout_s > 0, max_retries >= 0 and batch_size >= 1, "
                 f"got {timeout_s}, {max_retries}, {batch_size}"
             )
-        self.url, self.timeout_s, self.max_retries, self.batch_size = url, timeout_s, max_retries, batch_size
+        super().__init__(weight, name, timeout_s)
+        self.url, self.max_retries, self.batch_size = url, max_retries, batch_size
+        self.last_error: str | None = None
 
     def default_name(self) -> str:
         return "remote"
+
+    def timeout_detail(self) -> str:
+        last = f"; last error: {self.last_error}" if self.last_error else ""
+        return f" ({self.url} had not answered in full{last})"
 
     async def score(self, batch: RewardBatch) -> list[float]:
         import httpx
@@ -56,18 +66,22 @@ class RemoteReward(RewardComponent):
         payloads = []
         for start in range(0, len(batch), self.batch_size):
             rows = slice(start, start + self.batch_size)
+            columns = {k: v[rows] for k, v in batch.columns.items()}
             payloads.append(
                 {
                     "prompts": batch.prompts[rows],
                     "responses": batch.responses[rows],
-                    "columns": {k: v[rows] for k, v in batch.columns.items()},
+                    "columns": {k: v for k, v in columns.items() if first_missing(v) is None},
                 }
             )
+        self.last_error = None
+        deadline = time.monotonic() + self.timeout_s
+        # httpx's timeout bounds each read; the component's deadline (score_components) bounds the whole call
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            answers = await asyncio.gather(*(self._post(client, p) for p in payloads))
+            answers = await asyncio.gather(*(self._post(client, p, deadline) for p in payloads))
         return [reward for answer in answers for reward in answer]
 
-    async def _post(self, client, payload: dict) -> list:
+    async def _post(self, client, payload: dict, deadline: float) -> list:
         import httpx
 
         try:
@@ -78,13 +92,16 @@ class RemoteReward(RewardComponent):
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+            timeout = max(deadline - time.monotonic(), 1e-3)  # no single read outlasts the whole call
             try:
-                answer = await client.post(self.url, content=body, headers={"content-type": "application/json"})
+                answer = await client.post(
+                    self.url, content=body, headers={"content-type": "application/json"}, timeout=timeout
+                )
             except httpx.HTTPError as err:  # connection refused, reset, time-out
-                error = f"{type(err).__name__}: {err}"
+                error = self.last_error = f"{type(err).__name__}: {err}"
                 continue
             if answer.status_code >= 500:
-                error = f"HTTP {answer.status_code}: {answer.text[:200]}"
+                error = self.last_error = f"HTTP {answer.status_code}: {answer.text[:200]}"
                 continue
             return self._rewards(answer, len(payload["prompts"]))
         raise RewardError(
@@ -107,10 +124,4 @@ class RemoteReward(RewardComponent):
         return rewards
 
     def init_args(self) -> dict:
-        return {
-            "url": self.url,
-            "timeout_s": self.timeout_s,
-            "max_retries": self.max_retries,
-            "batch_size": self.batch_size,
-            **super().init_args(),
-        }
+        return {"url": self.url, "max_retries": self.max_retries, "batch_size": self.batch_size, **super().init_args()}

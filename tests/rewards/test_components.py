@@ -1,6 +1,8 @@
 """Reward components: weighted sums, dataset columns, async concurrency, overrides, and bad rewards."""
 
 import asyncio
+import threading
+import time
 
 import lightning as L
 import pytest
@@ -10,6 +12,7 @@ from lit_rlhf import PPOModule
 from lit_rlhf.models import GenerationOutput
 from lit_rlhf.rewards import RewardBatch, RewardError, RewardFunction, RewardModel, score_components
 from lit_rlhf.rewards.base import as_components
+from lit_rlhf.rewards.deadline import LOOP_GRACE_S
 from lit_rlhf.rewards.model import append_eos
 from tests.helpers import datamodule, small_module, trainer
 
@@ -234,3 +237,109 @@ def test_checkpoint_settings_load_without_pickled_code(tiny_assets, tmp_path):
     rebuilt = PPOModule(**settings)
     assert rebuilt.generation == module.generation and rebuilt.algorithm == module.algorithm
     assert rebuilt.rewards[0].fn([""], ["abc"]) == [3.0]
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+
+
+def test_an_async_reward_that_never_returns_stops_within_its_timeout():
+    async def never_returns(prompts, responses):
+        await asyncio.Event().wait()  # nobody sets it
+
+    start = time.monotonic()
+    with pytest.raises(
+        RewardError, match="reward never_returns gave no scores within its timeout_s=0.5 s; .*raise timeout_s"
+    ):
+        score_components([RewardFunction(never_returns, timeout_s=0.5)], RewardBatch(["p"], ["r"]))
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_hanging_sync_reward_and_an_async_one_that_blocks_its_loop_stop_too():
+    release = threading.Event()  # set at the end, so the abandoned threads finish
+
+    def hangs(prompts, responses):
+        release.wait()
+        return [0.0] * len(prompts)
+
+    async def blocks(prompts, responses):
+        release.wait()  # a blocking call inside async def: the event loop itself is stuck
+        return [0.0] * len(prompts)
+
+    batch = RewardBatch(["p"], ["r"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(RewardError, match="reward hangs gave no scores within its timeout_s=0.5 s"):
+            score_components([RewardFunction(hangs, timeout_s=0.5)], batch)
+        assert time.monotonic() - start < 2.0
+        start = time.monotonic()
+        with pytest.raises(RewardError, match="reward blocks gave no scores within its timeout_s=0.5 s .*blocked"):
+            score_components([RewardFunction(blocks, timeout_s=0.5)], batch)
+        assert time.monotonic() - start < 0.5 + LOOP_GRACE_S + 1.0
+    finally:
+        release.set()
+
+
+def test_a_sync_reward_runs_on_a_helper_thread_with_the_callers_grad_mode():
+    seen = {}
+
+    def records(prompts, responses):
+        seen.update(thread=threading.current_thread().name, grad=torch.is_grad_enabled())
+        return [1.0] * len(prompts)
+
+    with torch.no_grad():
+        scores = score_components([RewardFunction(records)], RewardBatch(["p"], ["r"]))["records"]
+    assert scores.tolist() == [1.0] and seen == {"thread": "reward records", "grad": False}
+
+
+def test_timeout_s_is_checked_and_travels_in_the_config(tiny_assets):
+    with pytest.raises(ValueError, match="reward timeout_s must be a finite number of seconds > 0, got 0"):
+        RewardFunction(length_reward, timeout_s=0)
+    components = [RewardFunction(length_reward, timeout_s=7.5), RewardModel("some/rm", timeout_s=30)]
+    rebuilt = as_components([c.to_config() for c in components])
+    assert [c.timeout_s for c in rebuilt] == [7.5, 30.0]
+    assert RewardFunction(length_reward).timeout_s == RewardModel("some/rm").timeout_s == 300.0
+
+
+# --- isolation and reward-model statistics ---------------------------------------------------------
+
+
+def test_one_components_in_place_edits_reach_no_other_component():
+    seen = []
+
+    def vandal(prompts, responses, answer):
+        responses[0] = "edited"
+        answer[0] = "edited"
+        prompts.clear()
+        return [0.0, 0.0]
+
+    def reader(prompts, responses, answer):
+        seen.append((list(prompts), list(responses), list(answer)))
+        return [1.0, 1.0]
+
+    batch = RewardBatch(["p0", "p1"], ["r0", "r1"], {"answer": ["a0", "a1"]})
+    score_components([RewardFunction(vandal), RewardFunction(reader), RewardFunction(vandal, name="again")], batch)
+    assert seen == [(["p0", "p1"], ["r0", "r1"], ["a0", "a1"])]
+    assert (batch.prompts, batch.responses, batch.columns) == (["p0", "p1"], ["r0", "r1"], {"answer": ["a0", "a1"]})
+
+
+def test_normalize_needs_the_statistics_a_reward_model_stage_stores(tiny_assets, tmp_path):
+    import json
+    import shutil
+
+    from lit_rlhf.models import load_tokenizer
+    from lit_rlhf.settings import LoadSettings
+
+    tok = load_tokenizer(tiny_assets["policy"])
+    bare = str(tmp_path / "bare_rm")
+    shutil.copytree(tiny_assets["reward"], bare)  # saved by transformers alone: no reward_mean/std
+    with pytest.raises(ValueError, match=f"normalize=true\\): '{bare}' stores no reward mean/std.*RewardModelModule"):
+        RewardModel(bare, normalize=True).ensure_setup(tok, LoadSettings())
+    RewardModel(bare).ensure_setup(tok, LoadSettings())  # without normalize it loads
+    config = json.loads((tmp_path / "bare_rm" / "config.json").read_text())
+    (tmp_path / "bare_rm" / "config.json").write_text(json.dumps({**config, "reward_mean": 0.5, "reward_std": 2.0}))
+    stored = RewardModel(bare, normalize=True)
+    stored.ensure_setup(tok, LoadSettings())
+    raw = RewardModel(bare)
+    raw.ensure_setup(tok, LoadSettings())
+    batch = RewardBatch(["<bos>12+34="], ["46"])
+    torch.testing.assert_close(stored.score(batch), (raw.score(batch) - 0.5) / 2.0)

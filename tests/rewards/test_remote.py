@@ -94,18 +94,20 @@ def test_server_errors_are_retried_with_backoff(stub):
 @pytest.mark.parametrize(
     "respond,message",
     [
-        (lambda p, c: (500, {"detail": "oops"}), "failed after 2 tries; last error: HTTP 500"),
-        (lambda p, c: (None, None), "failed after 2 tries; last error: ReadTimeout"),
-        (lambda p, c: (404, {"detail": "no"}), "answered HTTP 404"),
-        (lambda p, c: (200, {"scores": [1]}), 'expected {"rewards": \\[...\\]}'),
-        (lambda p, c: (200, {"rewards": [1.0]}), "expected a list of 5 rewards"),
-        (lambda p, c: (200, b"not json"), "answered b?'not json'"),
+        (lambda p, c: (500, {"detail": "oops"}), "reward judge: .*{url} failed after 2 tries; last error: HTTP 500"),
+        (lambda p, c: (None, None), "reward judge gave no scores within its timeout_s=0.5 s \\({url} had not answered"),
+        (lambda p, c: (404, {"detail": "no"}), "reward judge: .*{url}.*answered HTTP 404"),
+        (lambda p, c: (200, {"scores": [1]}), 'reward judge: .*{url}.*expected {{"rewards": \\[...\\]}}'),
+        (lambda p, c: (200, {"rewards": [1.0]}), "reward judge: .*{url}.*expected a list of 5 rewards"),
+        (lambda p, c: (200, b"not json"), "reward judge: .*{url}.*answered b?'not json'"),
     ],
 )
 def test_failures_name_the_url(stub, respond, message):
     server = stub(respond)
-    component = RemoteReward(server.url, max_retries=1, timeout_s=0.5, batch_size=8, name="judge")
-    with pytest.raises(RewardError, match=f"reward judge: .*{server.url}.*{message}"):
+    # 0.5 s bounds the whole call: a server that never answers is cut there; a quick 500 is retried within it
+    timeout_s = 0.5 if respond(None, 0)[0] is None else 5.0
+    component = RemoteReward(server.url, max_retries=1, timeout_s=timeout_s, batch_size=8, name="judge")
+    with pytest.raises(RewardError, match=message.format(url=server.url)):
         score_components([component], BATCH)
 
 
@@ -228,3 +230,54 @@ def test_a_server_killed_mid_run_stops_it_with_the_url(tiny_assets, tmp_path):
         assert module.current_epoch == 1, "the first rollout was scored; the second found no server"
     finally:
         stop(process)
+
+
+def trickling_server() -> tuple[str, threading.Event]:
+    """A loopback server that answers one request a byte every 0.5 s (for at most 10 s, then closes)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    done = threading.Event()
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n")
+                for _ in range(20):
+                    if done.wait(0.5):
+                        break
+                    conn.sendall(b" ")
+        except OSError:
+            pass  # the client hung up: the point of the test
+        finally:
+            listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/predict", done
+
+
+def test_timeout_s_bounds_the_whole_answer_of_a_trickling_server():
+    url, done = trickling_server()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RewardError, match=f"reward remote gave no scores within its timeout_s=1 s \\({url}"):
+            score_components([RemoteReward(url, timeout_s=1)], BATCH)
+        assert time.monotonic() - start < 3.0, "each byte came within the read time-out; the whole call must not"
+    finally:
+        done.set()
+
+
+def test_a_failing_remote_reward_shows_no_unrelated_event_loop_error(capsys, caplog):
+    import traceback
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/predict"  # nothing listens there
+    with pytest.raises(RewardError, match=f"{url} failed after 1 tries") as raised:
+        score_components([RemoteReward(url, max_retries=0)], BATCH)
+    printed = "".join(traceback.format_exception(raised.value))
+    captured = capsys.readouterr()
+    for text in (printed, captured.out, captured.err, caplog.text):
+        assert "no running event loop" not in text
