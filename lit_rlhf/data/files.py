@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from lit_rlhf.data.chat import DataError
+
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -15,7 +17,8 @@ def read_rows(path: str, split: str = "train") -> list[tuple[int, dict]]:
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
-        ValueError: an unknown extension, a malformed line (named), or a dataset with no records.
+        ValueError: an unknown extension, or a dataset with no records.
+        DataError: a JSONL line that is not UTF-8, not JSON or not an object (named by file and line).
     """
     extension = os.path.splitext(path)[1].lower()
     looks_local = extension or os.path.sep in path or path.startswith(".")
@@ -43,19 +46,31 @@ def load_records(path: str, split: str = "train") -> list[dict]:
 
 def _read_jsonl(path: str) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a decoding error is then one line's, and named by it
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode(raw, path, line_number)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 problem = f"not valid JSON ({err.msg}, column {err.colno})"
-                raise ValueError(f"{path}, line {line_number}: {problem}") from None
+                raise DataError(f"{path}, line {line_number}: {problem}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
             rows.append((line_number, record))
     return rows
+
+
+def _decode(raw: bytes, path: str, line_number: int) -> str:
+    """One JSONL line as text (JSON is UTF-8; a byte-order mark on the first line is allowed)."""
+    try:
+        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}, line {line_number}: not valid UTF-8 (byte {raw[err.start]:#04x} at byte {err.start + 1} of the "
+            f"line: {err.reason}); save the file as UTF-8 or fix that byte"
+        ) from None
 
 
 def _read_dataset(kind: str, path: str) -> list[tuple[int, dict]]:
