@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from jinja2 import TemplateError
+
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100
 
@@ -105,9 +107,49 @@ def render_prompt(
         raise DataError(f"{where}: the prompt is empty")
     if messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: the conversation ends with an assistant turn; for PPO the model must answer last")
-    if system_prompt is not None and messages[0]["role"] != "system":
+    added = system_prompt is not None and messages[0]["role"] != "system"
+    if added:
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render(tokenizer, messages, where, add_generation_prompt=True, system_prompt_added=added)
+
+
+def render(
+    tokenizer: Any,
+    messages: list[dict],
+    where: Where,
+    add_generation_prompt: bool = False,
+    system_prompt_added: bool = False,
+) -> str:
+    """``messages`` rendered (as text) with the tokenizer's chat template.
+
+    Templates refuse conversations with ``raise_exception`` (Gemma's "System role not supported",
+    Llama 2's "roles must alternate"); that surfaces here as a ``DataError`` naming the record, not
+    as a bare Jinja error from deep inside a datamodule.
+
+    Raises:
+        DataError: the template raised; the message names the row, the template's words and the fix.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        raise DataError(f"{where}: {_template_problem(tokenizer, messages, err, system_prompt_added)}") from err
+
+
+def _template_problem(tokenizer: Any, messages: list[dict], err: TemplateError, system_prompt_added: bool) -> str:
+    """What the chat template refused, in its own words, and what to change."""
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    problem = f"the chat template of {name!r} rejects this conversation ({type(err).__name__}: {err})"
+    if "system" not in str(err).lower() or not any(m["role"] == "system" for m in messages):
+        return f"{problem}; change the record to what the template accepts, or use a tokenizer whose template does"
+    if system_prompt_added:  # the system turn is ours, not the user's record's
+        return (
+            f"{problem}: it has no system role and data.system_prompt adds one; remove data.system_prompt and put "
+            "its instruction into the prompts' user turns, or use a tokenizer whose template has a system role"
+        )
+    return (
+        f"{problem}: it has no system role; merge the system message's text into the first user turn "
+        "(as Gemma 3's own template does), or use a tokenizer whose template has a system role"
+    )
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -128,16 +170,15 @@ def conversation_ids(
         DataError: no assistant turn, or a template that renders earlier turns differently once
             later turns follow (the prefixes would not line up).
     """
-    full = _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+    full = _ids(tokenizer, render(tokenizer, messages, where))
     labels = [IGNORE_INDEX] * len(full)
     eos = _eos_ids(tokenizer)
     end = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < train_from:
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        before = _ids(tokenizer, prompt)
-        upto = _ids(tokenizer, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        before = _ids(tokenizer, render(tokenizer, messages[:i], where, add_generation_prompt=True))
+        upto = _ids(tokenizer, render(tokenizer, messages[: i + 1], where))
         if full[: len(upto)] != upto or upto[: len(before)] != before:
             raise DataError(
                 f"{where}: the chat template renders turn {i} differently once later turns follow, so its tokens "

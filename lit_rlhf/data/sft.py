@@ -26,6 +26,7 @@ from lit_rlhf.data.chat import (
     conversation_ids,
     is_conversation,
     plain_ids,
+    render,
     split_shared_prompt,
 )
 from lit_rlhf.data.files import read_rows, split_train_val
@@ -146,6 +147,7 @@ def completion_ids(
     completion_turns = as_turns(completion, completion_where, "assistant")
     if completion_turns[0]["role"] != "assistant":
         raise DataError(f"{completion_where}: the completion must start with an assistant turn")
+    render(tokenizer, prompt_turns, prompt_where, add_generation_prompt=True)  # a template error names the prompt
     return conversation_ids(tokenizer, prompt_turns + completion_turns, completion_where, len(prompt_turns))
 
 
