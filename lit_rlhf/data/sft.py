@@ -30,6 +30,7 @@ from lit_rlhf.data.chat import (
     split_shared_prompt,
 )
 from lit_rlhf.data.files import read_rows, split_train_val
+from lit_rlhf.data.pairs import check_answers, check_identical, first_difference
 
 __all__ = ["IGNORE_INDEX", "PairDataModule", "PreferenceDataModule", "SFTDataModule"]
 
@@ -281,6 +282,10 @@ class PreferenceDataModule(PairDataModule):
         apply_chat_template: render records with the tokenizer's chat template.
         max_length: longer sequences keep their first ``max_length`` tokens.
         seed: seed of the shuffling and the validation split.
+        max_identical_fraction: pairs whose chosen and rejected token ids are identical after
+            truncation to ``max_length`` (the answers differ only past it) teach nothing and are
+            dropped with a warning that counts them; more than this share of a file's pairs is an
+            error (raise ``max_length``, or this setting to drop them).
     """
 
     def __init__(
@@ -295,11 +300,40 @@ class PreferenceDataModule(PairDataModule):
         apply_chat_template: bool = True,
         max_length: int = 256,
         seed: int = 0,
+        max_identical_fraction: float = 0.05,
     ) -> None:
         super().__init__(path, val_path, val_size, batch_size, apply_chat_template, max_length, seed)
+        if not 0.0 <= max_identical_fraction <= 1.0:
+            raise ValueError(f"data.max_identical_fraction must be in [0, 1], got {max_identical_fraction}")
         self.save_hyperparameters()
 
+    def _read(self, path: str) -> list[tuple[dict, PreferenceExample]]:
+        """``(record, example)`` of every pair of ``path`` but those truncation made identical (counted)."""
+        hp, pairs, identical = self.hparams, [], []
+        for row, record in read_rows(path):
+            sides = self.sides(record, path, row)
+            example = self._truncated(sides)
+            if example.chosen_ids == example.rejected_ids:
+                identical.append((row, first_difference(sides[0][0], sides[1][0])))
+            else:
+                pairs.append((record, example))
+        check_identical(path, identical, len(pairs) + len(identical), hp.max_length, hp.max_identical_fraction)
+        return pairs
+
     def encode(self, record: dict, path: str, row: int) -> PreferenceExample:
+        """The pair's truncated ids and labels (see :meth:`sides`)."""
+        return self._truncated(self.sides(record, path, row))
+
+    def _truncated(self, sides: list[tuple[list[int], list[int], str]]) -> PreferenceExample:
+        return PreferenceExample(*(x for ids, labels, where in sides for x in self.truncate(ids, labels, where)))
+
+    def sides(self, record: dict, path: str, row: int) -> list[tuple[list[int], list[int], str]]:
+        """``(ids, labels, where)`` of the chosen and the rejected row, checked and not yet truncated.
+
+        Raises:
+            DataError: a missing field, a value of the wrong type, an empty chosen answer or one
+                equal to the rejected answer.
+        """
         hp, tok = self.hparams, self.tokenizer
         for name in (hp.chosen_field, hp.rejected_field):
             if name not in record:
@@ -318,11 +352,11 @@ class PreferenceDataModule(PairDataModule):
                 chosen_turns, as_messages(rejected, rejected_where), chosen_where
             )
             prompt_where = chosen_where
-        sides = [
-            self.truncate(*completion_ids(tok, prompt, answer, prompt_where, where, hp.apply_chat_template), str(where))
+        check_answers(chosen, rejected, chosen_where, rejected_where)
+        return [
+            (*completion_ids(tok, prompt, answer, prompt_where, where, hp.apply_chat_template), str(where))
             for answer, where in ((chosen, chosen_where), (rejected, rejected_where))
         ]
-        return PreferenceExample(*sides[0], *sides[1])
 
     def collate(self, examples: list[PreferenceExample]) -> dict[str, Tensor]:
         rows = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
