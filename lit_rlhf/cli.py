@@ -148,13 +148,18 @@ class LitRLHFCLI(LightningCLI):
             print(f"--ckpt_path last: {f'resuming from {found}' if found else 'no checkpoint yet, starting afresh'}")
             ckpt_path = config.ckpt_path = str(found) if found else None
         run_dir = run_directory(config.trainer.default_root_dir, ckpt_path)
-        if self.subcommand and os.environ.get("LOCAL_RANK", "0") == "0":
-            os.makedirs(run_dir, exist_ok=True)  # claims the version (and W&B finds its directory)
         config.trainer.default_root_dir = run_dir
         config.trainer.logger = run_loggers(config.trainer.logger, run_dir)
         for callback in config.trainer.callbacks or []:
             if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
                 callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
+
+    def instantiate_classes(self) -> None:
+        """Build the module, data and trainer, then claim the run directory: a setting that the module's
+        own checks refuse leaves no run folder behind."""
+        super().instantiate_classes()
+        if self.subcommand and os.environ.get("LOCAL_RANK", "0") == "0":
+            os.makedirs(self.trainer.default_root_dir, exist_ok=True)  # claims the version (W&B finds it)
 
     def before_fit(self) -> None:
         """A run resumed with ``--ckpt_path`` keeps logging to the W&B run it started."""

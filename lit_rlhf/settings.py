@@ -128,9 +128,10 @@ class PPOModelSettings(LoadSettings):
     """critic initialisation; default: the first ``RewardModel`` reward's path, else ``actor_path``."""
     reference_path: str | None = None
     """reference policy; default ``actor_path`` (with LoRA: the actor with its adapter disabled)."""
-    new_value_head: bool = False
-    """let the critic start from a checkpoint without a value head (e.g. the SFT policy), with a new
-    head at random; otherwise a missing head is an error."""
+    new_value_head: bool | None = None
+    """may the critic start with a new value head at random? None (default): only when it starts
+    from the actor (no ``critic_path`` and no ``RewardModel`` reward); true: from any checkpoint
+    without one (e.g. an SFT policy as ``critic_path``); false: never (a missing head is an error)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,10 +170,10 @@ class GenerationSettings:
     """stop decoding once every row has produced an EOS token."""
     suppress_token_ids: tuple[int, ...] = ()
     """token ids that are never sampled (e.g. pad/bos; EOS for fixed-length responses)."""
-    val_temperature: float | None = None
     stop_strings: tuple[str, ...] = ()
     """a row ends (finished, like an EOS) at the token whose text completes one of these; that token is
     kept and the response text contains the string (e.g. ``["\\n\\n"]``)."""
+    val_temperature: float | None = None
     """validation sampling temperature (None = ``temperature``; 0 = greedy)."""
 
     def __post_init__(self) -> None:
@@ -185,10 +186,10 @@ class GenerationSettings:
         ids = tuple(self.suppress_token_ids or ())
         _check(all(isinstance(i, int) and i >= 0 for i in ids), "generation", "suppress_token_ids", ids, "ids >= 0")
         object.__setattr__(self, "suppress_token_ids", ids)
-        if self.val_temperature is not None:
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings or ())
         _check(all(isinstance(s, str) and s for s in stops), "generation", "stop_strings", stops, "non-empty strings")
         object.__setattr__(self, "stop_strings", stops)
+        if self.val_temperature is not None:
             _check(self.val_temperature >= 0, "generation", "val_temperature", self.val_temperature, ">= 0")
 
     @property

@@ -158,6 +158,22 @@ def _head_name(path: str, settings: LoadSettings) -> str:
     return "classifier" if config.model_type in ("bert", "roberta", "deberta", "deberta-v2") else "score"
 
 
+def has_scalar_head(path: str, settings: LoadSettings) -> bool | None:
+    """Whether the checkpoint at ``path`` is a sequence classifier (so it has a scalar head), read from
+    its ``config.json`` alone (no weights load); None when its config names no architecture."""
+    from transformers import AutoConfig
+
+    check_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise load_error(path, err) from err
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return None
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
 def _head(model: nn.Module) -> nn.Module:
     for name in HEAD_NAMES:
         if hasattr(model, name):

@@ -15,6 +15,7 @@ from lit_rlhf.modules.outputs import check_outputs, export_directory, run_direct
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_setup import (
     build_models,
+    check_critic_head,
     check_ppo_settings,
     check_prompt_lengths,
     check_tokenizers,
@@ -131,6 +132,8 @@ class PPOModule(L.LightningModule):
         size = self.rollout.rollout_batch_size * self.generation.n_samples_per_prompt
         self.buffer = ExperienceBuffer(size, self.algorithm.mini_batch_size, self.algorithm.ppo_epochs)
         self.critic_path = critic_path(self.models, self.rewards)
+        if self.algorithm.uses_critic:  # knowable from config.json: before any logger or model starts
+            check_critic_head(self.models, self.critic_path)
         self.actor = self.critic = self.reference = None
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.component_scores: dict[str, Tensor] = {}  # the latest scoring call's, per component

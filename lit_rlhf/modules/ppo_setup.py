@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.models import Actor, ValueModel, load_tokenizer
+from lit_rlhf.models.value import has_scalar_head
 from lit_rlhf.rewards import RewardComponent, RewardModel
 from lit_rlhf.rewards.model import freeze
 from lit_rlhf.settings import (
@@ -90,8 +91,30 @@ CRITIC_FIX = (
 )
 
 
+def critic_new_head_ok(models: PPOModelSettings, critic_source: str) -> bool:
+    """``models.new_value_head`` resolved: by default a new head only when the critic starts from the
+    actor (no ``critic_path``, no reward model), which as a causal LM has none."""
+    if models.new_value_head is not None:
+        return models.new_value_head
+    return models.critic_path is None and critic_source == models.actor_path
+
+
+def check_critic_head(models: PPOModelSettings, critic_source: str) -> None:
+    """Before any model loads: a critic source without a value head is an error unless a new head is allowed.
+
+    Reads the checkpoint's ``config.json`` only; loading checks the weights themselves again.
+    """
+    if critic_new_head_ok(models, critic_source) or has_scalar_head(critic_source, models) is not False:
+        return
+    role = "models.critic_path" if models.critic_path else "the critic's starting point"
+    raise ValueError(f"{role} {critic_source!r} is a causal LM without the 'score' head a critic needs{CRITIC_FIX}")
+
+
 def build_models(
-    models: PPOModelSettings, tokenizer: PreTrainedTokenizerBase, uses_critic: bool, critic_source: str
+    models: PPOModelSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    uses_critic: bool,
+    critic_source: str,
 ) -> PolicyModels:
     """Load the actor, the critic (from ``critic_source``) and the frozen reference; check their heads."""
     actor = Actor.from_pretrained(models.actor_path, tokenizer, models, role="models.actor_path")
@@ -104,7 +127,8 @@ def build_models(
     critic = None
     if uses_critic:
         role = "models.critic_path" if models.critic_path else "the critic's starting point"
-        critic = ValueModel.from_pretrained(critic_source, models, role, models.new_value_head, fix=CRITIC_FIX)
+        new_head_ok = critic_new_head_ok(models, critic_source)
+        critic = ValueModel.from_pretrained(critic_source, models, role, new_head_ok, fix=CRITIC_FIX)
     return PolicyModels(actor, critic, reference)
 
 
