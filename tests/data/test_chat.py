@@ -52,7 +52,11 @@ def test_conversational_prompts_end_with_the_generation_prompt_token_for_token(t
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
         assert ids == expected
         assert batch["prompts"][row] == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert batch["columns"] == {"answer": ["5", None]}
+    from lit_rlhf.rewards.inputs import MissingColumn
+
+    answer = batch["columns"]["answer"]
+    assert answer[0] == "5" and isinstance(answer[1], MissingColumn) and answer[1].row == 2
+    assert batch["columns"]["prompt_messages"] == [[SYSTEM, USER], [USER]]
     assert "[{" not in batch["prompts"][0] and "be brief" in batch["prompts"][0]
 
 

@@ -300,7 +300,7 @@ def test_lora_actor_uses_its_disabled_adapter_as_reference(make, tmp_path):
     assert (exp.old_log_probs - exp.ref_log_probs).abs().max() > 1e-4, "the adapter has moved the policy"
 
 
-def test_score_settings_penalty_clip_and_normalisation(make):
+def test_score_settings_penalty_clip_and_normalisation(make, tmp_path):
     eos = 2
     responses = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8]])  # the second was cut at max_new_tokens
     prompts = torch.tensor([[1, 5, 4, 6]] * 2)
@@ -323,7 +323,14 @@ def test_score_settings_penalty_clip_and_normalisation(make):
     torch.testing.assert_close(scored.scores, torch.tensor([2.0, -0.5]))
     torch.testing.assert_close(scored.parts["score"], torch.tensor([3.0, 0.5]))  # before shaping
 
-    rm_module = make(PPOModule, rewards=[RewardModel(make().assets["reward"], normalize=True)])
+    import json
+    import shutil
+
+    stored = tmp_path / "rm_with_statistics"  # normalize needs the mean/std a trained reward model stores
+    shutil.copytree(make().assets["reward"], stored)
+    config = json.loads((stored / "config.json").read_text())
+    (stored / "config.json").write_text(json.dumps({**config, "reward_mean": 0.0, "reward_std": 1.0}))
+    rm_module = make(PPOModule, rewards=[RewardModel(str(stored), normalize=True)])
     rm_module.configure_model()
     reward_model = rm_module.rewards[0].model
     reward_model.set_normalization(0.25, 4.0)
