@@ -104,7 +104,9 @@ def check_critic_head(models: PPOModelSettings, critic_source: str) -> None:
 
     Reads the checkpoint's ``config.json`` only; loading checks the weights themselves again.
     """
-    if critic_new_head_ok(models, critic_source) or has_scalar_head(critic_source, models) is not False:
+    if critic_new_head_ok(models, critic_source) or not os.path.isdir(critic_source):  # hub ids: checked at load
+        return
+    if has_scalar_head(critic_source, models) is not False:
         return
     role = "models.critic_path" if models.critic_path else "the critic's starting point"
     raise ValueError(f"{role} {critic_source!r} is a causal LM without the 'score' head a critic needs{CRITIC_FIX}")
