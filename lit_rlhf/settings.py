@@ -345,7 +345,8 @@ class KLSettings:
     """The KL penalty to the reference policy."""
 
     coef: float = 0.05
-    """KL coefficient beta (the initial value when adaptive)."""
+    """KL coefficient beta (the initial value when adaptive); 0 = a reference-free run: no reference
+    model is loaded and no reference log-probs are computed (``rollout/kl`` and ``val/kl`` are not logged)."""
     estimator: KLEstimator = "k1"
     """``k1``, ``k2`` or ``k3``: the per-token KL put in the reward or the loss, and logged."""
     penalty: Literal["reward", "loss"] = "reward"
@@ -364,6 +365,17 @@ class KLSettings:
         if self.target is not None:
             _check(self.target > 0, "kl", "target", self.target, "> 0")
         _check(self.horizon >= 1, "kl", "horizon", self.horizon, ">= 1")
+        if self.target is not None and self.coef == 0:
+            raise ValueError(
+                "kl.target with kl.coef=0: the adaptive controller scales the coefficient and cannot leave 0; "
+                "start it from kl.coef > 0 (e.g. 0.05) or drop kl.target for a reference-free run"
+            )
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run needs the reference policy: ``coef: 0`` (TRL's GRPO default beta = 0) puts no KL
+        in the reward or the loss, so no reference is built and no reference forward runs."""
+        return self.coef > 0
 
 
 @dataclass(frozen=True, kw_only=True)

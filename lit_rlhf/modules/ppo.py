@@ -18,10 +18,12 @@ from lit_rlhf.modules.ppo_setup import (
     check_critic_head,
     check_ppo_settings,
     check_prompt_lengths,
+    check_token_ids,
     check_tokenizers,
     critic_path,
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
+from lit_rlhf.modules.ppo_validation import validation_step
 from lit_rlhf.modules.schedule import make_optimizer, make_scheduler, ppo_total_steps
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.quiet import quiet_run
@@ -38,7 +40,7 @@ from lit_rlhf.rewards.base import as_components
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
-from lit_rlhf.rollout.maker import Scores, ends_with_eos, reference_log_probs
+from lit_rlhf.rollout.maker import Scores, ends_with_eos
 from lit_rlhf.settings import (
     AlgorithmSettings,
     GenerationSettings,
@@ -71,7 +73,8 @@ class PPOModule(L.LightningModule):
         generation: how responses are sampled.
         rollout: prompts per rollout and scoring micro-batches.
         algorithm: advantage estimator, clipping, batch sizes, PPO epochs and reward shaping.
-        kl: the KL penalty to the reference policy.
+        kl: the KL penalty to the reference policy (``coef: 0``: a reference-free run, no reference
+            model and no reference forwards).
         optim: the actor's and the critic's optimisers, schedules and gradient clipping.
         val_metrics: extra validation metrics, ``name: package.module.function`` with the reward
             signature ``(prompts, responses, **columns) -> Tensor[B]``; logged as ``val/<name>``
@@ -134,6 +137,17 @@ class PPOModule(L.LightningModule):
         self.critic_path = critic_path(self.models, self.rewards)
         if self.algorithm.uses_critic:  # knowable from config.json: before any logger or model starts
             check_critic_head(self.models, self.critic_path)
+        check_token_ids(self.generation, self.models)
+        if not self.kl.uses_reference:
+            log.info(
+                "kl.coef=0: a reference-free run: no reference model is loaded and rollout/kl and val/kl are not "
+                "logged (set kl.coef > 0 to measure and penalise the KL to the reference)"
+            )
+            if self.models.reference_path is not None:
+                log.warning(
+                    "models.reference_path=%r is not loaded: kl.coef=0 puts no KL in the reward or the loss",
+                    self.models.reference_path,
+                )
         self.actor = self.critic = self.reference = None
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.component_scores: dict[str, Tensor] = {}  # the latest scoring call's, per component
@@ -167,7 +181,7 @@ class PPOModule(L.LightningModule):
         if stage == "fit":  # writable, and replacing nothing but an earlier PPO export
             check_outputs(self.trainer, self.export_dir, self.run_dir, self.export_kind)
         uses_critic = self.algorithm.uses_critic
-        check_tokenizers(self.models, self.tokenizer, self.critic_path if uses_critic else None)
+        check_tokenizers(self.models, self.tokenizer, self.critic_path if uses_critic else None, self.kl.uses_reference)
         check_prompt_lengths(self.trainer.datamodule, self.models, self.generation.max_new_tokens)
         if self.trainer.log_every_n_steps != 1:
             # a PPO optimizer step is expensive and rare: each one's metrics are worth a line
@@ -178,7 +192,9 @@ class PPOModule(L.LightningModule):
         """Load the models (after the datamodule's checks, so bad data fails first)."""
         if self.actor is not None:
             return
-        models = build_models(self.models, self.tokenizer, self.algorithm.uses_critic, self.critic_path)
+        models = build_models(
+            self.models, self.tokenizer, self.algorithm.uses_critic, self.critic_path, self.kl.uses_reference
+        )
         # all are submodules so that strategies move (and shard) them; the frozen ones are dropped
         # from checkpoints in on_save_checkpoint and reloaded from their paths
         self.actor, self.critic, self.reference = models.actor.train(), models.critic, models.reference
@@ -354,27 +370,7 @@ class PPOModule(L.LightningModule):
     # --- validation ---------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator(self.device).manual_seed(10_007 + batch_idx)
-        gen = self.actor.generate(batch["input_ids"], batch["attention_mask"], self.val_generation, generator)
-        num_actions = gen.action_mask.shape[1]
-        prompts, columns = batch["prompts"], batch["columns"]
-        self.val_reward.update(self.score_responses(gen, prompts, columns).scores)
-        self.log("val/reward", self.val_reward, on_epoch=True, prog_bar=True)
-        ref_log_probs = reference_log_probs(
-            self.actor,
-            self.reference,
-            gen.sequences,
-            gen.attention_mask,
-            num_actions,
-            self.val_generation.scoring_temperature,
-        )  # the policy's own log-probs come from the sampler: no second actor forward
-        self.val_kl.update(torch.where(gen.action_mask, gen.log_probs - ref_log_probs, 0.0).sum(-1))
-        self.log("val/kl", self.val_kl, on_epoch=True)
-        if self.val_metric_fns:
-            responses = RewardBatch(prompts, lambda: self.decode_responses(gen), columns)
-            for name, values in score_components(self.val_metric_fns, responses, self.device).items():
-                self.val_metric_means[name].update(values)
-                self.log(f"val/{name}", self.val_metric_means[name], on_epoch=True, prog_bar=True)
+        validation_step(self, batch, batch_idx)
 
     def on_train_start(self) -> None:
         if self.val_before_train:

@@ -117,11 +117,16 @@ def build_models(
     tokenizer: PreTrainedTokenizerBase,
     uses_critic: bool,
     critic_source: str,
+    uses_reference: bool = True,
 ) -> PolicyModels:
-    """Load the actor, the critic (from ``critic_source``) and the frozen reference; check their heads."""
+    """Load the actor, the critic (from ``critic_source``) and the frozen reference; check their heads.
+
+    A reference-free run (``uses_reference`` False) builds no reference; with LoRA and no
+    ``reference_path`` the reference is the actor with its adapter disabled (no second copy).
+    """
     actor = Actor.from_pretrained(models.actor_path, tokenizer, models, role="models.actor_path")
     reference = None
-    if models.reference_path is not None or not models.lora.enabled:
+    if uses_reference and (models.reference_path is not None or not models.lora.enabled):
         path, role = models.reference_path, "models.reference_path"
         if path is None:
             path, role = models.actor_path, "the reference (models.actor_path)"
@@ -150,9 +155,15 @@ def check_writable(paths: dict[str, str]) -> None:
             )
 
 
-def check_tokenizers(models: PPOModelSettings, tokenizer: PreTrainedTokenizerBase, critic_source: str | None) -> None:
+def check_tokenizers(
+    models: PPOModelSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    critic_source: str | None,
+    uses_reference: bool = True,
+) -> None:
     """The critic and the reference read the actor's token ids: their tokenizers must be the actor's."""
-    roles = {"the reference (models.reference_path)": models.reference_path, "the critic": critic_source}
+    reference = models.reference_path if uses_reference else None
+    roles = {"the reference (models.reference_path)": reference, "the critic": critic_source}
     for role, path in roles.items():
         if path is None or path == models.actor_path:
             continue
@@ -186,4 +197,25 @@ def check_prompt_lengths(datamodule, models: PPOModelSettings, max_new_tokens: i
             f"{max_new_tokens} exceed the actor's position range ({positions}, models.actor_path config): set "
             f"data.max_prompt_len <= {positions - max_new_tokens} (longer prompts are then left-truncated and "
             "counted in rollout/prompts_truncated) or lower generation.max_new_tokens"
+        )
+
+
+def check_token_ids(generation: GenerationSettings, models: PPOModelSettings) -> None:
+    """``generation.suppress_token_ids`` must be ids of the actor's vocabulary (its ``config.json``),
+    checked before any model loads (an id past the logits would fail mid-sampling)."""
+    if not generation.suppress_token_ids:
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(models.actor_path, trust_remote_code=models.trust_remote_code)
+    except (OSError, ValueError):  # loading the actor reports a missing or unreadable checkpoint
+        return
+    vocab_size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    outside = sorted(i for i in generation.suppress_token_ids if vocab_size is not None and i >= vocab_size)
+    if outside:
+        raise ValueError(
+            f"generation.suppress_token_ids {outside} are outside the actor's vocabulary ({vocab_size} ids, "
+            f"0..{vocab_size - 1}, models.actor_path config): use ids the tokenizer gives, e.g. "
+            "tokenizer.convert_tokens_to_ids(token)"
         )

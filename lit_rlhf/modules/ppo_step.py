@@ -48,7 +48,7 @@ def ppo_micro_step(
     }
     if algorithm.entropy_coef:
         loss = loss - algorithm.entropy_coef * mean_entropy
-    if kl.penalty == "loss":
+    if kl.penalty == "loss" and micro.ref_log_probs is not None:  # reference-free (kl.coef 0): no KL term
         kl_loss = F.masked_mean(F.approx_kl(log_probs, micro.ref_log_probs, kl.estimator), mask)
         stats["policy/kl_loss"] = kl_loss.detach()
         loss = loss + kl_coef * kl_loss

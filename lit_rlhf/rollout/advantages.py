@@ -44,7 +44,7 @@ def global_whiten(values: Tensor, mask: Tensor, all_reduce: AllReduce = no_reduc
 def compute_advantages(
     scores: Tensor,
     old_log_probs: Tensor,
-    ref_log_probs: Tensor,
+    ref_log_probs: Tensor | None,
     values: Tensor,
     action_mask: Tensor,
     kl_coef: float,
@@ -59,9 +59,13 @@ def compute_advantages(
     GAE with the critic's values. ``grpo``/``dr_grpo``/``rloo``: the group-baselined score takes
     the score's place and the critic is absent (values are 0). ``reinforce_pp``: discounted returns
     of the raw token rewards. Returns are the discounted sums the critic-free estimators use as
-    advantages. ``group_size`` is the number of samples per prompt (contiguous rows).
+    advantages. ``group_size`` is the number of samples per prompt (contiguous rows). Without a
+    reference (``ref_log_probs`` None, a reference-free run) the KL is zero.
     """
-    token_kl = torch.where(action_mask.bool(), F.approx_kl(old_log_probs, ref_log_probs, kl.estimator), 0.0)
+    if ref_log_probs is None:
+        token_kl = torch.zeros_like(old_log_probs, dtype=torch.float32)
+    else:
+        token_kl = torch.where(action_mask.bool(), F.approx_kl(old_log_probs, ref_log_probs, kl.estimator), 0.0)
     estimator = algorithm.advantage_estimator
     if estimator in GROUP_ESTIMATORS:
         scores = F.group_advantages(scores, group_size, estimator)

@@ -68,7 +68,7 @@ class RolloutCallback(L.Callback):
                 engine.sync_weights(pl_module)
                 sync_s = time.perf_counter() - start
             experience, reward_parts, timing = make_experience(
-                RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference),
+                RolloutModels(pl_module.actor, pl_module.critic, pl_module.reference, pl_module.kl.uses_reference),
                 batch,
                 pl_module.score_responses,
                 generation=pl_module.generation,
@@ -89,7 +89,8 @@ class RolloutCallback(L.Callback):
         if pl_module.rollout.recomputes_old_log_probs:
             metrics.update(mismatch_metrics(experience, all_reduce, _reduce_max(trainer)))
         metrics["rollout/kl_coef"] = torch.tensor(pl_module.kl_controller.value)
-        pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
+        if "rollout/kl" in metrics:  # a reference-free run has no KL (and kl.coef stays 0)
+            pl_module.kl_controller.update(float(metrics["rollout/kl"]), len(experience) * trainer.world_size)
         metrics.update(_perf_metrics(timing, rollout, batch))
         if sync_s is not None:
             metrics["perf/weight_sync_s"] = torch.tensor(sync_s)

@@ -24,7 +24,8 @@ class Experience:
         old_log_probs: ``[B, A]`` fp32. Actor log-probs at sampling time (the PPO ratio's denominator).
         rollout_log_probs: ``[B, A]`` fp32. The sampler's own log-probs of the tokens (an engine's may
             differ slightly from the trainer's ``old_log_probs``; equal to them when they are reused).
-        ref_log_probs: ``[B, A]`` fp32. Reference-policy log-probs of the same tokens.
+        ref_log_probs: ``[B, A]`` fp32. Reference-policy log-probs of the same tokens (None in a
+            reference-free run, ``kl.coef: 0``: no reference is built or run).
         values: ``[B, A]`` fp32. Critic value of the state before each action (zeros without a critic).
         rewards: ``[B, A]`` fp32. Per-token rewards: KL penalty, plus the score at the last valid token.
         advantages: ``[B, A]`` fp32. After whitening, where whitening applies.
@@ -39,7 +40,7 @@ class Experience:
     action_mask: Tensor
     old_log_probs: Tensor
     rollout_log_probs: Tensor
-    ref_log_probs: Tensor
+    ref_log_probs: Tensor | None
     values: Tensor
     rewards: Tensor
     advantages: Tensor
@@ -57,7 +58,7 @@ class Experience:
 
     def index(self, rows: Tensor | slice) -> Experience:
         """The rows ``rows`` of every field."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+        return self._map(lambda t: t[rows])
 
     def split(self, size: int) -> list[Experience]:
         """Consecutive chunks of at most ``size`` rows."""
@@ -69,7 +70,12 @@ class Experience:
         return [self.index(rows) for rows in groups]
 
     def to(self, device: torch.device | str) -> Experience:
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Experience:
+        """``fn`` applied to every field that holds a tensor (absent ones, None, stay None)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: None if v is None else fn(v) for k, v in fields.items()})
 
 
 class ExperienceBuffer(IterableDataset):

@@ -49,11 +49,13 @@ class Rollout(NamedTuple):
 
 @dataclass
 class RolloutModels:
-    """The models a rollout reads. ``reference=None`` means the actor with its LoRA adapter disabled."""
+    """The models a rollout reads. ``reference=None`` means the actor with its LoRA adapter disabled;
+    ``uses_reference=False`` (a reference-free run, ``kl.coef: 0``) means no reference forward at all."""
 
     actor: Actor
     critic: ValueModel | None
     reference: Actor | None
+    uses_reference: bool = True
 
 
 @contextlib.contextmanager
@@ -140,9 +142,9 @@ def make_experience(
     2. Generate with the actor (eval mode, no grad); a sharded actor's weights are gathered once
        for the whole generation, not per token (``rollout.gather_for_generation``).
     3. Score forwards in micro-batches: reference log-probs (reference model, or the actor with its
-       adapter disabled), values (critic, if any). Old log-probs are the ones the sampler computed
-       while decoding (equal to a full forward's within float tolerance), unless
-       ``rollout.recompute_old_log_probs`` asks for a separate actor forward.
+       adapter disabled; none in a reference-free run), values (critic, if any). Old log-probs are
+       the ones the sampler computed while decoding (equal to a full forward's within float
+       tolerance), unless ``rollout.recompute_old_log_probs`` asks for a separate actor forward.
     4. Sequence scores through ``score_fn`` (the reward components, or a ``compute_reward`` override).
     5. KL, token rewards, advantages and returns with ``lit_rlhf.functional``.
 
@@ -176,7 +178,8 @@ def make_experience(
         # 3.
         start = time.perf_counter()
         micro = scoring_groups(gen.attention_mask.sum(-1), rollout, reduce_max)
-        forwards = len(micro) * (1 + rollout.recomputes_old_log_probs + (critic is not None)) + 1  # + the rewards
+        per_group = models.uses_reference + rollout.recomputes_old_log_probs + (critic is not None)
+        forwards = len(micro) * per_group + 1  # + the rewards
         done = [0]
 
         def tick() -> None:
@@ -187,16 +190,17 @@ def make_experience(
             old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro, tick)
         else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
             old_log_probs = gen.log_probs
-        ref_log_probs = in_micro_batches(
-            lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro, tick
-        )
+        ref_log_probs = None
+        if models.uses_reference:
+            ref_log_probs = in_micro_batches(
+                lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro, tick
+            )
         if critic is not None:
             values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro, tick)
         else:
             values = torch.zeros_like(old_log_probs)
-        check_finite(
-            rollout_id, gen.action_mask, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values
-        )
+        checked = {"old_log_probs": old_log_probs, "ref_log_probs": ref_log_probs, "values": values}
+        check_finite(rollout_id, gen.action_mask, **{k: v for k, v in checked.items() if v is not None})
         # 4.
         scores, reward_parts = score_fn(gen, texts, columns)
         tick()
@@ -262,11 +266,14 @@ def rollout_metrics(
 
     ``reward/mean`` and ``reward/std`` are of the trained-on scores (after shaping); ``reward/<key>``
     is the mean of each of ``reward_parts`` (``score``, the sum before shaping, and each component).
+    A reference-free rollout (no ``ref_log_probs``) has no ``rollout/kl``.
     """
     mask = experience.action_mask
     lengths = mask.sum(-1).float()
     has_eos = ends_with_eos(experience.sequences, mask, eos_token_ids)
-    k1_kl = torch.where(mask, experience.old_log_probs - experience.ref_log_probs, 0.0).sum(-1)
+    reference_free = experience.ref_log_probs is None
+    ref_log_probs = experience.old_log_probs if reference_free else experience.ref_log_probs
+    k1_kl = torch.where(mask, experience.old_log_probs - ref_log_probs, 0.0).sum(-1)
     scores = experience.scores
     rows = torch.stack([scores, scores.square(), k1_kl, lengths, has_eos.float(), *reward_parts.values()])
     sums = all_reduce(torch.cat([rows.sum(-1), torch.tensor([float(len(experience))], device=rows.device)]))
@@ -281,6 +288,8 @@ def rollout_metrics(
         "rollout/eos_rate": mean[4],
     }
     metrics.update({f"reward/{key}": value for key, value in zip(reward_parts, mean[5:], strict=True)})
+    if reference_free:
+        del metrics["rollout/kl"]
     return metrics
 
 
