@@ -98,7 +98,7 @@ def build_module(assets: Path, workdir: Path, variant: str, prompts: int, respon
             "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
             "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
         },
-        log_samples_every_n_epochs=0,
+        log_samples_every_n_rollouts=0,
     )
     if variant == "grpo":
         return DigitFractionPPO(**settings, kl={"penalty": "loss", "estimator": "k3", "coef": 0.05})

@@ -77,7 +77,7 @@ def build_module(
             "actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
             "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-6, fused=True)},
         },
-        log_samples_every_n_epochs=0,
+        log_samples_every_n_rollouts=0,
     )
 
 

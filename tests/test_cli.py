@@ -165,7 +165,7 @@ def test_fit_resume_export_through_train_py(tiny_assets, tmp_path):
 def test_two_runs_of_one_config_leave_two_complete_run_folders(tiny_assets, tmp_path):
     root = tmp_path / "runs"
     args = ["fit", "--config", os.path.join(ROOT, "configs", "ppo_tiny.yaml"), *tiny_overrides(tiny_assets, root)]
-    args += ["--trainer.max_epochs", "1", "--model.init_args.log_samples_every_n_epochs", "1"]
+    args += ["--trainer.max_epochs", "1", "--model.init_args.log_samples_every_n_rollouts", "1"]
     run(args, tmp_path)
     run(args, tmp_path)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())

@@ -41,6 +41,7 @@ from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
 from lit_rlhf.rollout.maker import Scores, ends_with_eos
+from lit_rlhf.rollout.samples import LastRollout, SampleLoggingCallback
 from lit_rlhf.settings import (
     AlgorithmSettings,
     GenerationSettings,
@@ -81,8 +82,9 @@ class PPOModule(L.LightningModule):
             (e.g. a task's exact-match accuracy, which does not depend on the reward model).
         export_dir: where ``on_train_end`` writes the actor and critic as Hugging Face checkpoints
             (None = ``export/`` in the run directory).
-        log_samples_every_n_epochs: log a table of sample generations every N rollouts (0 = never).
-        num_logged_samples: rows in each sample table.
+        log_samples_every_n_rollouts: log a table of sample responses after rollouts 0, N, 2N, ... to the
+            console, ``samples.jsonl`` and W&B (0 = never).
+        num_logged_samples: rows in each sample table, spread over the rollout's prompts.
         val_before_train: validate once before the first rollout, so the ``val/`` curves start from
             the starting policy (logged at step 0; a resumed run skips it).
     """
@@ -100,7 +102,7 @@ class PPOModule(L.LightningModule):
         optim: PPOOptimSettings = PPOOptimSettings(),
         val_metrics: dict[str, str] | None = None,
         export_dir: str | None = None,
-        log_samples_every_n_epochs: int = 1,
+        log_samples_every_n_rollouts: int = 1,
         num_logged_samples: int = 8,
         val_before_train: bool = False,
     ) -> None:
@@ -116,15 +118,16 @@ class PPOModule(L.LightningModule):
         check_ppo_settings(
             self.generation, self.rollout, self.algorithm, self.rewards, self._has_custom_reward(), self.models
         )
-        if log_samples_every_n_epochs < 0 or num_logged_samples < 0:
-            raise ValueError(
-                "log_samples_every_n_epochs and num_logged_samples must be >= 0, "
-                f"got {log_samples_every_n_epochs}, {num_logged_samples}"
-            )
+        for name, value in (
+            ("log_samples_every_n_rollouts", log_samples_every_n_rollouts),
+            ("num_logged_samples", num_logged_samples),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = never log samples), got {value}")
         # plain functions, not submodules: validation metrics hold no weights
         self.val_metric_fns = [RewardFunction(fn, name=name) for name, fn in (val_metrics or {}).items()]
         self.export_dir = export_dir
-        self.log_samples_every_n_epochs, self.num_logged_samples = log_samples_every_n_epochs, num_logged_samples
+        self.log_samples_every_n_rollouts, self.num_logged_samples = log_samples_every_n_rollouts, num_logged_samples
         self.val_before_train = val_before_train
         save_settings(self, self._plain_settings())
         self.val_generation = self.generation.for_validation()
@@ -151,6 +154,7 @@ class PPOModule(L.LightningModule):
         self.actor = self.critic = self.reference = None
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.component_scores: dict[str, Tensor] = {}  # the latest scoring call's, per component
+        self.last_rollout: LastRollout | None = None  # set by the RolloutCallback, read by the sample logger
         self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
         self.val_metric_means = nn.ModuleDict({fn.name: MeanMetric() for fn in self.val_metric_fns})
 
@@ -162,7 +166,7 @@ class PPOModule(L.LightningModule):
             "rewards": [component.to_config() for component in self.rewards],
             "val_metrics": {fn.name: fn.fn_path for fn in self.val_metric_fns},
             "export_dir": self.export_dir,
-            "log_samples_every_n_epochs": self.log_samples_every_n_epochs,
+            "log_samples_every_n_rollouts": self.log_samples_every_n_rollouts,
             "num_logged_samples": self.num_logged_samples,
             "val_before_train": self.val_before_train,
         }
@@ -382,8 +386,9 @@ class PPOModule(L.LightningModule):
     # --- checkpoints and export ---------------------------------------------------------------
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The rollout callback always comes with the module (a configured one is replaced)."""
-        return [RolloutCallback(seed=run_seed())]
+        """The rollout callback and, after it, the sample logger come with the module (configured ones are replaced)."""
+        samples = SampleLoggingCallback(self.log_samples_every_n_rollouts, self.num_logged_samples)
+        return [RolloutCallback(seed=run_seed()), samples]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_extras(self, checkpoint)

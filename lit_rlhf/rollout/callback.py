@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
-from rich.console import Console
-from rich.table import Table
 
 from lit_rlhf.rollout.maker import RolloutModels, make_experience, mismatch_metrics, rollout_metrics
 from lit_rlhf.rollout.progress import PhaseProgress
+from lit_rlhf.rollout.samples import LastRollout
 
 
 class RolloutCallback(L.Callback):
@@ -100,10 +96,8 @@ class RolloutCallback(L.Callback):
             pl_module.log(
                 key, value, on_step=False, on_epoch=True, prog_bar=key in ("reward/mean", "rollout/kl"), sync_dist=True
             )
-        every = pl_module.log_samples_every_n_epochs
-        if every and rollout % every == 0 and trainer.is_global_zero:
-            samples = sample_rows(pl_module, experience, reward_parts, batch["prompts"], rollout)
-            log_samples(trainer, pl_module.run_dir, samples, rollout)
+        # what the SampleLoggingCallback reads next (it logs; this callback only hands over)
+        pl_module.last_rollout = LastRollout(rollout, experience, reward_parts, batch["prompts"], batch["columns"])
 
 
 def _perf_metrics(timing: dict[str, float], rollout: int, batch: dict) -> dict[str, torch.Tensor]:
@@ -142,52 +136,3 @@ def _all_reduce(trainer: L.Trainer):
     if trainer.world_size == 1:
         return lambda x: x
     return lambda x: trainer.strategy.reduce(x, reduce_op="sum")
-
-
-def sample_rows(pl_module, experience, reward_parts: dict, prompts: list[str], rollout: int) -> list[dict]:
-    """The first ``num_logged_samples`` rows: prompt, response, trained-on reward and each reward part."""
-    n = min(pl_module.num_logged_samples, len(experience))
-    rows = experience.index(slice(0, n))
-    samples_per_prompt = pl_module.generation.n_samples_per_prompt
-    responses = rows.sequences[:, -rows.num_actions :].masked_fill(~rows.action_mask, pl_module.tokenizer.pad_token_id)
-    texts = pl_module.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    parts = {name: values[:n].tolist() for name, values in reward_parts.items()}
-    return [
-        {
-            "rollout": rollout,
-            "prompt": prompts[i // samples_per_prompt],
-            "response": texts[i],
-            "reward": float(rows.scores[i]),
-            **{name: values[i] for name, values in parts.items()},
-        }
-        for i in range(n)
-    ]
-
-
-def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: int) -> None:
-    """Samples to the console (a table), to ``samples.jsonl`` in the run directory, and to W&B (a table
-    under a key per rollout, so older tables stay visible).
-    """
-    if not samples:
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
-        for sample in samples:
-            f.write(json.dumps(sample) + "\n")
-    columns = list(samples[0])
-    table = Table(title=f"samples, rollout {rollout}", show_lines=False)
-    for name in columns[1:]:
-        table.add_column(name, overflow="fold", max_width=48 if name in ("prompt", "response") else 12)
-    for sample in samples:
-        table.add_row(*[_cell(sample[name]) for name in columns[1:]])
-    bar = trainer.progress_bar_callback
-    console = getattr(bar, "_console", None) or Console()
-    console.print(table)
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            data = [list(sample.values()) for sample in samples]
-            logger.log_table(key=f"samples/rollout_{rollout}", columns=columns, data=data)
-
-
-def _cell(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else repr(value)[1:-1] if isinstance(value, str) else str(value)

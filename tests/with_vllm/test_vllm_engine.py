@@ -151,7 +151,7 @@ def ppo(demo_assets, out: str, engine) -> PPOModule:
             "critic": {"optimizer": lambda p: torch.optim.AdamW(p, lr=3e-4)},
         },
         export_dir=out,
-        log_samples_every_n_epochs=0,
+        log_samples_every_n_rollouts=0,
     )
 
 

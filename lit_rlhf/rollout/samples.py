@@ -1,0 +1,155 @@
+"""SampleLoggingCallback: a table of sample responses a person can read, right after a rollout.
+
+The rows spread over the rollout's prompts (the first sample of each prompt, then the second
+samples, ...), and the prompt column shows the user's turn, not the whole rendered chat template.
+The table goes to the console, to ``samples.jsonl`` in the run directory and to W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from lit_rlhf.data.prompts import MESSAGES_COLUMN
+from lit_rlhf.rollout.experience import Experience
+
+HIDDEN_IN_CONSOLE = ("rollout", "rendered_prompt")  # in samples.jsonl and W&B, too long or constant for the console
+
+
+@dataclass
+class LastRollout:
+    """What the rollout callback leaves on the module for the sample logger (this rank's rollout).
+
+    Attributes:
+        index: the rollout number (the epoch).
+        experience: the rollout's experience, ``n_samples_per_prompt`` contiguous rows per prompt.
+        reward_parts: each reward component's ``[B]`` scores, by name.
+        prompts: ``[P]`` rendered prompts, as the policy saw them.
+        columns: the prompt batch's other fields, ``[P]`` each (``prompt_messages`` with a chat template).
+    """
+
+    index: int
+    experience: Experience
+    reward_parts: dict[str, Tensor]
+    prompts: list[str]
+    columns: dict[str, list]
+
+
+def spread_rows(num_prompts: int, samples_per_prompt: int, k: int) -> list[int]:
+    """Row numbers of ``k`` samples spread over prompts whose samples are contiguous.
+
+    The first sample of each prompt, then each prompt's second sample, and so on: with 4 prompts
+    of 8 samples and ``k=8`` the rows are ``[0, 8, 16, 24, 1, 9, 17, 25]``.
+    """
+    order = [p * samples_per_prompt + s for s in range(samples_per_prompt) for p in range(num_prompts)]
+    return order[: max(k, 0)]
+
+
+def user_turn(messages: list[dict] | None, rendered: str) -> str:
+    """The content of the last user message, or ``rendered`` for a prompt used as raw text."""
+    for message in reversed(messages or []):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    return rendered  # raw text is the prompt as written (no template was applied)
+
+
+def sample_rows(record: LastRollout, samples_per_prompt: int, k: int, tokenizer) -> list[dict]:
+    """Up to ``k`` rows spread over prompts: prompt (the user's turn), response, reward, each reward part.
+
+    Each row also says which sample of its prompt it is (``sample``) and keeps what the policy saw
+    (``rendered_prompt``).
+    """
+    experience, num_prompts = record.experience, len(record.prompts)
+    rows = spread_rows(num_prompts, samples_per_prompt, min(k, len(experience)))
+    if not rows:
+        return []
+    picked = experience.index(torch.tensor(rows, device=experience.sequences.device))
+    responses = picked.sequences[:, -picked.num_actions :].masked_fill(~picked.action_mask, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = picked.scores.float().tolist()
+    parts = {name: values.float().tolist() for name, values in record.reward_parts.items()}
+    messages = record.columns.get(MESSAGES_COLUMN) or [None] * num_prompts
+    samples = []
+    for j, row in enumerate(rows):
+        prompt, sample = divmod(row, samples_per_prompt)
+        rendered = record.prompts[prompt]
+        samples.append(
+            {
+                "rollout": record.index,
+                "sample": sample,
+                "prompt": user_turn(messages[prompt], rendered),
+                "response": texts[j],
+                "reward": scores[j],
+                **{name: values[row] for name, values in parts.items()},
+                "rendered_prompt": rendered,
+            }
+        )
+    return samples
+
+
+class SampleLoggingCallback(L.Callback):
+    """Logs sample responses every ``every_n_rollouts`` rollouts, on rank 0, right after the rollout.
+
+    Put it after the :class:`~lit_rlhf.rollout.RolloutCallback` (Lightning runs callbacks in list
+    order): it reads the module's ``last_rollout``, which the rollout callback sets.
+
+    Args:
+        every_n_rollouts: log rollouts 0, N, 2N, ... (0 = never: no table, no ``samples.jsonl``, no W&B table).
+        num_samples: rows in each table, spread over the rollout's prompts.
+    """
+
+    def __init__(self, every_n_rollouts: int = 1, num_samples: int = 8) -> None:
+        if every_n_rollouts < 0 or num_samples < 0:
+            raise ValueError(
+                "log_samples_every_n_rollouts and num_logged_samples must be >= 0 (0 = never), "
+                f"got {every_n_rollouts}, {num_samples}"
+            )
+        self.every_n_rollouts, self.num_samples = every_n_rollouts, num_samples
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record: LastRollout | None = getattr(pl_module, "last_rollout", None)
+        pl_module.last_rollout = None  # read once: keeps no reference to the experience past this hook
+        every = self.every_n_rollouts
+        if record is None or not every or record.index % every or not trainer.is_global_zero:
+            return
+        n = pl_module.generation.n_samples_per_prompt
+        samples = sample_rows(record, n, self.num_samples, pl_module.tokenizer)
+        log_samples(trainer, pl_module.run_dir, samples, record.index)
+
+
+def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: int) -> None:
+    """Samples to the console (a table), to ``samples.jsonl`` in the run directory, and to W&B (a table
+    under a key per rollout, so older tables stay visible).
+    """
+    if not samples:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+        for sample in samples:
+            f.write(json.dumps(sample) + "\n")
+    columns = list(samples[0])
+    shown = [name for name in columns if name not in HIDDEN_IN_CONSOLE]
+    table = Table(title=f"samples, rollout {rollout}", show_lines=False)
+    for name in shown:
+        table.add_column(name, overflow="fold", max_width=48 if name in ("prompt", "response") else 12)
+    for sample in samples:
+        table.add_row(*[_cell(sample[name]) for name in shown])
+    bar = trainer.progress_bar_callback
+    console = getattr(bar, "_console", None) or Console()
+    console.print(table)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            data = [list(sample.values()) for sample in samples]
+            logger.log_table(key=f"samples/rollout_{rollout}", columns=columns, data=data)
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else repr(value)[1:-1] if isinstance(value, str) else str(value)
