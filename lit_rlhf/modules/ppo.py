@@ -36,7 +36,7 @@ from lit_rlhf.rewards import (
     score_components,
     to_scores,
 )
-from lit_rlhf.rewards.base import as_components
+from lit_rlhf.rewards.base import as_components, warn_large_scores
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
@@ -57,7 +57,6 @@ from lit_rlhf.settings import (
 log = logging.getLogger(__name__)
 
 ACTOR_LR, CRITIC_LR = 1e-6, 1e-5
-REWARD_SCALE_WARNING = 100.0  # |score| above which a run without normalisation or clipping is warned, once
 
 
 class PPOModule(L.LightningModule):
@@ -272,18 +271,9 @@ class PPOModule(L.LightningModule):
         return Scores(scores, {"score": raw, **self.component_scores})
 
     def watch_reward_scale(self, scores: Tensor) -> None:
-        """Warn once when scores are large enough to swamp the critic (its loss grows with their square)."""
-        if self.reward_scale_warned or self.algorithm.reward_clip is not None:
-            return
-        largest = float(scores.abs().max())
-        if largest > REWARD_SCALE_WARNING:
-            self.reward_scale_warned = True
-            log.warning(
-                "reward scores reach %.3g in magnitude (reward/score): the critic's value loss grows with their square "
-                "and PPO's KL penalty is dwarfed. Normalise them (RewardModel(normalize=true), or scale your "
-                "function) or set algorithm.reward_clip.",
-                largest,
-            )
+        """Warn once when scores are large enough to swamp the critic (see :func:`warn_large_scores`)."""
+        if not self.reward_scale_warned and self.algorithm.reward_clip is None:
+            self.reward_scale_warned = warn_large_scores(scores)
 
     def decode_responses(self, gen: GenerationOutput) -> list[str]:
         """Response texts (special tokens dropped; each ends at its first EOS)."""

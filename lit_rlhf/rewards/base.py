@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from lit_rlhf.rewards.deadline import DeadlinePassed, LoopBlocked, await_with_deadlines, run_in_thread, timeout_message
 from lit_rlhf.rewards.inputs import completions_of
 from lit_rlhf.settings import LoadSettings, import_object
+
+log = logging.getLogger(__name__)
 
 # keys reserved by the metrics of the summed reward (reward/score, reward/mean, reward/std)
 RESERVED_NAMES = ("score", "mean", "std")
@@ -243,6 +246,24 @@ def check_scores(scores: Tensor, name: str, batch_size: int, sample: Callable[[i
             f"(prompt {prompt!r}, response {response!r}); rewards must be finite"
         )
     return scores
+
+
+REWARD_SCALE_WARNING = 100.0  # |score| above which a run without normalisation or clipping is warned
+
+
+def warn_large_scores(scores: Tensor, limit: float = REWARD_SCALE_WARNING) -> bool:
+    """Warn when a score's magnitude passes ``limit`` (the critic's value loss grows with its square and
+    a KL penalty is dwarfed); returns whether it warned, so that a run warns once."""
+    largest = float(scores.abs().max()) if scores.numel() else 0.0
+    if largest <= limit:
+        return False
+    log.warning(
+        "reward scores reach %.3g in magnitude (reward/score): the critic's value loss grows with their square "
+        "and PPO's KL penalty is dwarfed. Normalise them (RewardModel(normalize=true), or scale your "
+        "function) or set algorithm.reward_clip.",
+        largest,
+    )
+    return True
 
 
 def score_components(

@@ -343,3 +343,25 @@ def test_normalize_needs_the_statistics_a_reward_model_stage_stores(tiny_assets,
     raw.ensure_setup(tok, LoadSettings())
     batch = RewardBatch(["<bos>12+34="], ["46"])
     torch.testing.assert_close(stored.score(batch), (raw.score(batch) - 0.5) / 2.0)
+
+
+def huge_reward(prompts, responses):
+    return [500.0 + len(r) for r in responses]
+
+
+@pytest.mark.parametrize("clip", [None, 5.0])
+def test_scores_large_enough_to_swamp_the_critic_are_warned_once_unless_clipped(tiny_assets, tmp_path, caplog, clip):
+    module = make(
+        tiny_assets,
+        rewards=[RewardFunction(huge_reward)],
+        algorithm={"reward_clip": clip},
+        rollout={"rollout_batch_size": 8},
+    )
+    with caplog.at_level("WARNING", logger="lit_rlhf.rewards.base"):
+        fit(tmp_path, module, epochs=2)
+    warned = [r for r in caplog.records if "in magnitude" in r.getMessage()]
+    if clip is None:
+        assert len(warned) == 1 and "5" in warned[0].getMessage() and "reward_clip" in warned[0].getMessage()
+        assert module.buffer.experience.scores.min() >= 500.0
+    else:
+        assert warned == [] and module.buffer.experience.scores.max() == pytest.approx(clip)
