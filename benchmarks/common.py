@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import lightning as L
 import torch
 
 from lit_rlhf import PPOModule, PromptDataModule
+from lit_rlhf.tasks.machine import matmul_gflops
+
+__all__ = ["TIMED", "WARMUP", "IterationTimer", "TokenPrompts", "cpu_trainer", "matmul_gflops", "model_folders"]
 
 WARMUP, TIMED = 1, 5
 
@@ -105,17 +107,3 @@ class IterationTimer(L.Callback):
                 "4_training": total - rollout,
             }
         )
-
-
-def matmul_gflops(n: int = 2048, reps: int = 7) -> dict:
-    """fp32 n^3 matmul rate now (median and best of ``reps``): the machine's speed for this run."""
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(2):
-        torch.matmul(a, b, out=c)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        times.append(time.perf_counter() - start)
-    flop = 2 * n**3 / 1e9
-    return {"median": round(flop / statistics.median(times), 1), "best": round(flop / min(times), 1)}

@@ -24,6 +24,7 @@ from lit_rlhf.tasks.arithmetic import (
     split_problems,
     write_jsonl,
 )
+from lit_rlhf.tasks.machine import describe_machine
 from lit_rlhf.tasks.tiny import build_causal_lm, tiny_llama_config, train_tokenizer
 
 
@@ -141,10 +142,16 @@ def report(assets: str, run: str, export_dir: str | None = None, dpo_run: str | 
     if "DPO policy" in rows:
         dpo_gain = rows["DPO policy"]["accuracy"] - rows["SFT policy"]["accuracy"]
         print(f"DPO accuracy gain: {100 * dpo_gain:+.1f} points")
+    machine = describe_machine()
     if timings:
         print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(
+        f"machine: {machine['cpu_capability']}, bf16 {'native' if machine['native_bf16'] else 'emulated (fp32 used)'}, "
+        f"fp32 matmul {machine['fp32_matmul_gflops']:.0f} GFLOP/s on {machine['threads']} threads"
+    )
     csvs = sorted(glob.glob(f"{run}/**/metrics.csv", recursive=True), key=os.path.getmtime)
     summary = {"before": rows["SFT policy"], "after": rows["PPO policy"], "gain_points": 100 * gain, "seconds": timings}
+    summary["machine"] = machine
     summary["run"] = run
     if "DPO policy" in rows:
         summary.update(dpo=rows["DPO policy"], dpo_gain_points=100 * dpo_gain, dpo_run=dpo_run)

@@ -127,3 +127,15 @@ def test_reduced_pipeline_sft_then_reward_model_then_ppo(tmp_path):
     before = evaluate(str(assets / "sft"), str(assets / "sft"), str(assets / "rm"), ["12+34=", "50-25="] * 8)
     after = evaluate(str(tmp_path / "ppo" / "actor"), str(assets / "sft"), str(assets / "rm"), ["12+34=", "50-25="] * 8)
     assert before["kl_to_reference"] == 0.0 and after["kl_to_reference"] > 0.0
+
+
+def test_the_machine_a_timing_was_measured_on_is_described():
+    from lit_rlhf.precision import native_bf16
+    from lit_rlhf.tasks.machine import describe_machine, matmul_gflops
+
+    rate = matmul_gflops(n=256, reps=3)
+    assert 0 < rate["median"] <= rate["best"]
+    machine = describe_machine()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["native_bf16"] == native_bf16("cpu") and machine["threads"] == torch.get_num_threads()
+    assert machine["fp32_matmul_gflops"] > 0
