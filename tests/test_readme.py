@@ -79,3 +79,18 @@ def test_your_own_data_examples_load_as_written(tmp_path):
         dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tok))
         dm.setup("fit")
         assert len(dm.train_examples) == 3
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped (not - or _), spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_inside_the_readme_names_a_heading_it_has():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a '# comment' in a code block is no heading
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", prose))
+    assert "grpo-rloo-and-reinforce" in anchors and "where-a-runs-files-are" in anchors
+    assert links and links <= anchors, sorted(links - anchors)
