@@ -264,15 +264,6 @@ def test_non_finite_weights_stop_the_rollout_before_sampling(tiny_assets, tmp_pa
         trainer(tmp_path, 1).fit(module, datamodule=datamodule(tiny_assets))
 
 
-def test_huge_rewards_are_warned_about_once(tiny_assets, tmp_path, caplog):
-    huge = RewardFunction(lambda prompts, responses: [1e6 * len(r) for r in responses], name="huge")
-    module = small_module(tiny_assets, PPOModule, rewards=[huge])
-    with caplog.at_level("WARNING", logger="lit_rlhf.modules.ppo"):
-        trainer(tmp_path, 2).fit(module, datamodule=datamodule(tiny_assets))
-    warnings = [r for r in caplog.records if "reward scores reach" in r.getMessage()]
-    assert len(warnings) == 1 and "algorithm.reward_clip" in warnings[0].getMessage()
-
-
 # --- wrong model in a role ----------------------------------------------------------------------
 
 

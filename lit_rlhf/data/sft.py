@@ -93,7 +93,8 @@ class PairDataModule(L.LightningDataModule):
         return [(record, self.encode(record, path, row)) for row, record in read_rows(path)]
 
     def encode(self, record: dict, path: str, row: int) -> tuple:
-        raise NotImplementedError
+        """One record's checked, tokenised example; each data module (SFT, preference pairs) implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode")
 
     def truncate(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int]]:
         """The first ``max_length`` tokens; an example left with nothing to train on is an error."""

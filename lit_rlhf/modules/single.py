@@ -76,4 +76,5 @@ class SingleModelModule(L.LightningModule):
             self.export_pretrained(export_directory(self.export_dir, self.run_dir))
 
     def export_pretrained(self, directory: str, merge_lora: bool = True) -> dict[str, str]:
-        raise NotImplementedError
+        """Write the stage's model as a Hugging Face checkpoint; each stage (SFT, reward model) implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement export_pretrained")
