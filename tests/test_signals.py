@@ -11,8 +11,8 @@ import yaml
 from lit_rlhf.checkpoints import load_checkpoint_file
 from lit_rlhf.cli import resume_command
 from lit_rlhf.signals import EXPERIENCE_KEY
+from tests.test_checkpoint_faults import cli_run, steps
 from tests.test_cli import ROOT, run, tiny_overrides
-from tests.test_reliability import cli_run, steps
 
 EPOCHS = 4
 
