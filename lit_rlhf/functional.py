@@ -1,8 +1,10 @@
 """Pure tensor math of PPO-style RLHF. Imports only torch.
 
 Shapes: ``B`` batch, ``T`` (or ``A``) action positions, ``V`` vocabulary. Masks are 0/1 or bool,
-``True``/1 meaning "this position counts"; they are right-padded and contiguous per row.
-Masked-out positions never leak into a result, even when they hold ``inf`` or ``nan``.
+``True``/1 meaning "this position counts" (for a response: the policy sampled this token in this
+rollout). A mask may have holes (a multi-turn response holds tool output the policy did not
+sample); every function here treats a row as the sequence of its masked-in positions. Masked-out
+positions never leak into a result, even when they hold ``inf`` or ``nan``.
 """
 
 from __future__ import annotations
@@ -114,13 +116,18 @@ def approx_kl(log_probs: Tensor, ref_log_probs: Tensor, estimator: KLEstimator =
 
 
 def last_valid_index(mask: Tensor) -> Tensor:
-    """Index ``[B]`` of the last true position of each right-padded row (-1 for an empty row)."""
-    return mask.long().sum(-1) - 1
+    """Index ``[B]`` of the last true position of each row of ``mask [B, T]`` (-1 for an empty row).
+
+    Holes and padding on either side are allowed: it is the last 1, not the count of 1s.
+    """
+    mask = mask.bool()
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, positions, -1).amax(-1)
 
 
 def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token rewards ``[B, T]``: ``-kl_coef * kl`` at valid positions, 0 elsewhere, plus
-    ``scores[b]`` at the last valid position of row ``b``.
+    ``scores[b]`` at the last valid position of row ``b`` (:func:`last_valid_index`).
     """
     mask = mask.bool()
     rewards = torch.where(mask, -kl_coef * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
@@ -133,17 +140,29 @@ def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> T
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> GAEResult:
     """Generalised advantage estimation over ``[B, T]`` action tensors.
 
-    Rewards and values at masked positions count as 0 and the value after the last position is 0.
-    ``returns = advantages + values``. Vectorised: the backward recursion
-    ``A_t = delta_t + gamma * lam * A_{t+1}`` is a product with a triangular discount matrix.
+    The recursion ``A_t = delta_t + gamma * lam * A_{t'}`` runs over the positions where ``mask``
+    is true only, ``t'`` being the next such position: a masked span between two trainable tokens
+    is bridged (its rewards and values are ignored, the next value and the running advantage carry
+    across it), so each row's advantages equal those of its compacted trainable sequence. The value
+    after a row's last trainable token is 0; masked positions get advantage and return 0;
+    ``returns = advantages + values``. Vectorised: the trainable positions of each row are moved
+    to its front (a stable sort, the identity for a right-padded contiguous mask), the recursion is
+    a product with a triangular discount matrix, and the results go back to their positions.
     """
     mask = mask.bool()
-    rewards = torch.where(mask, rewards.float(), 0.0)
-    values = torch.where(mask, values.float(), 0.0)
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
-    deltas = rewards + gamma * next_values - values
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # trainable positions first
+    compact_mask = mask.gather(1, order)
+    compact_rewards = torch.where(compact_mask, rewards.float().gather(1, order), 0.0)
+    compact_values = torch.where(compact_mask, values.float().gather(1, order), 0.0)
+    next_values = torch.cat([compact_values[:, 1:], torch.zeros_like(compact_values[:, :1])], dim=1)
+    deltas = compact_rewards + gamma * next_values - compact_values
     advantages = deltas @ _discount_matrix(deltas.shape[1], gamma * lam, deltas.device)
-    return GAEResult(advantages, advantages + values)
+    returns = advantages + compact_values
+    # masked positions sit after each row's trainable ones, where both are exactly 0
+    return GAEResult(
+        torch.zeros_like(advantages).scatter(1, order, advantages),
+        torch.zeros_like(returns).scatter(1, order, returns),
+    )
 
 
 def _discount_matrix(length: int, discount: float, device: torch.device) -> Tensor:

@@ -153,6 +153,95 @@ def test_gae_vectorised_equals_reference_loop(gamma, lam):
     assert torch.all(adv[~mask] == 0)
 
 
+# --- masks with holes (multi-turn: tool output the policy did not sample) -------------------
+
+
+def masked_gae_loop(rewards, values, mask, gamma, lam):
+    """Reference for holes, one step at a time: the recursion skips masked positions, carrying the next
+    value and the running advantage across them (as verl's masked GAE does)."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        last, v_next = 0.0, 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if not mask[b, t]:
+                continue
+            last = rewards[b, t] + gamma * v_next - values[b, t] + gamma * lam * last
+            adv[b, t], v_next = last, values[b, t]
+    return adv
+
+
+def test_gae_over_holes_by_hand():
+    # trainable t=0, t=3 (t=1,2 a tool's output): deltas over the compacted pair (r=[0, 1], v=[.5, .5])
+    # with gamma=1, lam=.5: A3 = 1 - .5 = .5, A0 = 0 + .5 - .5 + .5 * .5 = .25
+    rewards = torch.tensor([[0.0, 7.0, 7.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 9.0, 9.0, 0.5, 3.0]])
+    mask = torch.tensor([[1, 0, 0, 1, 0]])
+    adv, ret = F.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    close(adv, [[0.25, 0.0, 0.0, 0.5, 0.0]])
+    close(ret, [[0.75, 0.0, 0.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (0.9, 1.0)])
+def test_gae_over_an_interleaved_mask_equals_gae_over_the_compacted_sequence(gamma, lam):
+    generator = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(6, 15, generator=generator), torch.randn(6, 15, generator=generator)
+    mask = torch.rand(6, 15, generator=generator) < 0.6
+    mask[0], mask[1] = True, False  # a full row and an empty one
+    adv, ret = F.gae(rewards, values, mask, gamma, lam)
+    close(adv, masked_gae_loop(rewards, values, mask, gamma, lam), atol=1e-6)
+    for row in range(6):  # each row by itself, its trainable tokens side by side
+        keep = mask[row]
+        compact = F.gae(rewards[row, keep][None], values[row, keep][None], torch.ones(1, int(keep.sum())), gamma, lam)
+        close(adv[row, keep], compact.advantages[0], atol=1e-6)
+        close(ret[row, keep], compact.returns[0], atol=1e-6)
+    assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
+
+
+def test_gae_of_a_contiguous_mask_is_bitwise_the_prefix_recursion():
+    rewards, values = torch.randn(4, 9), torch.randn(4, 9)
+    mask = torch.arange(9) < torch.tensor([9, 3, 0, 5]).unsqueeze(1)
+    adv, _ = F.gae(rewards, values, mask, 0.99, 0.95)
+    deltas = torch.where(mask, rewards, 0.0)
+    masked_values = torch.where(mask, values, 0.0)
+    deltas = deltas + 0.99 * torch.cat([masked_values[:, 1:], torch.zeros(4, 1)], 1) - masked_values
+    assert torch.equal(adv, deltas @ F._discount_matrix(9, 0.99 * 0.95, deltas.device))
+
+
+def test_last_valid_index_and_the_score_land_on_the_last_trainable_token():
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1], [0, 0, 1, 1, 1, 0]])
+    assert F.last_valid_index(mask).tolist() == [3, -1, 5, 4]
+    rewards = F.token_rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.zeros(4, 6), mask, kl_coef=0.1)
+    assert rewards.tolist() == [[0, 0, 0, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 3], [0, 0, 0, 0, 4, 0]]
+
+
+def test_whitening_kl_and_losses_ignore_masked_tokens_and_their_logits():
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    values = torch.randn(2, 6, generator=generator)
+    poisoned = torch.where(mask, values, torch.tensor(float("nan")))
+    close(F.masked_whiten(poisoned, mask)[mask], F.masked_whiten(values[mask], torch.ones(int(mask.sum())))[:])
+    kl = F.approx_kl(torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator), "k3")
+    close(F.masked_mean(torch.where(mask, kl, float("inf")), mask), kl[mask].mean())
+    # logits at masked positions change neither the policy loss nor any gradient
+    logits = torch.randn(2, 6, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(11, (2, 6), generator=generator)
+    old, adv = torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator)
+
+    def loss_and_grad(x):
+        x = x.detach().requires_grad_(True)
+        lp = F.log_probs_from_logits(x, labels)
+        loss = F.policy_loss(lp, old, adv, mask) + F.masked_mean(F.entropy_from_logits(x), mask)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    changed = logits.detach().clone()
+    changed[~mask] = 100 * torch.randn(int((~mask).sum()), 11, generator=generator)
+    loss_a, grad_a = loss_and_grad(logits)
+    loss_b, grad_b = loss_and_grad(changed)
+    assert loss_a == loss_b
+    assert torch.equal(grad_a[mask], grad_b[mask]) and not grad_a[~mask].any() and not grad_b[~mask].any()
+
+
 # --- group advantages --------------------------------------------------------------------
 
 

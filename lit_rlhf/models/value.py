@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from lit_rlhf.functional import last_valid_index
 from lit_rlhf.models.loading import (
     check_model_path,
     disable_dropout,
@@ -120,7 +121,7 @@ class ValueModel(nn.Module):
 
         With ``normalize=True`` the stored reward mean/std are applied: ``(s - mean) / std``.
         """
-        scores = self._token_scores(sequences, attention_mask, _last_token_index(attention_mask).unsqueeze(1))[:, 0]
+        scores = self._token_scores(sequences, attention_mask, last_valid_index(attention_mask).unsqueeze(1))[:, 0]
         if normalize:
             scores = (scores - self.reward_mean) / self.reward_std
         return scores
@@ -179,9 +180,3 @@ def _head(model: nn.Module) -> nn.Module:
         if hasattr(model, name):
             return getattr(model, name)
     raise ValueError(f"{type(model).__name__} has no scalar head named one of {HEAD_NAMES}")
-
-
-def _last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last 1 in each row of a mask that may be left- and right-padded."""
-    length = attention_mask.shape[1]
-    return length - 1 - attention_mask.long().flip(-1).argmax(-1)

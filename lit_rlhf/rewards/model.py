@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_rlhf import functional as F
 from lit_rlhf.models import ValueModel, load_tokenizer
 from lit_rlhf.models.padding import length_groups
 from lit_rlhf.rewards.base import RewardBatch, RewardComponent
@@ -24,8 +25,7 @@ def append_eos(sequences: Tensor, attention_mask: Tensor, eos_token_ids: Tensor)
     Rows are left-padded prompts followed by right-padded responses, so a row's last valid token
     is at its last 1 in ``attention_mask``.
     """
-    width = attention_mask.shape[1]
-    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)
+    last = F.last_valid_index(attention_mask)
     ended = torch.isin(sequences.gather(1, last.unsqueeze(1)).squeeze(1), eos_token_ids)
     pad_column = sequences.new_zeros(sequences.shape[0], 1)
     sequences, attention_mask = torch.cat([sequences, pad_column], 1), torch.cat([attention_mask, pad_column], 1)
