@@ -96,7 +96,7 @@ class IterationTimer(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         total = time.perf_counter() - self.start
         timing = next(c for c in trainer.callbacks if hasattr(c, "last_timing")).last_timing
-        self.lengths.append(module.buffer.experience.action_mask.sum(-1).tolist())
+        self.lengths.append(module.buffer.experience.loss_mask.sum(-1).tolist())
         rollout = timing["generation_s"] + timing["scoring_s"] + timing["advantages_s"]
         self.seconds.append(total)
         self.phases.append(

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from lit_rlhf.engines import RolloutEngine
+from lit_rlhf.rollout.engines.base import RolloutEngine
 
 G = TypeVar("G")
 

@@ -20,8 +20,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from lit_rlhf.engines import RolloutEngine
 from lit_rlhf.plain_data import as_group, import_object, save_settings, to_plain  # noqa: F401 (public here too)
+from lit_rlhf.rollout.engines.base import RolloutEngine
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
@@ -170,6 +170,9 @@ class GenerationSettings:
     """stop decoding once every row has produced an EOS token."""
     suppress_token_ids: tuple[int, ...] = ()
     """token ids that are never sampled (e.g. pad/bos; EOS for fixed-length responses)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """token ids that end a row like an EOS, in addition to the tokenizer's EOS (e.g. a tool-call
+    close tag); the stop token is the row's last sampled token."""
     stop_strings: tuple[str, ...] = ()
     """a row ends (finished, like an EOS) at the token whose text completes one of these; that token is
     kept and the response text contains the string (e.g. ``["\\n\\n"]``)."""
@@ -186,6 +189,11 @@ class GenerationSettings:
         ids = tuple(self.suppress_token_ids or ())
         _check(all(isinstance(i, int) and i >= 0 for i in ids), "generation", "suppress_token_ids", ids, "ids >= 0")
         object.__setattr__(self, "suppress_token_ids", ids)
+        stop_ids = tuple(self.stop_token_ids or ())
+        _check(
+            all(isinstance(i, int) and i >= 0 for i in stop_ids), "generation", "stop_token_ids", stop_ids, "ids >= 0"
+        )
+        object.__setattr__(self, "stop_token_ids", stop_ids)
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings or ())
         _check(all(isinstance(s, str) and s for s in stops), "generation", "stop_strings", stops, "non-empty strings")
         object.__setattr__(self, "stop_strings", stops)
@@ -208,8 +216,9 @@ class RolloutSettings:
     """How a rollout is made (per rank)."""
 
     engine: Literal["native"] | RolloutEngine = "native"
-    """what generates the responses: ``native`` (the actor's own sampler) or an engine component
-    (``lit_rlhf.rollout.VLLMEngine``), which receives the actor's weights before every rollout."""
+    """what generates the responses: an engine component (``lit_rlhf.rollout.NativeEngine``, the actor's
+    own sampler, or ``lit_rlhf.rollout.VLLMEngine``, which receives the actor's weights before every
+    rollout); ``native`` is a shorthand for a ``NativeEngine``."""
     rollout_batch_size: int = 64
     """prompts per rollout on each rank (experiences = this x ``generation.n_samples_per_prompt``)."""
     score_micro_batch_size: int = 16
@@ -231,9 +240,17 @@ class RolloutSettings:
         if isinstance(self.engine, Mapping):  # {class_path, init_args}, as in checkpoints
             engine = import_object(self.engine["class_path"], "rollout.engine")(**self.engine.get("init_args", {}))
             object.__setattr__(self, "engine", engine)
-        if self.engine != "native" and not isinstance(self.engine, RolloutEngine):
+        if isinstance(self.engine, str) and self.engine == "native":
+            # a lazy instance: a config that leaves the default dumps it as {class_path, init_args}
+            from jsonargparse import lazy_instance
+
+            from lit_rlhf.rollout.engines.native import NativeEngine  # the actor's sampler: loads transformers
+
+            object.__setattr__(self, "engine", lazy_instance(NativeEngine))
+        if not isinstance(self.engine, RolloutEngine):
             raise ValueError(
-                f"rollout.engine must be 'native' or an engine (lit_rlhf.rollout.VLLMEngine), got {self.engine!r}"
+                "rollout.engine must be 'native' or an engine (lit_rlhf.rollout.NativeEngine, "
+                f"lit_rlhf.rollout.VLLMEngine), got {self.engine!r}"
             )
         _check(self.rollout_batch_size >= 1, "rollout", "rollout_batch_size", self.rollout_batch_size, ">= 1")
         size = self.score_micro_batch_size
@@ -244,9 +261,9 @@ class RolloutSettings:
 
     @property
     def recomputes_old_log_probs(self) -> bool:
-        """``recompute_old_log_probs`` resolved: by default only with an engine."""
+        """``recompute_old_log_probs`` resolved: by default as the engine says (not for the native sampler)."""
         if self.recompute_old_log_probs is None:
-            return self.engine != "native"
+            return self.engine.recomputes_old_log_probs
         return self.recompute_old_log_probs
 
 

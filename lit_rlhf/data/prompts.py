@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from lit_rlhf.data.chat import DataError, Where, as_turns, check_template, render_prompt
 from lit_rlhf.data.files import read_rows, split_train_val
 from lit_rlhf.rewards.inputs import MissingColumn
+from lit_rlhf.seeds import prompt_order_seed
 
 # the column that carries each row's messages (before the chat template) to the rewards
 MESSAGES_COLUMN = "prompt_messages"
@@ -201,7 +202,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"a rollout needs {per_rollout} prompts but {self.hparams.path!r} has only {n}")
         per_pass = n // per_rollout
         epoch, slot = divmod(rollout, per_pass)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(prompt_order_seed(self.hparams.seed, epoch)))
         start = slot * per_rollout + rank * batch_size
         return self.collate([self.train_prompts[i] for i in order[start : start + batch_size].tolist()])
 

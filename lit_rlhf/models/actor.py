@@ -27,35 +27,41 @@ from lit_rlhf.settings import GenerationSettings, LoadSettings
 
 
 class GenerationOutput(NamedTuple):
-    """One batch of sampled responses.
+    """One batch of sampled responses as tensors (``lit_rlhf.rollout.engines.pack_samples`` builds it
+    from an engine's samples; the native sampler returns it directly).
 
     sequences: ``[B, P+A]`` left-padded prompt followed by the right-padded response.
-    attention_mask: ``[B, P+A]`` 1 for prompt tokens and for response tokens up to the first EOS.
-    action_mask: ``[B, A]`` bool, True for response tokens up to and including the first EOS.
+    attention_mask: ``[B, P+A]`` 1 for prompt tokens and for every response token (what is attended to).
+    loss_mask: ``[B, A]`` bool, True exactly on the response tokens the policy sampled in this
+        rollout (the tokens trained on). In a single-turn response it equals the response part of
+        ``attention_mask``; a multi-turn one also attends to tool output it did not sample.
     log_probs: ``[B, A]`` fp32 log-probs of the sampled tokens at the sampling temperature
-        (before top-k/top-p filtering), as seen while decoding.
-    finished: ``[B]`` bool, the row ended by itself (an EOS, or a token that completed one of
-        ``generation.stop_strings``) rather than at ``max_new_tokens``; None: read it from the
-        response's last token (:func:`lit_rlhf.rollout.maker.ends_with_eos`).
+        (before top-k/top-p filtering), as seen while decoding; 0 where ``loss_mask`` is False.
+    finished: ``[B]`` bool, the row ended by itself (an EOS, a stop token, or a token that completed
+        one of ``generation.stop_strings``) rather than at ``max_new_tokens``.
     """
 
     sequences: Tensor
     attention_mask: Tensor
-    action_mask: Tensor
+    loss_mask: Tensor
     log_probs: Tensor
-    finished: Tensor | None = None
+    finished: Tensor
+
+    @property
+    def num_actions(self) -> int:
+        return self.loss_mask.shape[1]
+
+
+def response_texts(tokenizer: PreTrainedTokenizerBase, sequences: Tensor, attention_mask: Tensor, num_actions: int):
+    """Each row's response text: all ``num_actions`` last tokens the row attends to, trained on or not
+    (a tool's output too), special tokens skipped."""
+    responses = sequences[:, -num_actions:].masked_fill(attention_mask[:, -num_actions:] == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
 
 
 class ActionLogits(NamedTuple):
     log_probs: Tensor
     entropy: Tensor
-
-
-def action_mask_from_responses(responses: Tensor, eos_token_ids: Tensor) -> Tensor:
-    """``[B, A]`` bool mask: tokens up to and including the first EOS (everything if none)."""
-    is_eos = torch.isin(responses, eos_token_ids)
-    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
-    return eos_before == 0
 
 
 def sample_tokens(logits: Tensor, settings: GenerationSettings, uniform: Tensor) -> Tensor:
@@ -196,8 +202,14 @@ class Actor(nn.Module):
         generator: torch.Generator | None = None,
         on_token: Callable[[int, int], None] | None = None,
         compact: bool = True,
+        stop_token_ids: Tensor | None = None,
     ) -> GenerationOutput:
         """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache.
+
+        A row ends at its first EOS, at a token of its row of ``stop_token_ids`` (``[B, K]``, -1 pads;
+        None: ``settings.stop_token_ids`` for every row) or at a token completing a stop string; that
+        token is its last. Each row's response is exactly the tokens sampled for it, so
+        ``loss_mask`` is the sampled prefix of each row (never read back from token values).
 
         Finished rows stop costing decoding work: once a quarter of the rows still decoding have
         produced an EOS, they are dropped from the batch and from the KV cache (``compact``; only
@@ -209,7 +221,7 @@ class Actor(nn.Module):
         # in the weights' dtype even under mixed precision (validation runs inside autocast): the
         # static cache holds one dtype, while autocast gives bf16 values and (after rotary) fp32 keys
         with torch.autocast(input_ids.device.type, enabled=False):
-            return self._generate(input_ids, attention_mask, settings, generator, on_token, compact)
+            return self._generate(input_ids, attention_mask, settings, generator, on_token, compact, stop_token_ids)
 
     def _generate(
         self,
@@ -219,8 +231,13 @@ class Actor(nn.Module):
         generator: torch.Generator | None,
         on_token: Callable[[int, int], None] | None,
         compact: bool,
+        stop_token_ids: Tensor | None,
     ) -> GenerationOutput:
         eos_ids, (batch, prompt_len), device = self.eos_token_ids, input_ids.shape, input_ids.device
+        if stop_token_ids is None and settings.stop_token_ids:
+            stop_token_ids = torch.tensor([list(settings.stop_token_ids)] * batch, device=device)
+        if stop_token_ids is not None:  # EOS ends every row; these end their own row
+            stop_token_ids = torch.cat([eos_ids.expand(batch, -1), stop_token_ids.to(device)], dim=1)
         max_new = settings.max_new_tokens
         # a pre-allocated cache, written in place; it starts with room for a short response and
         # doubles when full, so attention never runs over a mostly empty cache
@@ -248,8 +265,9 @@ class Actor(nn.Module):
         next_position = positions[:, -1:] + 1
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         stops = StopStrings(self.tokenizer, settings.stop_strings) if settings.stop_strings else None
-        kept = torch.full((batch,), max_new + 1, device=device)  # tokens kept by a row a stop string ended
-        early = settings.stop_at_eos or stops is not None  # rows can finish before max_new_tokens
+        lengths = torch.full((batch,), max_new, device=device)  # tokens sampled per row (its end, once ended)
+        ended_by_itself = torch.zeros(batch, dtype=torch.bool, device=device)
+        early = settings.stop_at_eos or stops is not None or stop_token_ids is not None  # rows can end early
         key_mask = None  # the keys each row may attend to, as the model's 4D mask (see takes_decode_mask)
         if takes_decode_mask(self.model.config):
             key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new, dtype=torch.bool, device=device)
@@ -260,11 +278,16 @@ class Actor(nn.Module):
             token = torch.where(finished, self.pad_token_id, sample_tokens(logits, settings, uniform))
             responses[active, step] = token
             log_probs[active, step] = log_probs_from_logits(logits, token, settings.scoring_temperature)
+            if stop_token_ids is None:
+                ends = torch.isin(token, eos_ids)
+            else:
+                ends = (token.unsqueeze(1) == stop_token_ids[active]).any(1)
             if stops is not None:  # the same rule as the vLLM engine's (see lit_rlhf.models.stop_strings)
-                hit = stops.completed(responses[active, max(0, step + 1 - stops.window) : step + 1]) & ~finished
-                kept[active[hit]] = step + 1
-                finished = finished | hit
-            finished = finished | torch.isin(token, eos_ids)
+                ends = ends | stops.completed(responses[active, max(0, step + 1 - stops.window) : step + 1])
+            ends = ends & ~finished
+            lengths[active[ends]] = step + 1
+            ended_by_itself[active[ends]] = True
+            finished = finished | ends
             if on_token is not None:
                 on_token(step + 1, max_new)
             done = int(finished.sum()) if early else 0  # one host sync per step
@@ -293,15 +316,13 @@ class Actor(nn.Module):
             ).logits[:, -1]
             next_position = next_position + 1
         responses = responses[:, :steps]
-        action_mask = action_mask_from_responses(responses, eos_ids) & (
-            torch.arange(steps, device=device) < kept[:, None]
-        )
+        loss_mask = torch.arange(steps, device=device) < lengths.clamp_max(steps)[:, None]
         return GenerationOutput(
             sequences=torch.cat([input_ids, responses], dim=1),
-            attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
-            action_mask=action_mask,
-            log_probs=log_probs[:, :steps],
-            finished=(torch.isin(responses, eos_ids) & action_mask).any(-1) | (kept <= max_new),
+            attention_mask=torch.cat([attention_mask.long(), loss_mask.long()], dim=1),
+            loss_mask=loss_mask,
+            log_probs=torch.where(loss_mask, log_probs[:, :steps], 0.0),
+            finished=ended_by_itself,
         )
 
     def action_logits(self, sequences: Tensor, attention_mask: Tensor, num_actions: int) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 from lit_rlhf import functional as F
 from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.data.sft import IGNORE_INDEX
-from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.models import Actor, load_tokenizer, response_texts
 from lit_rlhf.models.sharding import full_state_dict, is_sharded
 from lit_rlhf.modules.dpo_setup import (
     AnswerLogProbs,
@@ -30,7 +30,8 @@ from lit_rlhf.modules.outputs import export_directory, replaced_directory
 from lit_rlhf.modules.single import SingleModelModule
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.rewards import RewardBatch, RewardFunction, score_components
-from lit_rlhf.rollout.maker import eval_mode, reference_log_probs
+from lit_rlhf.rollout.runner import eval_mode, reference_log_probs
+from lit_rlhf.seeds import validation_seed
 from lit_rlhf.settings import GenerationSettings, OptimizerSettings, as_group, to_plain
 
 DPO_LR = 1e-6
@@ -212,26 +213,25 @@ class DPOModule(SingleModelModule):
         """Sample a response to each pair's prompt: its KL to the reference and the ``val_metrics``."""
         prompts, prompt_mask = validation_prompts(batch, self.tokenizer.pad_token_id)
         pairs = prompts.shape[0]
-        generator = torch.Generator(self.device).manual_seed(10_007 + batch_idx)
+        generator = torch.Generator(self.device).manual_seed(validation_seed(batch_idx))
         gen = self.actor.generate(prompts, prompt_mask, self.val_generation, generator)
-        num_actions = gen.action_mask.shape[1]
+        num_actions = gen.loss_mask.shape[1]
         if self.reference is not None or self.actor.has_adapter:
             temperature = self.val_generation.scoring_temperature
             ref = reference_log_probs(
                 self.actor, self.reference, gen.sequences, gen.attention_mask, num_actions, temperature
             )  # the policy's own log-probs come from the sampler
-            kl = torch.where(gen.action_mask, gen.log_probs - ref, 0.0).sum(-1)
+            kl = torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
             self.log("val/kl", kl.mean(), batch_size=pairs, sync_dist=True)
         if not self.val_metric_fns:
             return
-        responses = gen.sequences[:, -num_actions:].masked_fill(~gen.action_mask, self.tokenizer.pad_token_id)
+        responses = response_texts(self.tokenizer, gen.sequences, gen.attention_mask, num_actions)
         texts = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompts, prompt_mask, strict=True)]
         keys = batch_keys(batch)
         records = [self.val_columns.get(keys[i] + keys[i + pairs], {}) for i in range(pairs)]
         names = list(dict.fromkeys(name for record in records for name in record))
         columns = {name: [record.get(name) for record in records] for name in names}
-        decoded = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        for name, values in score_components(self.val_metric_fns, RewardBatch(texts, decoded, columns)).items():
+        for name, values in score_components(self.val_metric_fns, RewardBatch(texts, responses, columns)).items():
             self.log(f"val/{name}", values.mean(), prog_bar=True, batch_size=pairs, sync_dist=True)
 
     # --- checkpoints and export ---------------------------------------------------------------

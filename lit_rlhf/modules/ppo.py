@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.models import GenerationOutput, load_tokenizer
 from lit_rlhf.modules.outputs import check_outputs, export_directory, run_directory
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
+from lit_rlhf.modules.ppo_rollout import build_runner, collect
 from lit_rlhf.modules.ppo_setup import (
     build_models,
     check_critic_head,
@@ -27,20 +28,13 @@ from lit_rlhf.modules.ppo_validation import validation_step
 from lit_rlhf.modules.schedule import make_optimizer, make_scheduler, ppo_total_steps
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.quiet import quiet_run
-from lit_rlhf.rewards import (
-    RewardBatch,
-    RewardComponent,
-    RewardError,
-    RewardFunction,
-    call_with_columns,
-    score_components,
-    to_scores,
-)
-from lit_rlhf.rewards.base import as_components, warn_large_scores
+from lit_rlhf.rewards import RewardBatch, RewardComponent, RewardFunction
+from lit_rlhf.rewards.base import as_components
+from lit_rlhf.rewards.scorer import RewardScorer, Scores
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
-from lit_rlhf.rollout.maker import Scores, ends_with_eos
+from lit_rlhf.rollout.runner import Rollout, RolloutRunner
 from lit_rlhf.rollout.samples import LastRollout, SampleLoggingCallback
 from lit_rlhf.settings import (
     AlgorithmSettings,
@@ -132,8 +126,15 @@ class PPOModule(L.LightningModule):
         self.val_generation = self.generation.for_validation()
         self.kl_controller = make_kl_controller(self.kl)
         self.guard = DivergenceGuard(self.optim.max_nonfinite_steps)
-        self.reward_scale_warned = False
         self.tokenizer = load_tokenizer(self.models.actor_path, trust_remote_code=self.models.trust_remote_code)
+        custom = self._has_custom_reward()
+        self.scorer = RewardScorer(
+            self.rewards,
+            self.algorithm,
+            self.tokenizer,
+            custom=self.compute_reward if custom else None,
+            custom_name=f"{type(self).__qualname__}.compute_reward",
+        )
         size = self.rollout.rollout_batch_size * self.generation.n_samples_per_prompt
         self.buffer = ExperienceBuffer(size, self.algorithm.mini_batch_size, self.algorithm.ppo_epochs)
         self.critic_path = critic_path(self.models, self.rewards)
@@ -151,8 +152,9 @@ class PPOModule(L.LightningModule):
                     self.models.reference_path,
                 )
         self.actor = self.critic = self.reference = None
+        self.runner: RolloutRunner | None = None  # built at fit start, once the models are in place
+        self._started_engine = False
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
-        self.component_scores: dict[str, Tensor] = {}  # the latest scoring call's, per component
         self.last_rollout: LastRollout | None = None  # set by the RolloutCallback, read by the sample logger
         self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
         self.val_metric_means = nn.ModuleDict({fn.name: MeanMetric() for fn in self.val_metric_fns})
@@ -203,9 +205,7 @@ class PPOModule(L.LightningModule):
         self.actor, self.critic, self.reference = models.actor.train(), models.critic, models.reference
         if self.critic is not None:
             self.critic.train()  # train mode matters for gradient checkpointing; dropout is off anyway
-        if not self._has_custom_reward():  # an override loads the components it calls on first use
-            for component in self.rewards:
-                component.ensure_setup(self.tokenizer, self.models)
+        self.scorer.setup(self.models)  # a compute_reward override loads the components it calls on first use
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2
             shard_models(self, self._device_mesh, self.trainer.precision)
 
@@ -228,59 +228,38 @@ class PPOModule(L.LightningModule):
 
     def reward_sum(self, batch: RewardBatch) -> Tensor:
         """``sum(weight * score)`` over the reward components; each one's scores are kept for logging."""
-        for component in self.rewards:
-            if not component.is_set_up:  # only a compute_reward override gets here with one not loaded
-                component.ensure_setup(self.tokenizer, self.models)
-                component.to(self.device)
-        scores = score_components(self.rewards, batch, self.device)
-        self.component_scores.update(scores)
-        total = torch.zeros(len(batch), device=self.device)
-        for component in self.rewards:
-            total = total + component.weight * scores[component.name]
-        return total
+        return self.scorer.reward_sum(batch, self.device, self.models)
 
     def score_responses(self, gen: GenerationOutput, prompts: list[str], columns: dict[str, list]) -> Scores:
-        """Scores of a generation: the reward, then the missing-EOS penalty, then clipping.
-
-        Without a ``compute_reward`` override the components read the actor's token ids directly
-        (a reward model with the actor's vocabulary needs no decoding).
-        """
-        batch = RewardBatch(prompts, lambda: self.decode_responses(gen), columns, gen.sequences, gen.attention_mask)
-        self.component_scores = {}
-        if self._has_custom_reward():
-            name = f"{type(self).__qualname__}.compute_reward"
-            try:
-                columns_in = batch.columns_with_messages()  # with prompt_messages, which super() passes on
-                out = call_with_columns(self.compute_reward, batch.prompts, batch.responses, columns_in)
-            except RewardError:
-                raise
-            except Exception as err:
-                raise RewardError(f"reward {name} raised {type(err).__name__}: {err}") from err
-            raw = to_scores(out, name, batch, self.device)
-        else:
-            raw = self.reward_sum(batch)
-        self.watch_reward_scale(raw)
-        scores = raw
-        if self.algorithm.missing_eos_penalty is not None:
-            has_eos = gen.finished  # an EOS or a stop string: only rows cut at max_new_tokens are penalised
-            if has_eos is None:
-                has_eos = ends_with_eos(gen.sequences, gen.action_mask, self.actor.eos_token_ids)
-            scores = torch.where(has_eos, scores, scores - self.algorithm.missing_eos_penalty)
-        if self.algorithm.reward_clip is not None:
-            scores = scores.clamp(-self.algorithm.reward_clip, self.algorithm.reward_clip)
-        return Scores(scores, {"score": raw, **self.component_scores})
-
-    def watch_reward_scale(self, scores: Tensor) -> None:
-        """Warn once when scores are large enough to swamp the critic (see :func:`warn_large_scores`)."""
-        if not self.reward_scale_warned and self.algorithm.reward_clip is None:
-            self.reward_scale_warned = warn_large_scores(scores)
+        """Scores of a generation: the reward, then the missing-EOS penalty, then clipping (the scorer's)."""
+        return self.scorer(gen, prompts, columns)
 
     def decode_responses(self, gen: GenerationOutput) -> list[str]:
-        """Response texts (special tokens dropped; each ends at its first EOS)."""
-        responses = gen.sequences[:, -gen.action_mask.shape[1] :].masked_fill(
-            ~gen.action_mask, self.tokenizer.pad_token_id
-        )
-        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        """Response texts: every response token the rows attend to (special tokens dropped)."""
+        return self.scorer.decode(gen)
+
+    @property
+    def component_scores(self) -> dict[str, Tensor]:
+        """Each reward component's scores of the latest scoring call."""
+        return self.scorer.component_scores
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    def collect_rollout(self, rollout_index: int) -> Rollout:
+        """Rollout ``rollout_index`` of this rank (what the ``RolloutCallback`` puts into the buffer):
+        this rank's prompts, sampled by the engine with the current weights and scored by the runner;
+        the KL controller is updated and the rollout's metrics logged."""
+        return collect(self, rollout_index)
+
+    def on_fit_start(self) -> None:
+        """Build the rollout runner and start this rank's engine (the models are loaded by now)."""
+        self.runner = build_runner(self, run_seed())
+        self._started_engine = self.rollout.engine.start(self.actor, self.device)
+
+    def teardown(self, stage: str) -> None:
+        if self._started_engine:  # an engine started by its owner stays with its owner
+            self.rollout.engine.shutdown()
+            self._started_engine = False
 
     # --- optimisation -------------------------------------------------------------------------
 
@@ -311,13 +290,13 @@ class PPOModule(L.LightningModule):
         batch = self.buffer.get(indices)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        local_tokens = batch.action_mask.sum()
+        local_tokens = batch.loss_mask.sum()
         # gradients are averaged over ranks, so dividing by the mean token count per rank makes the
         # update the token mean over the whole (global) mini-batch
         mean_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="mean")
         stats: dict[str, Tensor] = {}
         for micro in self.micro_batches(batch):
-            tokens = micro.action_mask.sum()
+            tokens = micro.loss_mask.sum()
             loss, micro_stats = ppo_micro_step(
                 self.actor,
                 self.critic,
@@ -378,7 +357,7 @@ class PPOModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The rollout callback and, after it, the sample logger come with the module (configured ones are replaced)."""
         samples = SampleLoggingCallback(self.log_samples_every_n_rollouts, self.num_logged_samples)
-        return [RolloutCallback(seed=run_seed()), samples]
+        return [RolloutCallback(), samples]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_extras(self, checkpoint)

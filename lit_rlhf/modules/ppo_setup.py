@@ -201,9 +201,9 @@ def check_prompt_lengths(datamodule, models: PPOModelSettings, max_new_tokens: i
 
 
 def check_token_ids(generation: GenerationSettings, models: PPOModelSettings) -> None:
-    """``generation.suppress_token_ids`` must be ids of the actor's vocabulary (its ``config.json``),
-    checked before any model loads (an id past the logits would fail mid-sampling)."""
-    if not generation.suppress_token_ids:
+    """``generation.suppress_token_ids`` and ``stop_token_ids`` must be ids of the actor's vocabulary
+    (its ``config.json``), checked before any model loads (an id past the logits would fail mid-sampling)."""
+    if not generation.suppress_token_ids and not generation.stop_token_ids:
         return
     from transformers import AutoConfig
 
@@ -212,10 +212,11 @@ def check_token_ids(generation: GenerationSettings, models: PPOModelSettings) ->
     except (OSError, ValueError):  # loading the actor reports a missing or unreadable checkpoint
         return
     vocab_size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
-    outside = sorted(i for i in generation.suppress_token_ids if vocab_size is not None and i >= vocab_size)
-    if outside:
-        raise ValueError(
-            f"generation.suppress_token_ids {outside} are outside the actor's vocabulary ({vocab_size} ids, "
-            f"0..{vocab_size - 1}, models.actor_path config): use ids the tokenizer gives, e.g. "
-            "tokenizer.convert_tokens_to_ids(token)"
-        )
+    for name in ("suppress_token_ids", "stop_token_ids"):
+        outside = sorted(i for i in getattr(generation, name) if vocab_size is not None and i >= vocab_size)
+        if outside:
+            raise ValueError(
+                f"generation.{name} {outside} are outside the actor's vocabulary ({vocab_size} ids, "
+                f"0..{vocab_size - 1}, models.actor_path config): use ids the tokenizer gives, e.g. "
+                "tokenizer.convert_tokens_to_ids(token)"
+            )

@@ -29,7 +29,7 @@ def ppo_micro_step(
 
     Actor and critic share no parameters, so their losses are summed into one backward pass.
     """
-    mask, num_actions = micro.action_mask, micro.num_actions
+    mask, num_actions = micro.loss_mask, micro.num_actions
     log_probs, entropy = actor.log_probs_and_entropy(
         micro.sequences, micro.attention_mask, num_actions, temperature, entropy_grad=algorithm.entropy_coef != 0
     )

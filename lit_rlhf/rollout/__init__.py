@@ -1,17 +1,30 @@
-"""Rollouts: Experience, ExperienceBuffer, the rollout and sample-logging callbacks, KL controllers, engines."""
+"""Rollouts: the runner, Experience and ExperienceBuffer, the rollout and sample-logging callbacks,
+KL controllers, engines.
 
-from lit_rlhf.rollout.callback import RolloutCallback
-from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
-from lit_rlhf.rollout.kl_control import AdaptiveKLController, KLController
-from lit_rlhf.rollout.samples import SampleLoggingCallback
-from lit_rlhf.rollout.vllm_engine import VLLMEngine
+Imported lazily, so that the settings can name ``RolloutEngine`` without loading Lightning.
+"""
 
-__all__ = [
-    "AdaptiveKLController",
-    "Experience",
-    "ExperienceBuffer",
-    "KLController",
-    "RolloutCallback",
-    "SampleLoggingCallback",
-    "VLLMEngine",
-]
+import importlib
+
+_EXPORTS = {
+    "AdaptiveKLController": "lit_rlhf.rollout.kl_control",
+    "KLController": "lit_rlhf.rollout.kl_control",
+    "Experience": "lit_rlhf.rollout.experience",
+    "ExperienceBuffer": "lit_rlhf.rollout.experience",
+    "RolloutCallback": "lit_rlhf.rollout.callback",
+    "SampleLoggingCallback": "lit_rlhf.rollout.samples",
+    "RolloutEngine": "lit_rlhf.rollout.engines.base",
+    "GenerationRequest": "lit_rlhf.rollout.engines.base",
+    "Sample": "lit_rlhf.rollout.engines.base",
+    "NativeEngine": "lit_rlhf.rollout.engines.native",
+    "VLLMEngine": "lit_rlhf.rollout.engines.vllm",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lit_rlhf.rollout' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

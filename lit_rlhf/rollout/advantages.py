@@ -46,7 +46,7 @@ def compute_advantages(
     old_log_probs: Tensor,
     ref_log_probs: Tensor | None,
     values: Tensor,
-    action_mask: Tensor,
+    loss_mask: Tensor,
     kl_coef: float,
     algorithm: AlgorithmSettings,
     kl: KLSettings,
@@ -65,16 +65,16 @@ def compute_advantages(
     if ref_log_probs is None:
         token_kl = torch.zeros_like(old_log_probs, dtype=torch.float32)
     else:
-        token_kl = torch.where(action_mask.bool(), F.approx_kl(old_log_probs, ref_log_probs, kl.estimator), 0.0)
+        token_kl = torch.where(loss_mask.bool(), F.approx_kl(old_log_probs, ref_log_probs, kl.estimator), 0.0)
     estimator = algorithm.advantage_estimator
     if estimator in GROUP_ESTIMATORS:
         scores = F.group_advantages(scores, group_size, estimator)
-    rewards = F.token_rewards(scores, token_kl, action_mask, kl_coef if kl.penalty == "reward" else 0.0)
+    rewards = F.token_rewards(scores, token_kl, loss_mask, kl_coef if kl.penalty == "reward" else 0.0)
     if estimator == "gae":
-        advantages, returns = F.gae(rewards, values, action_mask, algorithm.gamma, algorithm.lam)
+        advantages, returns = F.gae(rewards, values, loss_mask, algorithm.gamma, algorithm.lam)
     else:
-        advantages, returns = F.gae(rewards, torch.zeros_like(rewards), action_mask, algorithm.gamma, 1.0)
+        advantages, returns = F.gae(rewards, torch.zeros_like(rewards), loss_mask, algorithm.gamma, 1.0)
     if algorithm.whiten:
-        advantages = global_whiten(advantages, action_mask, all_reduce)
-    advantages = torch.where(action_mask.bool(), advantages, 0.0)
+        advantages = global_whiten(advantages, loss_mask, all_reduce)
+    advantages = torch.where(loss_mask.bool(), advantages, 0.0)
     return Advantages(token_kl, rewards, advantages, returns)

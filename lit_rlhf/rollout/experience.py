@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lit_rlhf.models.padding import length_groups
+from lit_rlhf.seeds import buffer_order_seed
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Experience:
     Attributes:
         sequences: ``[B, P+A]`` long. Left-padded prompt, then the right-padded response.
         attention_mask: ``[B, P+A]`` long. 1 for prompt tokens and response tokens up to the first EOS.
-        action_mask: ``[B, A]`` bool. True for response tokens up to and including the first EOS.
+        loss_mask: ``[B, A]`` bool. True for response tokens up to and including the first EOS.
         old_log_probs: ``[B, A]`` fp32. Actor log-probs at sampling time (the PPO ratio's denominator).
         rollout_log_probs: ``[B, A]`` fp32. The sampler's own log-probs of the tokens (an engine's may
             differ slightly from the trainer's ``old_log_probs``; equal to them when they are reused).
@@ -37,7 +38,7 @@ class Experience:
 
     sequences: Tensor
     attention_mask: Tensor
-    action_mask: Tensor
+    loss_mask: Tensor
     old_log_probs: Tensor
     rollout_log_probs: Tensor
     ref_log_probs: Tensor | None
@@ -54,7 +55,7 @@ class Experience:
 
     @property
     def num_actions(self) -> int:
-        return self.action_mask.shape[1]
+        return self.loss_mask.shape[1]
 
     def index(self, rows: Tensor | slice) -> Experience:
         """The rows ``rows`` of every field."""
@@ -109,7 +110,7 @@ class ExperienceBuffer(IterableDataset):
         self.epoch_source = epoch if callable(epoch) else (lambda: epoch)
 
     def __iter__(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_source())
+        generator = torch.Generator().manual_seed(buffer_order_seed(self.seed, self.epoch_source()))
         for _ in range(self.ppo_epochs):
             yield from torch.randperm(self.size, generator=generator).split(self.mini_batch_size)
 

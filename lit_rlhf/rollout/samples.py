@@ -19,6 +19,7 @@ from rich.table import Table
 from torch import Tensor
 
 from lit_rlhf.data.prompts import MESSAGES_COLUMN
+from lit_rlhf.models.actor import response_texts
 from lit_rlhf.rollout.experience import Experience
 
 HIDDEN_IN_CONSOLE = ("rollout", "rendered_prompt")  # in samples.jsonl and W&B, too long or constant for the console
@@ -72,8 +73,7 @@ def sample_rows(record: LastRollout, samples_per_prompt: int, k: int, tokenizer)
     if not rows:
         return []
     picked = experience.index(torch.tensor(rows, device=experience.sequences.device))
-    responses = picked.sequences[:, -picked.num_actions :].masked_fill(~picked.action_mask, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    texts = response_texts(tokenizer, picked.sequences, picked.attention_mask, picked.num_actions)
     scores = picked.scores.float().tolist()
     parts = {name: values.float().tolist() for name, values in record.reward_parts.items()}
     messages = record.columns.get(MESSAGES_COLUMN) or [None] * num_prompts

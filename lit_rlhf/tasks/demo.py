@@ -51,7 +51,7 @@ def evaluate(
     policy_path: str, reference_path: str, reward_path: str, prompts: list[str], temperature: float = 1.0, seed: int = 0
 ) -> dict[str, float]:
     """Held-out accuracy (sampled at ``temperature``), mean reward-model score, KL to the reference."""
-    from lit_rlhf.models import Actor, GenerationSettings, ValueModel, load_tokenizer
+    from lit_rlhf.models import Actor, GenerationSettings, ValueModel, load_tokenizer, response_texts
 
     tok = load_tokenizer(policy_path)
     policy, reference = (
@@ -63,18 +63,15 @@ def evaluate(
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     settings = GenerationSettings(max_new_tokens=4, temperature=temperature)
     gen = policy.generate(enc.input_ids, enc.attention_mask, settings, torch.Generator().manual_seed(seed))
-    num_actions = gen.action_mask.shape[1]
+    num_actions = gen.loss_mask.shape[1]
     kl = policy(gen.sequences, gen.attention_mask, num_actions, settings.scoring_temperature) - reference(
         gen.sequences, gen.attention_mask, num_actions, settings.scoring_temperature
     )
-    responses = tok.batch_decode(
-        gen.sequences[:, enc.input_ids.shape[1] :].masked_fill(~gen.action_mask, tok.pad_token_id),
-        skip_special_tokens=True,
-    )
+    responses = response_texts(tok, gen.sequences, gen.attention_mask, num_actions)
     return {
         "accuracy": exact_match_reward(prompts, responses, [solve(p) for p in prompts]).mean().item(),
         "reward_model_score": reward.score(gen.sequences, gen.attention_mask).mean().item(),
-        "kl_to_reference": (kl * gen.action_mask).sum(-1).mean().item(),
+        "kl_to_reference": (kl * gen.loss_mask).sum(-1).mean().item(),
     }
 
 

@@ -18,12 +18,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import lit_rlhf.rollout.callback as callback_module  # noqa: E402
+from lit_rlhf.rollout.metrics import rollout_metrics  # noqa: E402
+from lit_rlhf.rollout.runner import Rollout, RolloutRunner  # noqa: E402
+
 from lit_rlhf import functional as F  # noqa: E402
 from lit_rlhf.models.sharding import full_state_dict  # noqa: E402
 from lit_rlhf.rollout.advantages import global_whiten  # noqa: E402
 from lit_rlhf.rollout.experience import Experience  # noqa: E402
-from lit_rlhf.rollout.maker import Rollout, rollout_metrics  # noqa: E402
 from tests.helpers import SevensPPO, datamodule  # noqa: E402
 
 ROWS = 8
@@ -58,17 +59,17 @@ def fixed_experience(module) -> Experience:
     prompts = torch.randint(3, 14, (ROWS, 6), generator=g)
     responses = torch.randint(3, 14, (ROWS, 5), generator=g)
     sequences = torch.cat([prompts, responses], 1)
-    action_mask = torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 5, 1, 2]).unsqueeze(1)
-    attention_mask = torch.cat([torch.ones_like(prompts), action_mask.long()], 1)
+    loss_mask = torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 5, 1, 2]).unsqueeze(1)
+    attention_mask = torch.cat([torch.ones_like(prompts), loss_mask.long()], 1)
     with torch.no_grad():
         old = actor(sequences, attention_mask, 5)
         values = critic(sequences, attention_mask, 5)
-    advantages = F.masked_whiten(torch.randn(ROWS, 5, generator=g), action_mask) * action_mask
+    advantages = F.masked_whiten(torch.randn(ROWS, 5, generator=g), loss_mask) * loss_mask
     zeros = torch.zeros(ROWS, 5)
     return Experience(
         sequences=sequences,
         attention_mask=attention_mask,
-        action_mask=action_mask,
+        loss_mask=loss_mask,
         old_log_probs=old,
         rollout_log_probs=old,
         ref_log_probs=old - 0.01 * torch.rand(ROWS, 5, generator=g),
@@ -97,12 +98,12 @@ def train(args) -> None:
         },
     )
 
-    def fixed_rollout(models, prompts, score_fn, **settings):
+    def fixed_rollout(runner, rollout_index, prompts, progress=None):
         experience = fixed_experience(module)
         timing = {"generation_s": 0.0, "scoring_s": 0.0, "advantages_s": 0.0, "generated_tokens": 1.0}
         return Rollout(experience.index(slice(rank * per_rank, (rank + 1) * per_rank)), {}, timing)
 
-    callback_module.make_experience = fixed_rollout
+    RolloutRunner.collect = fixed_rollout
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer(args.strategy, world, max_epochs=1)
     assets = {"prompts": f"{args.assets}/prompts.jsonl", "val_prompts": f"{args.assets}/val_prompts.jsonl"}
@@ -139,7 +140,7 @@ def stats(args) -> None:
     exp = Experience(
         sequences=torch.randint(3, 14, (8, 10), generator=g),
         attention_mask=torch.ones(8, 10, dtype=torch.long),
-        action_mask=mask,
+        loss_mask=mask,
         old_log_probs=values,
         rollout_log_probs=values,
         ref_log_probs=values * 0.5,

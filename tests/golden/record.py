@@ -61,7 +61,7 @@ class Experiences(L.Callback):
             return
         exp = module.buffer.experience
         mask = getattr(exp, "loss_mask", None)
-        record = {"mask": (exp.action_mask if mask is None else mask).long().tolist()}
+        record = {"mask": (exp.loss_mask if mask is None else mask).long().tolist()}
         for name in FIELDS:
             value = getattr(exp, name)
             record[name] = None if value is None else value.tolist()

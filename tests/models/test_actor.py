@@ -13,7 +13,6 @@ from lit_rlhf.models import (
     GenerationSettings,
     LoadSettings,
     LoraSettings,
-    action_mask_from_responses,
     load_tokenizer,
 )
 
@@ -28,11 +27,21 @@ def prompts(tokenizer, texts=("1+2=", "12+34=", "7+7=")):
     return enc.input_ids, enc.attention_mask
 
 
-def test_action_mask_includes_first_eos_only():
-    eos = torch.tensor([2])
-    responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0], [2, 2, 2, 2]])
-    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(action_mask_from_responses(responses, eos), expected)
+def test_a_row_ends_at_its_own_stop_token_and_its_mask_is_what_it_sampled(actor, tokenizer, monkeypatch):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    steps = iter(torch.tensor([[9, 9, 9], [5, 5, 5], [6, 6, 6], [eos, 7, 7]]))  # one row per step
+    monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, settings, generator: next(steps))
+    stop = torch.tensor([[5, -1], [6, 8], [-1, -1]])  # row 0 ends at 5, row 1 at 6, row 2 only at EOS
+    out = actor.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=4), stop_token_ids=stop, compact=False)
+    assert out.sequences[:, -4:].tolist() == [[9, 5, pad, pad], [9, 5, 6, pad], [9, 5, 6, 7]]
+    assert out.loss_mask.long().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert out.finished.tolist() == [True, True, False]
+    assert (out.log_probs[~out.loss_mask] == 0).all() and (out.log_probs[out.loss_mask] < 0).all()
+    # the same ids for every row from the settings
+    steps = iter(torch.tensor([[9, 9, 9], [5, 4, 4], [4, 5, 4]]))
+    out = actor.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=3, stop_token_ids=(5,)), compact=False)
+    assert out.loss_mask.long().tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]]
+    assert out.finished.tolist() == [True, True, False]
 
 
 def test_generate_masks_with_eos_mid_response_and_left_padding(actor, tokenizer, monkeypatch):
@@ -45,8 +54,8 @@ def test_generate_masks_with_eos_mid_response_and_left_padding(actor, tokenizer,
     responses = out.sequences[:, input_ids.shape[1] :]
     # row 0: 5 eos | pad pad ; row 1: 5 6 7 8 ; row 2: eos | pad pad pad
     assert responses.tolist() == [[5, eos, pad, pad], [5, 6, 7, 8], [eos, pad, pad, pad]]
-    assert out.action_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.action_mask.long()], 1))
+    assert out.loss_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.loss_mask.long()], 1))
     assert torch.equal(out.sequences[:, : input_ids.shape[1]], input_ids)
 
 
@@ -55,7 +64,7 @@ def test_generate_stops_when_every_row_ended(actor, tokenizer, monkeypatch):
     calls = []
     monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s, g: calls.append(1) or torch.full((3,), eos))
     out = actor.generate(*prompts(tokenizer), GenerationSettings(max_new_tokens=10))
-    assert len(calls) == 1 and out.action_mask.shape == (3, 1)
+    assert len(calls) == 1 and out.loss_mask.shape == (3, 1)
 
 
 def test_pad_equal_to_eos_keeps_first_eos(tiny_paths, tokenizer, monkeypatch):
@@ -65,7 +74,7 @@ def test_pad_equal_to_eos_keeps_first_eos(tiny_paths, tokenizer, monkeypatch):
     monkeypatch.setattr(actor_module, "sample_tokens", lambda logits, s, g: next(steps))
     out = actor.generate(*prompts(tokenizer, ("1+2=", "3+4=")), GenerationSettings(max_new_tokens=3, stop_at_eos=False))
     assert out.sequences[:, -3:].tolist() == [[5, eos, eos], [eos, eos, eos]]
-    assert out.action_mask.tolist() == [[True, True, False], [True, False, False]]
+    assert out.loss_mask.tolist() == [[True, True, False], [True, False, False]]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -74,7 +83,7 @@ def test_forward_log_probs_match_generation_scores(actor, tokenizer, temperature
     settings = GenerationSettings(max_new_tokens=6, temperature=temperature, stop_at_eos=False)
     out = actor.generate(input_ids, attention_mask, settings)
     log_probs = actor(out.sequences, out.attention_mask, num_actions=6, temperature=temperature)
-    mask = out.action_mask
+    mask = out.loss_mask
     torch.testing.assert_close(log_probs[mask], out.log_probs[mask], atol=1e-4, rtol=0)
 
 
@@ -159,14 +168,14 @@ def test_dropping_finished_rows_changes_no_row_and_stops_paying_for_them(actor, 
     assert (plain.sequences == tokenizer.eos_token_id).any(1).sum() >= 4, (
         "rows must finish early for this to mean anything"
     )
-    assert torch.equal(compacted.sequences, plain.sequences) and torch.equal(compacted.action_mask, plain.action_mask)
+    assert torch.equal(compacted.sequences, plain.sequences) and torch.equal(compacted.loss_mask, plain.loss_mask)
     torch.testing.assert_close(
-        compacted.log_probs[plain.action_mask], plain.log_probs[plain.action_mask], atol=1e-5, rtol=0
+        compacted.log_probs[plain.loss_mask], plain.log_probs[plain.loss_mask], atol=1e-5, rtol=0
     )
     assert set(plain_sizes) == {16} and min(sizes) < 16 and sum(sizes) < sum(plain_sizes), (sizes, plain_sizes)
     # the log-probs the compacted sampler reports are the model's own: the right rows stayed in the cache
-    forward_log_probs = actor(compacted.sequences, compacted.attention_mask, compacted.action_mask.shape[1], 1.5)
-    mask = compacted.action_mask
+    forward_log_probs = actor(compacted.sequences, compacted.attention_mask, compacted.loss_mask.shape[1], 1.5)
+    mask = compacted.loss_mask
     torch.testing.assert_close(forward_log_probs[mask], compacted.log_probs[mask], atol=1e-4, rtol=0)
 
 
@@ -313,7 +322,7 @@ def test_suppressed_tokens_are_never_sampled(actor, tokenizer):
     out = actor.generate(input_ids.repeat(8, 1), attention_mask.repeat(8, 1), settings)
     responses = out.sequences[:, input_ids.shape[1] :]
     assert not torch.isin(responses, torch.tensor([0, 1, 2])).any()
-    assert out.action_mask.all(), "without EOS every response runs to max_new_tokens"
+    assert out.loss_mask.all(), "without EOS every response runs to max_new_tokens"
 
 
 def test_a_stop_string_ends_its_row_at_the_token_that_completes_it(actor, tokenizer, monkeypatch):
@@ -327,15 +336,15 @@ def test_a_stop_string_ends_its_row_at_the_token_that_completes_it(actor, tokeni
     out = actor.generate(input_ids, attention_mask, settings, compact=False)  # the fake sampler fills every row
     responses = out.sequences[:, input_ids.shape[1] :]
     assert responses.tolist() == [[four, five, pad], [one, one, one], [four, eos, pad]]
-    assert out.action_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    assert out.loss_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0]]
     assert out.finished.tolist() == [True, False, True]  # stopped, cut at max_new_tokens, EOS
-    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.action_mask.long()], 1))
+    assert torch.equal(out.attention_mask, torch.cat([attention_mask, out.loss_mask.long()], 1))
     # the text the rewards read (the decode of the kept ids) holds the stop string
-    texts = tokenizer.batch_decode(responses.masked_fill(~out.action_mask, pad), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(responses.masked_fill(~out.loss_mask, pad), skip_special_tokens=True)
     assert texts == ["45", "111", "4"]
     # the kept tokens' log-probs are the policy's
     scored = actor(out.sequences, out.attention_mask, 3)
-    torch.testing.assert_close(out.log_probs[out.action_mask], scored[out.action_mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.log_probs[out.loss_mask], scored[out.loss_mask], atol=1e-5, rtol=0)
 
 
 def test_stop_strings_cut_rows_that_hold_them_and_leave_the_others_alone(actor, tokenizer):
@@ -353,7 +362,7 @@ def test_stop_strings_cut_rows_that_hold_them_and_leave_the_others_alone(actor, 
         ids = plain.sequences[row, width:].tolist()
         texts = [tokenizer.decode(ids[: end + 1], skip_special_tokens=True) for end in range(len(ids))]
         stop = next((end for end, text in enumerate(texts) if "1" in text or "+=" in text), None)
-        kept = stopped.action_mask[row].sum().item()
+        kept = stopped.loss_mask[row].sum().item()
         if stop is None:  # unaffected: the same tokens and log-probs, still cut at max_new_tokens
             assert kept == 8 and stopped.sequences[row, width:].tolist() == ids and not stopped.finished[row]
         else:  # exactly the sampled ids up to the token that completed the stop string

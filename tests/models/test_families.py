@@ -51,6 +51,6 @@ def test_ppo_rollout_and_updates_on_each_family(family, tokenizer, tiny_assets, 
     assert torch.isfinite(exp.advantages).all() and torch.isfinite(exp.values).all()
     with torch.no_grad():  # the reference reproduces the rollout's policy: the first PPO ratio was 1
         reference = module.reference(exp.sequences, exp.attention_mask, exp.num_actions)
-    torch.testing.assert_close(reference[exp.action_mask], exp.ref_log_probs[exp.action_mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference[exp.loss_mask], exp.ref_log_probs[exp.loss_mask], atol=1e-5, rtol=1e-5)
     after = module.actor.model.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in before), "the actor was updated"

@@ -36,12 +36,12 @@ def rollout_batch(tokenizer, num_actions=7, extra_left=2, extra_right=3):
     gen = torch.Generator().manual_seed(0)
     responses = torch.randint(3, len(tokenizer), (rows, num_actions), generator=gen)
     lengths = torch.tensor([num_actions - extra_right, 2, 1, num_actions - extra_right - 1])
-    action_mask = torch.arange(num_actions) < lengths.unsqueeze(1)
-    responses = torch.where(action_mask, responses, tokenizer.pad_token_id)
+    loss_mask = torch.arange(num_actions) < lengths.unsqueeze(1)
+    responses = torch.where(loss_mask, responses, tokenizer.pad_token_id)
     pad = torch.full((rows, extra_left), tokenizer.pad_token_id)
     sequences = torch.cat([pad, enc.input_ids, responses], 1)
-    attention_mask = torch.cat([torch.zeros_like(pad), enc.attention_mask, action_mask.long()], 1)
-    return sequences, attention_mask, action_mask
+    attention_mask = torch.cat([torch.zeros_like(pad), enc.attention_mask, loss_mask.long()], 1)
+    return sequences, attention_mask, loss_mask
 
 
 def alone(sequences, attention_mask, fn):
@@ -52,12 +52,12 @@ def alone(sequences, attention_mask, fn):
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_actor_log_probs_and_gradients_equal_the_unpadded_rows(tiny_paths, tokenizer, padding_free):
     actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
-    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
-    num_actions = action_mask.shape[1]
+    sequences, attention_mask, loss_mask = rollout_batch(tokenizer)
+    num_actions = loss_mask.shape[1]
 
     expected = []
     for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
-        n = int(action_mask[row].sum())
+        n = int(loss_mask[row].sum())
         logits = actor.model(input_ids=tokens).logits[0, -n - 1 : -1]
         expected.append(log_probs_from_logits(logits, tokens[0, -n:]))
     widths = []
@@ -66,19 +66,19 @@ def test_actor_log_probs_and_gradients_equal_the_unpadded_rows(tiny_paths, token
     actor.padding_free = padding_free
     log_probs = actor(sequences, attention_mask, num_actions)
     hook.remove()
-    assert log_probs.shape == action_mask.shape
+    assert log_probs.shape == loss_mask.shape
     for row, want in enumerate(expected):
-        torch.testing.assert_close(log_probs[row, action_mask[row]], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(log_probs[row, loss_mask[row]], want, atol=1e-5, rtol=1e-5)
     # the forward never saw the all-padding columns (packed: not a single padding token)
     valid = int(attention_mask.sum())
     assert widths == [(1, valid)] if padding_free else widths == [(4, sequences.shape[1] - 2 - 3)]
 
     # gradients of a masked loss equal the plain padded forward's
-    loss = torch.where(action_mask, log_probs, 0.0).sum()
+    loss = torch.where(loss_mask, log_probs, 0.0).sum()
     grads = torch.autograd.grad(loss, list(actor.parameters()))
     plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
     plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
-    plain_grads = torch.autograd.grad(torch.where(action_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
+    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
     for got, want in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -90,16 +90,16 @@ def _positions(mask):
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_values_and_scores_equal_the_unpadded_rows(tiny_paths, tokenizer, padding_free):
     critic = ValueModel.from_pretrained(tiny_paths["reward"])
-    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
-    num_actions = action_mask.shape[1]
+    sequences, attention_mask, loss_mask = rollout_batch(tokenizer)
+    num_actions = loss_mask.shape[1]
     critic.padding_free = padding_free
     values = critic(sequences, attention_mask, num_actions)
     scores = critic.score(sequences, attention_mask)
     critic.padding_free = False
     for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
-        n, ones = int(action_mask[row].sum()), torch.ones_like(tokens)
+        n, ones = int(loss_mask[row].sum()), torch.ones_like(tokens)
         want_values = critic(tokens, ones, n)[0]
-        torch.testing.assert_close(values[row, action_mask[row]], want_values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[row, loss_mask[row]], want_values, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(scores[row], critic.score(tokens, ones)[0], atol=1e-5, rtol=1e-5)
 
 
@@ -178,15 +178,15 @@ def test_packed_sdpa_forward_equals_each_row_alone(tokenizer, family, extra):
 def test_packed_forward_under_gradient_checkpointing_keeps_the_gradients(tiny_paths, tokenizer):
     """Recomputed layers run after the packed call returns: the checkpointed model keeps transformers'
     own packed path, and its gradients equal the plain packed forward's."""
-    sequences, attention_mask, action_mask = rollout_batch(tokenizer)
-    num_actions = action_mask.shape[1]
+    sequences, attention_mask, loss_mask = rollout_batch(tokenizer)
+    num_actions = loss_mask.shape[1]
     grads = []
     for checkpointing in (False, True):
         actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer).train()
         actor.padding_free = True
         if checkpointing:
             actor.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        loss = torch.where(action_mask, actor(sequences, attention_mask, num_actions), 0.0).sum()
+        loss = torch.where(loss_mask, actor(sequences, attention_mask, num_actions), 0.0).sum()
         grads.append(torch.autograd.grad(loss, list(actor.parameters())))
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

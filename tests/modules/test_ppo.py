@@ -68,9 +68,9 @@ def test_first_mini_batch_ratio_is_exactly_one(make, tmp_path):
             if not seen:
                 batch = self.buffer.get(indices)
                 log_probs = self.actor(batch.sequences, batch.attention_mask, batch.num_actions, 1.0)
-                seen["max_diff"] = (log_probs - batch.old_log_probs)[batch.action_mask].abs().max().item()
+                seen["max_diff"] = (log_probs - batch.old_log_probs)[batch.loss_mask].abs().max().item()
                 critic_values = self.critic(batch.sequences, batch.attention_mask, batch.num_actions)
-                seen["value_diff"] = (critic_values - batch.values)[batch.action_mask].abs().max().item()
+                seen["value_diff"] = (critic_values - batch.values)[batch.loss_mask].abs().max().item()
             return super().training_step(indices, batch_idx)
 
     fit(tmp_path, make(Check), 1)
@@ -161,16 +161,16 @@ def test_micro_batch_accumulation_gives_the_full_mini_batch_gradient(make, tmp_p
     fit(tmp_path, module, 1)
     batch = module.buffer.experience.index(slice(0, 8))
     for row, length in enumerate([1, 4, 2, 3, 4, 1, 3, 2]):  # rows of different lengths
-        batch.action_mask[row, length:] = False
+        batch.loss_mask[row, length:] = False
         batch.attention_mask[row, batch.sequences.shape[1] - batch.num_actions + length :] = 0
 
     def grads(micro_size, max_tokens=None):
         actor, critic = copy.deepcopy(module.actor), copy.deepcopy(module.critic)
-        total = batch.action_mask.sum()
+        total = batch.loss_mask.sum()
         micro_batches = batch.split(micro_size) if max_tokens is None else batch.micro_batches(micro_size, max_tokens)
         for micro in micro_batches:
             loss, _ = ppo_micro_step(actor, critic, micro, module.algorithm, module.kl, 0.1, 1.0)
-            (loss * micro.action_mask.sum() / total).backward()
+            (loss * micro.loss_mask.sum() / total).backward()
         return [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()] if p.grad is not None]
 
     assert len(batch.micro_batches(8, max_tokens=30)) >= 3, "the token budget splits the mini-batch"
@@ -233,7 +233,9 @@ def test_reward_function_by_dotted_path(make, tmp_path):
     module = make(PPOModule, rewards=[RewardFunction("tests.helpers.sevens_reward")])
     fit(tmp_path, module, 1)
     exp = module.buffer.experience
-    responses = module.decode_responses(GenerationOutput(exp.sequences, exp.attention_mask, exp.action_mask, None))
+    responses = module.decode_responses(
+        GenerationOutput(exp.sequences, exp.attention_mask, exp.loss_mask, exp.old_log_probs, exp.scores > 0)
+    )
     torch.testing.assert_close(exp.scores, sevens_reward([], responses))
     with pytest.raises(ValueError, match="cannot import RewardFunction.fn 'tests.helpers.nope'"):
         make(PPOModule, rewards=[RewardFunction("tests.helpers.nope")])
@@ -304,12 +306,13 @@ def test_score_settings_penalty_clip_and_normalisation(make, tmp_path):
     eos = 2
     responses = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8]])  # the second was cut at max_new_tokens
     prompts = torch.tensor([[1, 5, 4, 6]] * 2)
-    action_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    loss_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     gen = GenerationOutput(
         torch.cat([prompts, responses], 1),
-        torch.cat([torch.ones_like(prompts), action_mask.long()], 1),
-        action_mask,
+        torch.cat([torch.ones_like(prompts), loss_mask.long()], 1),
+        loss_mask,
         torch.zeros(2, 4),
+        torch.tensor([True, False]),  # the second was cut at max_new_tokens
     )
 
     class Fixed(PPOModule):
@@ -361,7 +364,13 @@ def test_reward_model_returning_nan_names_the_sample(make, monkeypatch):
     module = make(PPOModule, rewards=[RewardModel(make().assets["reward"])])
     module.configure_model()
     sequences = torch.tensor([[1, 5, 4, 6, 7, 2], [1, 6, 4, 5, 8, 2]])
-    gen = GenerationOutput(sequences, torch.ones_like(sequences), torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2))
+    gen = GenerationOutput(
+        sequences,
+        torch.ones_like(sequences),
+        torch.ones(2, 2, dtype=torch.bool),
+        torch.zeros(2, 2),
+        torch.ones(2, dtype=torch.bool),
+    )
     monkeypatch.setattr(
         module.rewards[0].model, "score", lambda s, m, normalize=False: torch.tensor([0.5, float("nan")])
     )
@@ -387,7 +396,7 @@ def test_padding_free_rollout_and_updates_equal_the_padded_ones(make, tmp_path):
     a, b = padded.buffer.experience, packed.buffer.experience
     assert torch.equal(a.sequences, b.sequences)  # generation is untouched
     assert not a.attention_mask.all(), "the rollout must contain padding for this test to mean anything"
-    mask = a.action_mask
+    mask = a.loss_mask
     for field in ("ref_log_probs", "values", "advantages", "returns"):
         torch.testing.assert_close(getattr(b, field)[mask], getattr(a, field)[mask], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.scores, a.scores, atol=1e-5, rtol=1e-5)

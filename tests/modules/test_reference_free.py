@@ -3,11 +3,11 @@
 import logging
 
 import lightning as L
+import lit_rlhf.rollout.runner as runner
 import pandas as pd
 import pytest
 import torch
 
-import lit_rlhf.rollout.maker as maker
 from lit_rlhf.models import Actor
 from lit_rlhf.settings import KLSettings
 from tests.helpers import SevensPPO, datamodule, small_module, trainer
@@ -27,7 +27,7 @@ def no_reference_forward(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a reference forward ran in a reference-free run")
 
-    monkeypatch.setattr(maker, "reference_log_probs", refuse)
+    monkeypatch.setattr(runner, "reference_log_probs", refuse)
     monkeypatch.setattr("lit_rlhf.modules.ppo_validation.reference_log_probs", refuse)
     monkeypatch.setattr(Actor, "adapter_disabled", refuse)
 

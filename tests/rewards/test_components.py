@@ -44,7 +44,9 @@ def make(tiny_assets, **groups):
 def texts(module):
     """The rollout's prompts (repeated per sample) and decoded responses."""
     exp = module.buffer.experience
-    responses = module.decode_responses(GenerationOutput(exp.sequences, exp.attention_mask, exp.action_mask, None))
+    responses = module.decode_responses(
+        GenerationOutput(exp.sequences, exp.attention_mask, exp.loss_mask, exp.old_log_probs, exp.scores > 0)
+    )
     return responses
 
 
@@ -164,10 +166,10 @@ def test_reward_model_text_path_equals_the_token_path(tiny_assets):
     prompts = ["<bos>12+34=", "<bos>7+1="]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     responses = torch.tensor([[5, 6, tok.eos_token_id, 0], [5, 6, 7, 8]])  # the second was cut
-    action_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    loss_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     sequences = torch.cat([enc.input_ids, responses], 1)
-    attention_mask = torch.cat([enc.attention_mask, action_mask.long()], 1)
-    decoded = tok.batch_decode(responses.masked_fill(~action_mask, tok.pad_token_id), skip_special_tokens=True)
+    attention_mask = torch.cat([enc.attention_mask, loss_mask.long()], 1)
+    decoded = tok.batch_decode(responses.masked_fill(~loss_mask, tok.pad_token_id), skip_special_tokens=True)
     token_path = component.score(RewardBatch(prompts, decoded, {}, sequences, attention_mask))
     text_path = component.score(RewardBatch(prompts, decoded))
     torch.testing.assert_close(token_path, text_path, atol=1e-5, rtol=1e-5)

@@ -189,7 +189,7 @@ def test_served_reward_model_gives_the_in_process_scores(tiny_assets, reward_ser
     remote = fit(tmp_path / "remote", module_with(tiny_assets, RemoteReward(reward_server, batch_size=5)), 2)
     a, b = local.buffer.experience, remote.buffer.experience
     assert torch.equal(a.sequences, b.sequences), "same seed, same policy updates: the same rollout"
-    assert not torch.all(a.action_mask), "some responses are cut: the EOS handling must agree too"
+    assert not torch.all(a.loss_mask), "some responses are cut: the EOS handling must agree too"
     torch.testing.assert_close(b.scores, a.scores, atol=1e-5, rtol=1e-5)
 
 

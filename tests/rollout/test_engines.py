@@ -11,13 +11,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lit_rlhf.engines import RolloutEngine
 from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.models.sharding import policy_weights
-from lit_rlhf.rollout import VLLMEngine
-from lit_rlhf.rollout.maker import mismatch_metrics
-from lit_rlhf.rollout.vllm_engine import _layer_of
-from lit_rlhf.rollout.vllm_launch import shard_group
+from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample, VLLMEngine
+from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
+from lit_rlhf.rollout.engines.vllm import _layer_of
+from lit_rlhf.rollout.engines.vllm_launch import shard_group
+from lit_rlhf.rollout.metrics import mismatch_metrics
 from lit_rlhf.settings import GenerationSettings, RolloutSettings, to_plain
 from lit_rlhf.tasks import build_causal_lm, tiny_llama_config
 from tests.helpers import datamodule, small_module, trainer
@@ -34,21 +34,21 @@ class ShiftedEngine(RolloutEngine):
         self.seeds: list[int] = []
         self.copy: Actor | None = None
 
-    def start(self, module) -> bool:
+    def start(self, actor, device) -> bool:
         self.calls.append("start")
-        self.copy = copy.deepcopy(module.actor)
+        self.copy = NativeEngine()
+        self.copy.start(copy.deepcopy(actor), device)
         return True
 
-    def sync_weights(self, module) -> None:
+    def sync_weights(self, actor) -> None:
         self.calls.append("sync")
-        self.copy.model.load_state_dict(dict(policy_weights(module.actor.model)))
+        self.copy.actor.model.load_state_dict(dict(policy_weights(actor.model)))
 
-    def generate(self, input_ids, attention_mask, generation, seed):
+    def generate(self, requests, generation, on_token=None):
         self.calls.append("generate")
-        self.seeds.append(seed)
-        generator = torch.Generator().manual_seed(seed)
-        out = self.copy.generate(input_ids, attention_mask, generation, generator=generator)
-        return out._replace(log_probs=torch.where(out.action_mask, out.log_probs - SHIFT, 0.0))
+        self.seeds.append(requests[0].seed)
+        samples = self.copy.generate(requests, generation)
+        return [Sample(s.token_ids, tuple(lp - SHIFT for lp in s.log_probs), s.finish_reason) for s in samples]
 
     def shutdown(self) -> None:
         self.calls.append("shutdown")
@@ -74,7 +74,7 @@ def test_an_engine_generates_with_pushed_weights_and_its_mismatch_is_measured(ti
     assert abs(ratio[-1] - torch.exp(torch.tensor(SHIFT)).item()) < 1e-3
     assert (metrics["perf/weight_sync_s"].dropna() >= 0).all()
     last = module.buffer.experience  # the last rollout: old log-probs are the trainer's, the engine's kept beside
-    mask = last.action_mask
+    mask = last.loss_mask
     gap = last.old_log_probs[mask] - last.rollout_log_probs[mask]
     torch.testing.assert_close(gap, torch.full_like(gap, SHIFT), atol=1e-4, rtol=0)
 
@@ -120,23 +120,53 @@ def test_weight_chunks_never_split_a_decoder_layer():
     assert _layer_of("model.embed_tokens.weight") == "" and _layer_of("lm_head.weight") == ""
 
 
-def test_engine_output_is_packed_like_the_native_sampler():
-    engine = VLLMEngine()
-    engine.eos_token_ids, engine.pad_token_id = [2], 0
-    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
-    attention_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    tokens = [[4, 2], [4, 4, 4, 4]]  # one stopped at EOS (included), one cut at max tokens
-    log_probs = [[-0.5, -0.25], [-1.0, -2.0, -3.0, -4.0]]
-    out = engine.as_generation_output(input_ids, attention_mask, tokens, log_probs)
-    assert out.sequences.tolist() == [[0, 5, 6, 4, 2, 0, 0], [7, 8, 9, 4, 4, 4, 4]]
-    assert out.action_mask.tolist() == [[True, True, False, False], [True] * 4]
-    assert out.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1] * 7]
-    assert out.log_probs.tolist() == [[-0.5, -0.25, 0.0, 0.0], [-1.0, -2.0, -3.0, -4.0]]
+def test_samples_are_packed_behind_their_prompts_with_the_mask_of_what_was_sampled():
+    input_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 3]])
+    attention_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    requests = requests_from_prompts(input_ids, attention_mask, [11, 12, 13], stop_token_ids=(4,))
+    assert [(r.prompt_ids, r.seed, r.stop_token_ids) for r in requests] == [
+        ((5, 6), 11, (4,)),
+        ((7, 8, 9), 12, (4,)),
+        ((3,), 13, (4,)),
+    ]
+    samples = [
+        Sample((4, 2), (-0.5, -0.25), "stop"),  # stopped at EOS (its last token)
+        Sample((4, 4, 4, 4), (-1.0, -2.0, -3.0, -4.0), "length"),  # cut at max_new_tokens
+        Sample((2, 2), (-1.5, -0.5), "stop"),  # the pad id equals a sampled token: the mask still knows
+    ]
+    out = pack_samples(input_ids, attention_mask, samples, pad_token_id=2)
+    assert out.sequences.tolist() == [[0, 5, 6, 4, 2, 2, 2], [7, 8, 9, 4, 4, 4, 4], [0, 0, 3, 2, 2, 2, 2]]
+    assert out.loss_mask.tolist() == [[True, True, False, False], [True] * 4, [True, True, False, False]]
+    assert out.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1] * 7, [0, 0, 1, 1, 1, 0, 0]]
+    assert out.log_probs.tolist() == [[-0.5, -0.25, 0.0, 0.0], [-1.0, -2.0, -3.0, -4.0], [-1.5, -0.5, 0.0, 0.0]]
+    assert out.finished.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="2 samples for 3 prompts"):
+        pack_samples(input_ids, attention_mask, samples[:2], pad_token_id=2)
+    with pytest.raises(ValueError, match="2 token ids but 1 log-probs"):
+        Sample((1, 2), (-0.1,), "stop")
+    with pytest.raises(ValueError, match="finish_reason"):
+        Sample((1,), (-0.1,), "eos")
+
+
+def test_the_native_engine_samples_what_the_actor_samples(tiny_assets):
+    tok = load_tokenizer(tiny_assets["policy"])
+    actor = Actor.from_pretrained(tiny_assets["policy"], tok)
+    enc = tok(["12+34=", "5+5=", "77+1="], return_tensors="pt", padding=True)
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.5)
+    direct = actor.generate(enc.input_ids, enc.attention_mask, settings, torch.Generator().manual_seed(7))
+    engine = NativeEngine()
+    assert engine.start(actor, "cpu") and not engine.start(actor, "cpu")  # a second start: already running
+    samples = engine.generate(requests_from_prompts(enc.input_ids, enc.attention_mask, [7, 8, 9]), settings)
+    packed = pack_samples(enc.input_ids, enc.attention_mask, samples, actor.pad_token_id)
+    assert torch.equal(packed.sequences, direct.sequences) and torch.equal(packed.loss_mask, direct.loss_mask)
+    assert torch.equal(packed.log_probs, direct.log_probs) and torch.equal(packed.finished, direct.finished)
+    assert not engine.recomputes_old_log_probs and engine.samples_with_actor
+    assert RolloutSettings(engine="native").engine == NativeEngine()
 
 
 def test_mismatch_metrics_by_hand():
     experience = types.SimpleNamespace(
-        action_mask=torch.tensor([[True, True, False], [True, False, False]]),
+        loss_mask=torch.tensor([[True, True, False], [True, False, False]]),
         old_log_probs=torch.tensor([[-1.0, -2.0, 5.0], [-0.5, 0.0, 0.0]]),
         rollout_log_probs=torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 9.0, 0.0]]),
     )
@@ -155,7 +185,7 @@ def test_engine_settings_round_trip_and_are_checked():
     assert rollout.recomputes_old_log_probs and not RolloutSettings().recomputes_old_log_probs
     assert not RolloutSettings(engine=VLLMEngine(), recompute_old_log_probs=False).recomputes_old_log_probs
     plain = to_plain(rollout)
-    assert plain["engine"]["class_path"] == "lit_rlhf.rollout.vllm_engine.VLLMEngine"
+    assert plain["engine"]["class_path"] == "lit_rlhf.rollout.engines.vllm.VLLMEngine"
     assert RolloutSettings(**plain).engine == rollout.engine
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         VLLMEngine(tensor_parallel_size=0)
@@ -186,7 +216,7 @@ def test_asking_for_vllm_without_it_names_the_extra(tiny_assets):
     tok = load_tokenizer(tiny_assets["policy"])
     module = types.SimpleNamespace(actor=Actor.from_pretrained(tiny_assets["policy"], tok), device=torch.device("cpu"))
     with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm\]"'):
-        VLLMEngine().start(module)
+        VLLMEngine().start(module.actor, module.device)
 
 
 def test_vllm_is_never_imported_unless_an_engine_starts():
@@ -211,11 +241,8 @@ def test_engine_sampling_settings_need_the_vocabulary():
 def test_a_sharded_engine_needs_a_world_size_it_divides():
     """tensor_parallel_size=t puts one engine on every t ranks: a single-process trainer cannot host
     t=2, and the error says which setting to change (checked before vLLM is imported)."""
-    import types
-
-    module = types.SimpleNamespace(device=torch.device("cpu"), local_rank=0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 splits each engine over 2 ranks.*trainer.devices"):
-        shard_group(VLLMEngine(tensor_parallel_size=2).tensor_parallel_size, module)
+        shard_group(VLLMEngine(tensor_parallel_size=2).tensor_parallel_size, torch.device("cpu"))
 
 
 def test_a_row_ended_by_a_stop_string_is_finished_not_penalised_as_truncated(tiny_assets):
@@ -227,21 +254,20 @@ def test_a_row_ended_by_a_stop_string_is_finished_not_penalised_as_truncated(tin
 
     module = small_module(tiny_assets, cls=Zero, algorithm={"missing_eos_penalty": 1.0})
     module.configure_model()
-    engine = VLLMEngine()
-    engine.eos_token_ids, engine.pad_token_id = [module.tokenizer.eos_token_id], module.tokenizer.pad_token_id
+    eos = module.tokenizer.eos_token_id
     input_ids, attention_mask = torch.tensor([[5, 6]] * 3), torch.ones(3, 2, dtype=torch.long)
-    tokens = [[4, 5], [4, 4, 4], [4, engine.eos_token_ids[0]]]  # a stop string, cut at max tokens, EOS
-    log_probs = [[-1.0] * len(t) for t in tokens]
-    out = engine.as_generation_output(input_ids, attention_mask, tokens, log_probs, [True, False, True])
+    samples = [  # a stop string, cut at max tokens, EOS
+        Sample((4, 5), (-1.0, -1.0), "stop"),
+        Sample((4, 4, 4), (-1.0,) * 3, "length"),
+        Sample((4, eos), (-1.0, -1.0), "stop"),
+    ]
+    out = pack_samples(input_ids, attention_mask, samples, module.tokenizer.pad_token_id)
     assert out.finished.tolist() == [True, False, True]
     assert module.score_responses(out, ["p"] * 3, {}).scores.tolist() == [0.0, -1.0, 0.0]
-    # without the engine's word, a row is finished only if its last token is an EOS
-    unknown = out._replace(finished=None)
-    assert module.score_responses(unknown, ["p"] * 3, {}).scores.tolist() == [-1.0, -1.0, 0.0]
 
 
 def test_the_scheduler_never_splits_a_seeded_prompt_on_cpu():
-    from lit_rlhf.rollout.vllm_launch import scheduler_args
+    from lit_rlhf.rollout.engines.vllm_launch import scheduler_args
 
     # CPU: chunked prefill off (vLLM's CPU sampler cannot rewind a seeded request's generator)
     assert scheduler_args(64, None, None, 256, cuda=False) == {"max_num_seqs": 64, "enable_chunked_prefill": False}
@@ -257,7 +283,7 @@ def test_the_scheduler_never_splits_a_seeded_prompt_on_cpu():
 
 
 def test_an_engine_death_names_the_cause_and_the_settings_to_change():
-    from lit_rlhf.rollout.vllm_launch import engine_death
+    from lit_rlhf.rollout.engines.vllm_launch import engine_death
 
     class EngineDeadError(Exception):  # vLLM's, by name (vLLM is not installed here)
         pass

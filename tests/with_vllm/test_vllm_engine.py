@@ -28,7 +28,7 @@ def chat_prompts(tok, texts):
 
 
 def trainer_log_probs(actor, out, temperature):
-    return actor(out.sequences, out.attention_mask, out.action_mask.shape[1], temperature)
+    return actor(out.sequences, out.attention_mask, out.loss_mask.shape[1], temperature)
 
 
 def max_gap(a, b, mask):
@@ -45,11 +45,11 @@ def test_after_a_push_the_engines_log_probs_are_the_actors(engine, demo_assets):
         for p in actor.parameters():
             p.add_(0.05 * torch.randn_like(p))
     out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
-    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.action_mask) > 0.05
+    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.loss_mask) > 0.05
     engine.sync_weights(module_of(actor))
     out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
     # the sampler's (processed, temperature-scaled) log-probs are the trainer's policy at T = 0.7
-    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.action_mask) < 1e-4
+    assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.loss_mask) < 1e-4
     # fixed sequences, scored by the engine (prompt log-probs are of the raw logits: T = 1)
     from vllm import SamplingParams
 
@@ -82,9 +82,9 @@ def test_a_lora_actor_is_pushed_merged(engine, demo_assets):
     generation = GenerationSettings(max_new_tokens=5, temperature=1.0)
     engine.sync_weights(module_of(actor))
     out = engine.generate(enc.input_ids, enc.attention_mask, generation, seed=2)
-    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
     with actor.adapter_disabled():  # and the adapter mattered
-        assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) > 1e-2
+        assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) > 1e-2
 
 
 def test_sampling_settings_map_one_to_one(engine, demo_assets):
@@ -105,10 +105,10 @@ def test_sampling_settings_map_one_to_one(engine, demo_assets):
     out = engine.generate(
         enc.input_ids, enc.attention_mask, dataclasses.replace(base, suppress_token_ids=digits[:5]), seed=5
     )
-    generated = out.sequences[:, enc.input_ids.shape[1] :][out.action_mask]
+    generated = out.sequences[:, enc.input_ids.shape[1] :][out.loss_mask]
     assert not torch.isin(generated, torch.tensor(digits[:5])).any()
     out = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, stop_at_eos=False), seed=5)
-    assert out.action_mask.shape[1] == 6
+    assert out.loss_mask.shape[1] == 6
     # top_k = 1 is greedy decoding
     greedy = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, temperature=0.0), seed=5)
     top1 = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, top_k=1), seed=7)
@@ -132,7 +132,7 @@ def held_out_accuracy(policy_dir: str, prompts_path: str, n: int = 512) -> float
         enc.input_ids, enc.attention_mask, GenerationSettings(max_new_tokens=4), torch.Generator().manual_seed(0)
     )
     responses = tok.batch_decode(
-        gen.sequences[:, enc.input_ids.shape[1] :].masked_fill(~gen.action_mask, tok.pad_token_id),
+        gen.sequences[:, enc.input_ids.shape[1] :].masked_fill(~gen.loss_mask, tok.pad_token_id),
         skip_special_tokens=True,
     )
     return exact_match_reward(problems, responses, [solve(p) for p in problems]).mean().item()
@@ -275,8 +275,8 @@ def test_a_rollout_with_more_prompt_tokens_than_one_scheduler_step_holds(engine,
     assert int(enc.attention_mask.sum()) > scheduler.max_num_batched_tokens
     settings = GenerationSettings(max_new_tokens=4, temperature=1.0)
     out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=3)
-    assert out.sequences.shape[0] == len(texts) and bool(out.action_mask[:, 0].all())
-    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+    assert out.sequences.shape[0] == len(texts) and bool(out.loss_mask[:, 0].all())
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
 
 
 def test_stop_strings_end_rows_at_the_completing_token_with_exact_ids_and_log_probs(engine, demo_assets):
@@ -292,8 +292,8 @@ def test_stop_strings_end_rows_at_the_completing_token_with_exact_ids_and_log_pr
     out = engine.generate(enc.input_ids, enc.attention_mask, stops, seed=11)
     hits = 0
     for row in range(len(enc.input_ids)):
-        ids = plain.sequences[row, width:][plain.action_mask[row]].tolist()
-        kept = out.sequences[row, width:][out.action_mask[row]].tolist()
+        ids = plain.sequences[row, width:][plain.loss_mask[row]].tolist()
+        kept = out.sequences[row, width:][out.loss_mask[row]].tolist()
         texts = [tok.decode(ids[: end + 1], skip_special_tokens=True) for end in range(len(ids))]
         stop = next((end for end, text in enumerate(texts) if "4" in text or "9" in text), None)
         if stop is None:  # a row without a stop string is unaffected
@@ -303,7 +303,7 @@ def test_stop_strings_end_rows_at_the_completing_token_with_exact_ids_and_log_pr
             assert kept == ids[: stop + 1] and bool(out.finished[row]), (row, texts)
             assert any(s in tok.decode(kept, skip_special_tokens=True) for s in ("4", "9"))  # the text keeps it
     assert 0 < hits < len(enc.input_ids)
-    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.action_mask) < 1e-4
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
 
 
 def test_an_engine_without_a_tokenizer_starts_quietly_and_refuses_stop_strings(demo_assets, capfd):

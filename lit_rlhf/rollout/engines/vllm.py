@@ -25,13 +25,11 @@ import time
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from lit_rlhf.engines import RolloutEngine
-from lit_rlhf.models.actor import GenerationOutput, action_mask_from_responses
 from lit_rlhf.models.sharding import hf_model, policy_weights
 from lit_rlhf.models.stop_strings import StopStrings
-from lit_rlhf.rollout.vllm_launch import (
+from lit_rlhf.rollout.engines.base import GenerationRequest, OnToken, RolloutEngine, Sample
+from lit_rlhf.rollout.engines.vllm_launch import (
     CPU_ENGINE_ENV,
     ENGINE_ENV,
     LAUNCHER_ENV,
@@ -129,11 +127,6 @@ class VLLMEngine(RolloutEngine):
     def __repr__(self) -> str:
         return f"VLLMEngine({', '.join(f'{k}={v!r}' for k, v in self.init_args().items())})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, VLLMEngine) and self.init_args() == other.init_args()
-
-    __hash__ = None  # mutable (holds the running engine)
-
     # --- start-up ---------------------------------------------------------------------------------
 
     def check_settings(self, models: Any, generation: Any) -> None:
@@ -156,26 +149,25 @@ class VLLMEngine(RolloutEngine):
                 "leave it null (off on CPU)"
             )
 
-    def start(self, module: Any) -> bool:
-        """Start this rank's engine from the actor's architecture (weights arrive with the first push).
-
-        Returns False if it was already running (for an actor of the same architecture).
+    def start(self, actor: Any, device: Any) -> bool:
+        """Start this rank's engine on ``device`` from the actor's architecture (weights arrive with the
+        first push). Returns False if it was already running (for an actor of the same architecture).
         """
-        config = hf_model(module.actor.model).config
+        device = torch.device(device)
+        config = hf_model(actor.model).config
         signature = (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
         if self.llm is not None:
             if signature != self._signature:
                 raise ValueError(f"this VLLMEngine already runs a {self._signature} model, not the actor's {signature}")
             return False
         self._signature = signature
-        self.check_device(module.device)
+        self.check_device(device)
         quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         try:
             with environment(quiet):
                 import vllm
         except ImportError as error:
             raise ImportError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed: {INSTALL}") from error
-        actor = module.actor
         model = hf_model(actor.model)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
@@ -189,7 +181,7 @@ class VLLMEngine(RolloutEngine):
                 f"rollout.engine.init_args.max_model_len={self.max_model_len} is longer than the model's "
                 f"position range ({positions}); lower it or leave it null"
             )
-        cuda = module.device.type == "cuda"
+        cuda = device.type == "cuda"
         if not cuda:
             check_cpu_head_dim(config)
         # an empty model folder (the architecture only): the weights are the actor's, pushed before use
@@ -214,7 +206,7 @@ class VLLMEngine(RolloutEngine):
             "enforce_eager": (not cuda) if self.enforce_eager is None else self.enforce_eager,
             "skip_tokenizer_init": self.tokenizer is None,
             "logprobs_mode": "processed_logprobs",  # log-probs of the distribution sampled from (T, top-k/p)
-            "worker_extension_cls": "lit_rlhf.rollout.vllm_worker.WeightReceiver",
+            "worker_extension_cls": "lit_rlhf.rollout.engines.vllm_worker.WeightReceiver",
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_prefix_caching": True,
         }
@@ -225,13 +217,13 @@ class VLLMEngine(RolloutEngine):
         env = {**quiet, **ENGINE_ENV, **({} if cuda else CPU_ENGINE_ENV)}
         remove = LAUNCHER_ENV
         if self.tensor_parallel_size > 1:  # one shard per rank, in this process
-            shards = shard_group(self.tensor_parallel_size, module)
+            shards = shard_group(self.tensor_parallel_size, device)
             self._group, self._group_rank = shards.group, shards.rank
             env.update(shards.env)
             kwargs.update(shards.engine_args)
             remove = ()
         elif cuda:  # the spawned engine sees only this rank's GPU
-            env.update(spawned_engine_gpu(module.device))
+            env.update(spawned_engine_gpu(device))
         with environment(env, remove=remove), quiet_chat_warmup():
             self.llm = vllm.LLM(**kwargs)
         if self.enable_sleep_mode:
@@ -240,7 +232,7 @@ class VLLMEngine(RolloutEngine):
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def sync_weights(self, module: Any) -> None:
+    def sync_weights(self, actor: Any) -> None:
         """Push the actor's current weights (LoRA merged), then drop the now stale prefix cache."""
         from safetensors.torch import save
 
@@ -248,7 +240,7 @@ class VLLMEngine(RolloutEngine):
         if self.enable_sleep_mode:
             self.llm.wake_up()
         limit, chunk, size, layer, pushed, total = self.push_chunk_mib * 2**20, {}, 0, None, 0, 0
-        for name, tensor in policy_weights(module.actor.model):
+        for name, tensor in policy_weights(actor.model):
             this_layer = _layer_of(name)
             if chunk and size >= limit and this_layer != layer:  # never split a layer: vLLM fuses q/k/v
                 pushed += self._push(save(chunk))
@@ -267,7 +259,7 @@ class VLLMEngine(RolloutEngine):
 
     # --- generation -------------------------------------------------------------------------------
 
-    def sampling_params(self, generation, seed: int):
+    def sampling_params(self, generation, seed: int, stop_token_ids: tuple[int, ...] = ()):
         """vLLM's ``SamplingParams`` for ``generation`` (one sample: the rows are already repeated)."""
         from vllm import SamplingParams
 
@@ -292,17 +284,20 @@ class VLLMEngine(RolloutEngine):
             logprobs=0,
             detokenize=bool(stops),
             seed=seed,
-            stop_token_ids=self.eos_token_ids if generation.stop_at_eos else None,
+            stop_token_ids=[*self.eos_token_ids, *stop_token_ids] if generation.stop_at_eos else list(stop_token_ids),
             ignore_eos=not generation.stop_at_eos,
             allowed_token_ids=allowed,
             **stops,
         )
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, generation, seed: int) -> GenerationOutput:
-        """Sample one response per row of left-padded ``input_ids [B, P]`` (row ``i`` seeded ``seed + i``)."""
+    def generate(self, requests: list[GenerationRequest], generation, on_token: OnToken | None = None) -> list[Sample]:
+        """One sample per request (each seeded by its own seed; ``on_token`` is not told: vLLM decodes
+        all rows at once)."""
         if self.llm is None:
-            raise RuntimeError("VLLMEngine.generate before start(): the rollout callback starts it at fit start")
-        lengths = attention_mask.sum(-1).tolist()
+            raise RuntimeError("VLLMEngine.generate before start(): the rollout starts it at fit start")
+        if not requests:
+            return []
+        lengths = [len(r.prompt_ids) for r in requests]
         limit = self.llm.llm_engine.model_config.max_model_len
         longest = max(lengths) + generation.max_new_tokens
         if longest > limit:
@@ -311,67 +306,44 @@ class VLLMEngine(RolloutEngine):
                 f"{generation.max_new_tokens} = {longest} > the engine's max_model_len {limit}; shorten the "
                 "prompts (data.init_args.max_prompt_len) or max_new_tokens"
             )
-        rows = [ids[len(ids) - n :] for ids, n in zip(input_ids.tolist(), lengths, strict=True)]
-        seeds = [(seed + i) % (2**31 - 1) for i in range(len(rows))]
+        rows = [(list(r.prompt_ids), r.seed % (2**31 - 1), tuple(r.stop_token_ids)) for r in requests]
         first, mine = 0, len(rows)
         if self._group is not None:  # the engine's ranks generate all their rows together, same seeds
             shares: list[Any] = [None] * self.tensor_parallel_size
-            torch.distributed.all_gather_object(shares, (rows, seeds), group=self._group)
-            first = sum(len(share[0]) for share in shares[: self._group_rank])
-            rows = [row for share in shares for row in share[0]]
-            seeds = [s for share in shares for s in share[1]]
-        prompts = [{"prompt_token_ids": ids} for ids in rows]
-        params = [self.sampling_params(generation, s) for s in seeds]
+            torch.distributed.all_gather_object(shares, rows, group=self._group)
+            first = sum(len(share) for share in shares[: self._group_rank])
+            rows = [row for share in shares for row in share]
+        prompts = [{"prompt_token_ids": ids} for ids, _, _ in rows]
+        params = [self.sampling_params(generation, seed, stop) for _, seed, stop in rows]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)[first : first + mine]
         except Exception as error:
-            death = engine_death(error, self.llm, len(rows), sum(len(row) for row in rows))
+            death = engine_death(error, self.llm, len(rows), sum(len(row[0]) for row in rows))
             if death is None:
                 raise
             raise death from error
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
-        tokens = [list(out.outputs[0].token_ids) for out in outputs]
-        log_probs = [
-            [lp[token].logprob for token, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)]
-            for out in outputs
-        ]
-        finished = [out.outputs[0].finish_reason == "stop" for out in outputs]  # EOS or a stop string, not length
-        if generation.stop_strings:  # the native sampler's rule, so that both engines cut at the same token
-            rule = StopStrings(self.tokenizer, generation.stop_strings)
-            for row, ids in enumerate(tokens):
+        rule = StopStrings(self.tokenizer, generation.stop_strings) if generation.stop_strings else None
+        ends = set(self.eos_token_ids)
+        samples = []
+        for request, out in zip(requests, outputs, strict=True):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            log_probs = [lp[token].logprob for token, lp in zip(ids, completion.logprobs, strict=True)]
+            stopped = completion.finish_reason == "stop"  # EOS, a stop token or a stop string, not length
+            # the native sampler's rules, so that both engines end a row at the same token: a row ends at
+            # its first EOS or stop token (vLLM decodes past EOS with stop_at_eos false) and at the token
+            # completing a stop string (vLLM finds the string in detokenized text)
+            row_ends = ends | set(request.stop_token_ids)
+            end = next((k for k, token in enumerate(ids) if token in row_ends), None)
+            if rule is not None:
                 stop = rule.first_stop(ids)
-                if stop is not None:
-                    tokens[row], log_probs[row], finished[row] = ids[: stop + 1], log_probs[row][: stop + 1], True
-        return self.as_generation_output(input_ids, attention_mask, tokens, log_probs, finished)
-
-    def as_generation_output(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        tokens: list[list[int]],
-        log_probs: list[list[float]],
-        finished: list[bool] | None = None,
-    ) -> GenerationOutput:
-        """Pack variable-length responses like the native sampler: right-padded with the pad id."""
-        width = max(1, max(len(t) for t in tokens))
-        device = input_ids.device
-        responses = torch.full((len(tokens), width), self.pad_token_id, dtype=torch.long)
-        scores = torch.zeros(len(tokens), width)
-        for row, (ids, lps) in enumerate(zip(tokens, log_probs, strict=True)):
-            responses[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            scores[row, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        lengths = torch.tensor([len(t) for t in tokens])
-        within = torch.arange(width)[None, :] < lengths[:, None]
-        action_mask = action_mask_from_responses(responses, torch.tensor(self.eos_token_ids)) & within
-        responses, action_mask, scores = responses.to(device), action_mask.to(device), scores.to(device)
-        return GenerationOutput(
-            sequences=torch.cat([input_ids, responses], dim=1),
-            attention_mask=torch.cat([attention_mask.long(), action_mask.long()], dim=1),
-            action_mask=action_mask,
-            log_probs=torch.where(action_mask, scores, 0.0),
-            finished=None if finished is None else torch.tensor(finished, device=device),
-        )
+                end = stop if end is None or (stop is not None and stop < end) else end
+            if end is not None:
+                ids, log_probs, stopped = ids[: end + 1], log_probs[: end + 1], True
+            samples.append(Sample(tuple(ids), tuple(log_probs), "stop" if stopped else "length"))
+        return samples
 
     def shutdown(self) -> None:
         if self.llm is not None:

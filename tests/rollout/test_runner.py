@@ -1,12 +1,29 @@
-"""One rollout's experience equals a hand computation with lit_rlhf.functional on the same tensors."""
+"""The rollout runner: one rollout's experience equals a hand computation with lit_rlhf.functional on
+the same tensors; its two steps, sample and score, each run on their own."""
 
 import pytest
 import torch
 
 from lit_rlhf import functional as F
 from lit_rlhf.models import Actor, ValueModel, load_tokenizer
-from lit_rlhf.rollout.maker import RolloutModels, Scores, make_experience, rollout_metrics
+from lit_rlhf.rewards.scorer import Scores
+from lit_rlhf.rollout import NativeEngine
+from lit_rlhf.rollout.kl_control import KLController
+from lit_rlhf.rollout.metrics import rollout_metrics
+from lit_rlhf.rollout.runner import RolloutModels, RolloutRunner
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
+
+
+def runner(models, score_fn, *, generation, rollout=RolloutSettings(), algorithm, kl, kl_coef=0.0, seed=0):
+    """A runner of the actor's own sampler, as the PPO module builds it."""
+    engine = NativeEngine()
+    engine.start(models.actor, "cpu")
+    settings = dict(generation=generation, rollout=rollout, algorithm=algorithm, kl=kl)
+    return RolloutRunner(models, engine, score_fn, **settings, kl_coef=KLController(kl_coef), seed=seed)
+
+
+def make_experience(models, prompts, score_fn, *, rollout_id=0, **settings):
+    return runner(models, score_fn, **settings).collect(rollout_id, prompts)
 
 
 @pytest.fixture
@@ -60,7 +77,7 @@ def test_gae_experience_matches_hand_computation(models):
     assert torch.equal(exp.sequences[:, :6], prompts["input_ids"].repeat_interleave(2, 0))
     assert seen["prompts"] == ["12+34=", "12+34=", "07-03=", "07-03=", "99+99=", "99+99="]
     assert seen["columns"] == {"answer": ["46", "46", "04", "04", "198", "198"]}
-    seq, attn, mask, A = exp.sequences, exp.attention_mask, exp.action_mask, exp.num_actions
+    seq, attn, mask, A = exp.sequences, exp.attention_mask, exp.loss_mask, exp.num_actions
     with torch.no_grad():
         old = rollout_models.actor(seq, attn, A, 0.8)
         ref = rollout_models.reference(seq, attn, A, 0.8)
@@ -107,7 +124,7 @@ def test_group_estimators_broadcast_group_advantages_without_critic(models, meth
         rollout_id=0,
     )
     expected = F.group_advantages(exp.scores, 4, method)
-    mask = exp.action_mask
+    mask = exp.loss_mask
     # with gamma = 1 and no KL in the reward, every valid token carries its sequence's group advantage
     torch.testing.assert_close(exp.advantages, expected.unsqueeze(1) * mask, atol=1e-6, rtol=1e-6)
     assert torch.all(exp.values == 0)
@@ -127,7 +144,7 @@ def test_reinforce_pp_whitens_discounted_returns(models):
         kl_coef=0.1,
         rollout_id=0,
     )
-    mask = exp.action_mask
+    mask = exp.loss_mask
     returns = exp.rewards.flip(-1).cumsum(-1).flip(-1) * mask  # reward-to-go
     torch.testing.assert_close(exp.returns, returns, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exp.advantages, F.masked_whiten(returns, mask) * mask, atol=1e-5, rtol=1e-5)
@@ -151,11 +168,49 @@ def test_scoring_groups_by_length_give_the_results_of_plain_micro_batches(models
             kl=KLSettings(),
             kl_coef=0.1,
             rollout_id=0,
-            generator=torch.Generator().manual_seed(0),
         )
         runs[name] = exp
     a, b = runs["rows"], runs["budget"]
-    assert torch.equal(a.sequences, b.sequences) and a.action_mask.sum(1).unique().numel() > 1
-    mask = a.action_mask  # outside it: padding, masked out of every loss
+    assert torch.equal(a.sequences, b.sequences) and a.loss_mask.sum(1).unique().numel() > 1
+    mask = a.loss_mask  # outside it: padding, masked out of every loss
     for field in ("ref_log_probs", "values", "advantages", "returns"):
         torch.testing.assert_close(getattr(b, field)[mask], getattr(a, field)[mask], atol=1e-5, rtol=1e-5, msg=field)
+
+
+def test_sample_and_score_run_on_their_own_and_compose_to_collect(models):
+    tok, rollout_models, reward, prompts = models
+    settings = dict(
+        generation=GenerationSettings(max_new_tokens=6, temperature=1.2, n_samples_per_prompt=2),
+        algorithm=AlgorithmSettings(),
+        kl=KLSettings(),
+        kl_coef=0.05,
+    )
+    collected = runner(rollout_models, reward_model_scores(reward), **settings).collect(4, prompts).experience
+    steps = runner(rollout_models, reward_model_scores(reward), **settings)
+    sampled = steps.sample(4, prompts)
+    assert sampled.rollout == 4 and sampled.prompts[:2] == ["12+34=", "12+34="]
+    assert sampled.generation.loss_mask.shape == sampled.generation.log_probs.shape
+    again = steps.sample(4, prompts)  # a pure function of the rollout index, the seed and the weights
+    assert torch.equal(again.generation.sequences, sampled.generation.sequences)
+    assert not torch.equal(steps.sample(5, prompts).generation.sequences, sampled.generation.sequences)
+    scored = steps.score(sampled).experience
+    for field in ("sequences", "loss_mask", "old_log_probs", "ref_log_probs", "values", "advantages", "returns"):
+        assert torch.equal(getattr(scored, field), getattr(collected, field)), field
+
+
+def test_the_kl_coefficient_is_read_live_from_the_controller_at_every_rollout(models):
+    tok, rollout_models, reward, prompts = models
+    steps = runner(
+        rollout_models,
+        reward_model_scores(reward),
+        generation=GenerationSettings(max_new_tokens=4),
+        algorithm=AlgorithmSettings(),
+        kl=KLSettings(estimator="k1"),
+        kl_coef=0.0,
+    )
+    sampled = steps.sample(0, prompts)
+    before = steps.score(sampled).experience
+    steps.kl_coef.value = 0.5  # what an adaptive controller does between rollouts
+    after = steps.score(sampled).experience
+    mask = before.loss_mask
+    torch.testing.assert_close(after.rewards - before.rewards, -0.5 * before.kl * mask, atol=1e-6, rtol=0)

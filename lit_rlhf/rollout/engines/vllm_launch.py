@@ -45,7 +45,7 @@ class ShardGroup(NamedTuple):
     engine_args: dict[str, Any]
 
 
-def shard_group(tensor_parallel_size: int, module: Any) -> ShardGroup:
+def shard_group(tensor_parallel_size: int, device: torch.device) -> ShardGroup:
     """Every ``tensor_parallel_size`` consecutive ranks run one engine, one shard per rank, in the
     trainer's own processes and process group (vLLM's external launcher)."""
     t = tensor_parallel_size
@@ -58,8 +58,9 @@ def shard_group(tensor_parallel_size: int, module: Any) -> ShardGroup:
         )
     rank = torch.distributed.get_rank()
     groups = [torch.distributed.new_group(list(range(g, g + t))) for g in range(0, world, t)]  # on every rank
-    device = module.device
-    local = device.index if device.type == "cuda" and device.index is not None else module.local_rank
+    local = (
+        device.index if device.type == "cuda" and device.index is not None else int(os.environ.get("LOCAL_RANK", rank))
+    )
     env = {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world)}
     engine_args = {
         "tensor_parallel_size": t,

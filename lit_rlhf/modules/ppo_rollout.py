@@ -1,0 +1,104 @@
+"""The PPO module's rollout: its runner, the prompts of rollout k, and the rollout's metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import lightning as L
+import torch
+
+from lit_rlhf.rollout.progress import PhaseProgress
+from lit_rlhf.rollout.runner import Rollout, RolloutModels, RolloutRunner
+from lit_rlhf.rollout.samples import LastRollout
+
+PROGRESS_BAR_METRICS = ("reward/mean", "rollout/kl")
+
+
+def build_runner(module, seed: int) -> RolloutRunner:
+    """The module's runner: its models, engine, scorer and settings, reducing over the trainer's ranks."""
+    trainer = module.trainer
+    return RolloutRunner(
+        RolloutModels(module.actor, module.critic, module.reference, module.kl.uses_reference),
+        module.rollout.engine,
+        module.scorer,
+        generation=module.generation,
+        rollout=module.rollout,
+        algorithm=module.algorithm,
+        kl=module.kl,
+        kl_coef=module.kl_controller,  # the live coefficient, read at every rollout
+        seed=seed,
+        rank=trainer.global_rank,
+        all_reduce=_reduce(trainer, "sum"),
+        reduce_max=_reduce(trainer, "max"),
+    )
+
+
+def collect(module, rollout_index: int) -> Rollout:
+    """Rollout ``rollout_index`` of this rank: prompts, weights pushed to the engine, sample, score;
+    then the KL controller's update and the rollout's metrics."""
+    trainer = module.trainer
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "rollout_prompts"):
+        raise RuntimeError("PPO needs a PromptDataModule (data: in the config) to draw rollout prompts from")
+    batch = datamodule.rollout_prompts(
+        rollout_index, module.rollout.rollout_batch_size, trainer.global_rank, trainer.world_size
+    )
+    device = module.device
+    batch = {**batch, "input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    progress = PhaseProgress(trainer)
+    engine = module.rollout.engine
+    with fsdp1_full_params(trainer):
+        start = time.perf_counter()  # the engine generates with the weights of the last optimizer step
+        engine.sync_weights(module.actor)
+        sync_s = None if engine.samples_with_actor else time.perf_counter() - start
+        rollout = module.runner.collect(rollout_index, batch, progress)
+    progress.training()
+    metrics = module.runner.metrics(rollout)
+    metrics["rollout/kl_coef"] = torch.tensor(module.kl_controller.value)
+    if "rollout/kl" in metrics:  # a reference-free run has no KL (and kl.coef stays 0)
+        module.kl_controller.update(float(metrics["rollout/kl"]), len(rollout.experience) * trainer.world_size)
+    timing = rollout.timing
+    metrics.update(
+        {
+            "perf/rollout": torch.tensor(float(rollout_index)),
+            "perf/generation_s": torch.tensor(timing["generation_s"]),
+            "perf/scoring_s": torch.tensor(timing["scoring_s"]),
+            "perf/generation_tokens_per_s": torch.tensor(
+                timing["generated_tokens"] / max(timing["generation_s"], 1e-9)
+            ),
+            "rollout/prompts_truncated": batch["num_truncated"].float(),
+        }
+    )
+    if sync_s is not None:
+        metrics["perf/weight_sync_s"] = torch.tensor(sync_s)
+        timing["weight_sync_s"] = sync_s
+    for key, value in metrics.items():
+        # already reduced over ranks; sync_dist makes Lightning average identical values (no warning)
+        module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in PROGRESS_BAR_METRICS, sync_dist=True)
+    # what the SampleLoggingCallback reads next
+    module.last_rollout = LastRollout(
+        rollout_index, rollout.experience, rollout.reward_parts, batch["prompts"], batch["columns"]
+    )
+    return rollout
+
+
+def fsdp1_full_params(trainer: L.Trainer):
+    """Under Lightning's ``FSDPStrategy`` (FSDP1) gather all weights once for the whole rollout.
+
+    FSDP2 (``ModelParallelStrategy``) gathers only the actor, in the runner's ``sample``.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
+
+
+def _reduce(trainer: L.Trainer, op: str):
+    """Sum or maximum across ranks (identity in one process)."""
+    if trainer.world_size == 1:
+        return lambda x: x
+    return lambda x: trainer.strategy.reduce(x, reduce_op=op)

@@ -1,0 +1,121 @@
+"""The rollout engine contract: token ids in, sampled token ids (with their log-probs) out.
+
+An engine gets one :class:`GenerationRequest` per row (the prompt's token ids, the row's seed, the
+ids that end it) and returns one :class:`Sample` per row: exactly the tokens it sampled, their
+log-probs under the sampling policy and why the row ended. It never sees a LightningModule or
+text: it is started with the actor (``start``), receives the actor's weights before every rollout
+(``sync_weights``) and samples (``generate``). ``lit_rlhf.rollout.engines.pack_samples`` turns the
+samples into the tensors the scorer reads. Kept free of heavy imports, so the settings groups can
+name the type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row to sample.
+
+    prompt_ids: the prompt's token ids (no padding).
+    seed: the row's seed: the same request with the same weights samples the same tokens.
+    stop_token_ids: ids that end this row like an EOS (in addition to the actor's EOS ids).
+    """
+
+    prompt_ids: tuple[int, ...]
+    seed: int
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What an engine sampled for one request.
+
+    token_ids: the sampled tokens, in order; the last one is the EOS or stop token of a row that
+        ended by itself (``finish_reason == "stop"``). Every one of them was sampled by the policy.
+    log_probs: each token's log-prob under the sampling policy (the sampling temperature, before
+        top-k/top-p filtering).
+    finish_reason: ``stop`` (an EOS, a stop token or a stop string) or ``length`` (``max_new_tokens``).
+    """
+
+    token_ids: tuple[int, ...]
+    log_probs: tuple[float, ...]
+    finish_reason: FinishReason
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.log_probs):
+            raise ValueError(f"a Sample has {len(self.token_ids)} token ids but {len(self.log_probs)} log-probs")
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"Sample.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+
+
+# (done, total): told after every decoding step (a progress display)
+OnToken = Callable[[int, int], None]
+
+
+class RolloutEngine(ABC):
+    """Base of rollout engines: subclasses implement ``start``, ``sync_weights`` and ``generate``
+    (and ``init_args``, so that a config can rebuild them)."""
+
+    recomputes_old_log_probs: bool = True
+    """whether the trainer recomputes the old log-probs by default (``rollout.recompute_old_log_probs:
+    null``): an engine whose kernels differ from the trainer's says True."""
+    samples_with_actor: bool = False
+    """whether ``generate`` runs the trainer's own actor (then an FSDP2 actor is gathered around it)."""
+
+    def check_settings(self, models: Any, generation: Any) -> None:
+        """Raise if the engine cannot run these settings as the trainer would (before models load).
+
+        Every setting is accepted unless an engine says otherwise.
+        """
+        return None
+
+    @abstractmethod
+    def start(self, actor: Any, device: Any) -> bool:
+        """Start the engine for this process from the (loaded) actor, on ``device``; False if it already runs."""
+
+    @abstractmethod
+    def sync_weights(self, actor: Any) -> None:
+        """Give the engine the actor's current weights (before every rollout)."""
+
+    @abstractmethod
+    def generate(
+        self, requests: list[GenerationRequest], generation: Any, on_token: OnToken | None = None
+    ) -> list[Sample]:
+        """One :class:`Sample` per request, in the requests' order, sampled with ``generation``
+        (``GenerationSettings``: temperature, top-k/p, ``max_new_tokens``, stop strings)."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and free what it holds (nothing, unless an engine holds something)."""
+        return None
+
+    def init_args(self) -> dict:
+        return {}
+
+    def to_config(self) -> dict:
+        """``{class_path, init_args}`` that rebuild this engine (for checkpoints and loggers)."""
+        cls = engine_class(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RolloutEngine) and engine_class(other) is engine_class(self) and (
+            self.init_args() == other.init_args()
+        )
+
+    __hash__ = None  # engines hold running state
+
+
+def engine_class(engine: RolloutEngine) -> type:
+    """The engine's class, also for a config's lazy instance (jsonargparse subclasses it on the fly)."""
+    return next(
+        cls
+        for cls in type(engine).__mro__
+        if issubclass(cls, RolloutEngine) and not cls.__name__.startswith("LazyInstance_")
+    )

@@ -1,0 +1,74 @@
+"""A rollout's statistics: reward, KL, length, EOS rate, and the sampler-trainer mismatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_rlhf import functional as F
+from lit_rlhf.rollout.advantages import AllReduce, no_reduce
+from lit_rlhf.rollout.experience import Experience
+
+
+def ends_with_eos(sequences: Tensor, loss_mask: Tensor, eos_token_ids: Tensor) -> Tensor:
+    """``[B]`` bool: the response's last valid token is an EOS (it was not cut at max_new_tokens)."""
+    last = F.last_valid_index(loss_mask).clamp_min(0)  # the final sampled token
+    responses = sequences[:, -loss_mask.shape[1] :]
+    return torch.isin(responses.gather(1, last.unsqueeze(1)).squeeze(1), eos_token_ids)
+
+
+def rollout_metrics(
+    experience: Experience,
+    reward_parts: dict[str, Tensor],
+    eos_token_ids: Tensor,
+    all_reduce: AllReduce = no_reduce,
+) -> dict[str, Tensor]:
+    """Reward, KL, length and EOS statistics of a rollout, reduced over all ranks (one all-reduce).
+
+    ``reward/mean`` and ``reward/std`` are of the trained-on scores (after shaping); ``reward/<key>``
+    is the mean of each of ``reward_parts`` (``score``, the sum before shaping, and each component).
+    A reference-free rollout (no ``ref_log_probs``) has no ``rollout/kl``.
+    """
+    mask = experience.loss_mask
+    lengths = mask.sum(-1).float()
+    has_eos = ends_with_eos(experience.sequences, mask, eos_token_ids)
+    reference_free = experience.ref_log_probs is None
+    ref_log_probs = experience.old_log_probs if reference_free else experience.ref_log_probs
+    k1_kl = torch.where(mask, experience.old_log_probs - ref_log_probs, 0.0).sum(-1)
+    scores = experience.scores
+    rows = torch.stack([scores, scores.square(), k1_kl, lengths, has_eos.float(), *reward_parts.values()])
+    sums = all_reduce(torch.cat([rows.sum(-1), torch.tensor([float(len(experience))], device=rows.device)]))
+    count = sums[-1]
+    mean = sums[:-1] / count
+    var = (sums[1] - count * mean[0].square()).clamp_min(0) / (count - 1).clamp_min(1)
+    metrics = {
+        "reward/mean": mean[0],
+        "reward/std": var.sqrt(),
+        "rollout/kl": mean[2],
+        "rollout/response_length": mean[3],
+        "rollout/eos_rate": mean[4],
+    }
+    metrics.update({f"reward/{key}": value for key, value in zip(reward_parts, mean[5:], strict=True)})
+    if reference_free:
+        del metrics["rollout/kl"]
+    return metrics
+
+
+def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, reduce_max: AllReduce = no_reduce):
+    """How far the sampler's log-probs are from the trainer's old ones (valid tokens of all ranks).
+
+    ``rollout/logprob_abs_diff`` (mean, ``_max``) and the importance ratio ``exp(old - rollout)``
+    (``rollout/importance_ratio`` mean, ``_max``): what ``algorithm.rollout_correction: tis`` corrects.
+    """
+    mask = experience.loss_mask
+    diff = (experience.old_log_probs - experience.rollout_log_probs).float()
+    ratio = torch.where(mask, diff.exp(), 0.0)
+    absolute = torch.where(mask, diff.abs(), 0.0)
+    sums = all_reduce(torch.stack([absolute.sum(), ratio.sum(), mask.sum().float()]))
+    maxima = reduce_max(torch.stack([absolute.max(), ratio.max()]))
+    return {
+        "rollout/logprob_abs_diff": sums[0] / sums[2],
+        "rollout/logprob_abs_diff_max": maxima[0],
+        "rollout/importance_ratio": sums[1] / sums[2],
+        "rollout/importance_ratio_max": maxima[1],
+    }

@@ -1,0 +1,296 @@
+"""RolloutRunner: one rollout in two steps, ``sample`` (prompts -> engine -> samples) and ``score``
+(old/reference log-probs, values, rewards and shaping, KL, advantages) -> ``Experience``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.models import Actor, GenerationOutput, ValueModel
+from lit_rlhf.models.padding import length_groups
+from lit_rlhf.models.sharding import gathered
+from lit_rlhf.rewards.scorer import Scores
+from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
+from lit_rlhf.rollout.engines.base import RolloutEngine
+from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
+from lit_rlhf.rollout.experience import Experience
+from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics
+from lit_rlhf.seeds import rollout_seed
+from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
+
+# (generation, prompt texts per row, dataset columns per row) -> scores: a RewardScorer
+ScoreFn = Callable[[GenerationOutput, list[str], dict[str, list]], Scores]
+# (phase, done, total): a progress display
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """Report nothing."""
+
+
+@dataclass
+class RolloutModels:
+    """The models a rollout reads. ``reference=None`` means the actor with its LoRA adapter disabled;
+    ``uses_reference=False`` (a reference-free run, ``kl.coef: 0``) means no reference forward at all."""
+
+    actor: Actor
+    critic: ValueModel | None
+    reference: Actor | None
+    uses_reference: bool = True
+
+
+class Sampled(NamedTuple):
+    """What ``RolloutRunner.sample`` returns: the responses of one rollout, not yet scored.
+
+    rollout: the rollout's index. generation: the packed samples, one row per response (a prompt's
+    samples contiguous). prompts, columns: each row's prompt text and dataset columns.
+    generation_s: seconds spent sampling.
+    """
+
+    rollout: int
+    generation: GenerationOutput
+    prompts: list[str]
+    columns: dict[str, list]
+    generation_s: float
+
+
+class Rollout(NamedTuple):
+    experience: Experience
+    reward_parts: dict[str, Tensor]
+    timing: dict[str, float]
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None):
+    """Put modules in eval mode (no dropout, no grad-only behaviour), restoring their modes after."""
+    live = [m for m in modules if m is not None]
+    modes = [m.training for m in live]
+    for m in live:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(live, modes, strict=True):
+            m.train(mode)
+
+
+def in_micro_batches(
+    fn: Callable[[Tensor, Tensor], Tensor],
+    gen: GenerationOutput,
+    groups: list[Tensor],
+    tick: Callable[[], None] = lambda: None,
+) -> Tensor:
+    """``fn(sequences, attention_mask)`` over the row ``groups`` (``tick`` after each), in the rows' order."""
+    outputs = []
+    for rows in groups:
+        outputs.append(fn(gen.sequences[rows], gen.attention_mask[rows]))
+        tick()
+    order = torch.cat(groups)
+    return torch.cat(outputs)[torch.argsort(order)]
+
+
+def reference_log_probs(
+    actor: Actor,
+    reference: Actor | None,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    num_actions: int,
+    temperature: float,
+) -> Tensor:
+    """Reference-policy log-probs ``[B, A]``: the reference model, or the actor with its adapter disabled."""
+    if reference is not None:
+        return reference(sequences, attention_mask, num_actions, temperature)
+    with actor.adapter_disabled():
+        return actor(sequences, attention_mask, num_actions, temperature)
+
+
+def scoring_groups(lengths: Tensor, rollout: RolloutSettings, reduce_max: AllReduce = no_reduce) -> list[Tensor]:
+    """The rows of each scoring forward: similar lengths together; the same number of forwards on every rank."""
+    size, tokens = rollout.score_micro_batch_size, rollout.score_micro_batch_tokens
+    groups = length_groups(lengths, size, tokens)
+    count = int(reduce_max(torch.tensor(len(groups), device=lengths.device)))
+    return length_groups(lengths, size, tokens, count) if count != len(groups) else groups
+
+
+def repeat_rows(values: list, times: int) -> list:
+    """Each entry ``times`` times in a row (a prompt's samples stay contiguous)."""
+    return [value for value in values for _ in range(times)]
+
+
+def check_finite(rollout_id: int, loss_mask: Tensor, **tensors: Tensor) -> None:
+    """Stop before training on non-finite log-probs or values (one host sync for all of them).
+
+    Raises:
+        FloatingPointError: naming the tensor and the rollout.
+    """
+    finite = torch.stack([torch.where(loss_mask, t, 0.0).isfinite().all() for t in tensors.values()])
+    if not bool(finite.all()):
+        name = next(n for n, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
+        raise FloatingPointError(
+            f"rollout {rollout_id}: the {name} of the sampled responses are not finite, so the model that made "
+            "them has non-finite weights (did training diverge?); nothing was trained on them"
+        )
+
+
+class RolloutRunner:
+    """Makes rollout ``k`` of one rank: a pure function of ``k``, the run's seed, the rank and the weights.
+
+    Built by the module from its settings groups, its models, its engine and its reward scorer.
+    ``collect`` is ``sample`` then ``score``; each can be called on its own.
+
+    Args:
+        models: the actor, critic and reference (``RolloutModels``).
+        engine: what samples (started by the module before the first rollout).
+        scorer: the sequence scores of a generation (a ``RewardScorer``).
+        generation, rollout, algorithm, kl: the settings groups.
+        kl_coef: the live KL coefficient (``.value``, read at each rollout: a ``KLController``).
+        seed: the run's seed. rank: this process's rank.
+        all_reduce, reduce_max: sum / maximum across ranks (identities in one process).
+    """
+
+    def __init__(
+        self,
+        models: RolloutModels,
+        engine: RolloutEngine,
+        scorer: ScoreFn,
+        *,
+        generation: GenerationSettings,
+        rollout: RolloutSettings,
+        algorithm: AlgorithmSettings,
+        kl: KLSettings,
+        kl_coef: Any,
+        seed: int = 0,
+        rank: int = 0,
+        all_reduce: AllReduce = no_reduce,
+        reduce_max: AllReduce = no_reduce,
+    ) -> None:
+        self.models, self.engine, self.scorer = models, engine, scorer
+        self.generation, self.rollout, self.algorithm, self.kl = generation, rollout, algorithm, kl
+        self.kl_coef, self.seed, self.rank = kl_coef, seed, rank
+        self.all_reduce, self.reduce_max = all_reduce, reduce_max
+
+    def collect(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Rollout:
+        """Rollout ``rollout_index`` from this rank's prompts (what ``PromptDataModule.rollout_prompts``
+        returns: left-padded ``input_ids``/``attention_mask`` ``[N, P]``, the rendered prompt texts
+        ``prompts`` and the records' other fields ``columns``)."""
+        return self.score(self.sample(rollout_index, prompts, progress), progress)
+
+    @torch.no_grad()
+    def sample(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Sampled:
+        """Repeat each prompt ``generation.n_samples_per_prompt`` times (a prompt's samples stay
+        contiguous, with its text and columns) and sample one response per row with the engine.
+
+        Row ``i`` is seeded ``rollout_seed(seed, k, rank) + i``. The engine has the actor's weights
+        (pushed before the rollout, or its own); an FSDP2-sharded actor sampling by itself is gathered
+        once for the whole generation, not per token (``rollout.gather_for_generation``).
+        """
+        n, actor = self.generation.n_samples_per_prompt, self.models.actor
+        input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
+        attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
+        first = rollout_seed(self.seed, rollout_index, self.rank)
+        requests = requests_from_prompts(
+            input_ids, attention_mask, [first + i for i in range(len(input_ids))], self.generation.stop_token_ids
+        )
+        on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
+        start = time.perf_counter()
+        gather = self.rollout.gather_for_generation and self.engine.samples_with_actor
+        with eval_mode(actor), gathered(actor.model, gather):
+            samples = self.engine.generate(requests, self.generation, on_token)
+        gen = pack_samples(input_ids, attention_mask, samples, actor.pad_token_id)
+        texts = repeat_rows(prompts["prompts"], n)
+        columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
+        return Sampled(rollout_index, gen, texts, columns, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def score(self, sampled: Sampled, progress: Progress = no_progress) -> Rollout:
+        """Score forwards in micro-batches of rows of similar length: old log-probs (the sampler's,
+        equal to a full forward's within float tolerance, unless ``rollout.recompute_old_log_probs``
+        asks for a trainer forward), reference log-probs (reference model, or the actor with its
+        adapter disabled; none in a reference-free run), values (critic, if any); then the sequence
+        scores (the scorer), KL, token rewards, advantages and returns (``lit_rlhf.functional``).
+
+        ``progress(phase, done, total)`` hears about each scoring forward.
+        """
+        models, gen, rollout_id = self.models, sampled.generation, sampled.rollout
+        actor, critic, reference = models.actor, models.critic, models.reference
+        temperature, num_actions = self.generation.scoring_temperature, gen.num_actions
+        recompute = self.rollout.recomputes_old_log_probs
+        start = time.perf_counter()
+        with eval_mode(actor, critic, reference):
+            micro = scoring_groups(gen.attention_mask.sum(-1), self.rollout, self.reduce_max)
+            per_group = models.uses_reference + recompute + (critic is not None)
+            forwards = len(micro) * per_group + 1  # + the rewards
+            done = [0]
+
+            def tick() -> None:
+                done[0] += 1
+                progress("scoring", done[0], forwards)
+
+            if recompute:
+                old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro, tick)
+            else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
+                old_log_probs = gen.log_probs
+            ref_log_probs = None
+            if models.uses_reference:
+                ref_log_probs = in_micro_batches(
+                    lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro, tick
+                )
+            if critic is not None:
+                values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro, tick)
+            else:
+                values = torch.zeros_like(old_log_probs)
+            checked = {"old_log_probs": old_log_probs, "ref_log_probs": ref_log_probs, "values": values}
+            check_finite(rollout_id, gen.loss_mask, **{k: v for k, v in checked.items() if v is not None})
+            scores, reward_parts = self.scorer(gen, sampled.prompts, sampled.columns)
+            tick()
+        scoring_s = time.perf_counter() - start
+        start = time.perf_counter()
+        token_kl, rewards, advantages, returns = compute_advantages(
+            scores,
+            old_log_probs,
+            ref_log_probs,
+            values,
+            gen.loss_mask,
+            self.kl_coef.value,
+            self.algorithm,
+            self.kl,
+            self.generation.n_samples_per_prompt,
+            self.all_reduce,
+        )
+        experience = Experience(
+            sequences=gen.sequences,
+            attention_mask=gen.attention_mask,
+            loss_mask=gen.loss_mask,
+            old_log_probs=old_log_probs,
+            rollout_log_probs=gen.log_probs,
+            ref_log_probs=ref_log_probs,
+            values=values,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            scores=scores,
+            kl=token_kl,
+            rollout_id=torch.full_like(scores, rollout_id, dtype=torch.long),
+        )
+        timing = {
+            "generation_s": sampled.generation_s,
+            "scoring_s": scoring_s,
+            "advantages_s": time.perf_counter() - start,
+            "generated_tokens": float(gen.loss_mask.sum()),
+        }
+        return Rollout(experience, reward_parts, timing)
+
+    def metrics(self, rollout: Rollout) -> dict[str, Tensor]:
+        """The rollout's reward, KL, length and EOS statistics over all ranks, and with a recomputing
+        engine the sampler-trainer mismatch (``rollout/logprob_abs_diff``, ``rollout/importance_ratio``)."""
+        eos = self.models.actor.eos_token_ids
+        metrics = rollout_metrics(rollout.experience, rollout.reward_parts, eos, self.all_reduce)
+        if self.rollout.recomputes_old_log_probs:
+            metrics.update(mismatch_metrics(rollout.experience, self.all_reduce, self.reduce_max))
+        return metrics

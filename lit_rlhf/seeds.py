@@ -1,0 +1,27 @@
+"""Every seed the package derives from the run's seed, in one place (imports nothing).
+
+A resumed run continues the same trajectory because each random choice depends only on the run's
+seed and where it happens (rollout, rank, batch), never on the global RNG's state.
+"""
+
+from __future__ import annotations
+
+
+def rollout_seed(seed: int, rollout: int, rank: int) -> int:
+    """The seed of the first row of rollout ``rollout`` on ``rank``; row ``i`` is seeded ``+ i``."""
+    return seed * 1_000_003 + rollout * 1_009 + rank
+
+
+def buffer_order_seed(seed: int, rollout: int) -> int:
+    """The shuffled mini-batch order of rollout ``rollout``'s experience buffer."""
+    return seed * 1_000_003 + rollout
+
+
+def prompt_order_seed(seed: int, epoch: int) -> int:
+    """The order of the prompt file in epoch ``epoch`` (of the prompts, not of the rollouts)."""
+    return seed * 7919 + epoch
+
+
+def validation_seed(batch_idx: int) -> int:
+    """Sampled validation of batch ``batch_idx``: the same responses at every validation of a policy."""
+    return 10_007 + batch_idx
