@@ -18,13 +18,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from lit_rlhf.rollout.metrics import rollout_metrics  # noqa: E402
-from lit_rlhf.rollout.runner import Rollout, RolloutRunner  # noqa: E402
-
 from lit_rlhf import functional as F  # noqa: E402
 from lit_rlhf.models.sharding import full_state_dict  # noqa: E402
 from lit_rlhf.rollout.advantages import global_whiten  # noqa: E402
 from lit_rlhf.rollout.experience import Experience  # noqa: E402
+from lit_rlhf.rollout.metrics import rollout_metrics  # noqa: E402
+from lit_rlhf.rollout.runner import Rollout, RolloutRunner  # noqa: E402
 from tests.helpers import SevensPPO, datamodule  # noqa: E402
 
 ROWS = 8

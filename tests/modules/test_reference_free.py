@@ -3,11 +3,11 @@
 import logging
 
 import lightning as L
-import lit_rlhf.rollout.runner as runner
 import pandas as pd
 import pytest
 import torch
 
+import lit_rlhf.rollout.runner as runner
 from lit_rlhf.models import Actor
 from lit_rlhf.settings import KLSettings
 from tests.helpers import SevensPPO, datamodule, small_module, trainer

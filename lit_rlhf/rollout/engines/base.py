@@ -105,8 +105,10 @@ class RolloutEngine(ABC):
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RolloutEngine) and engine_class(other) is engine_class(self) and (
-            self.init_args() == other.init_args()
+        return (
+            isinstance(other, RolloutEngine)
+            and engine_class(other) is engine_class(self)
+            and (self.init_args() == other.init_args())
         )
 
     __hash__ = None  # engines hold running state
