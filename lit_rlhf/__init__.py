@@ -16,7 +16,7 @@ _EXPORTS = {
     "PreferenceDataModule": "lit_rlhf.data",
     "PromptDataModule": "lit_rlhf.data",
     "RolloutCallback": "lit_rlhf.rollout",
-    "SampleLoggingCallback": "lit_rlhf.rollout",
+    "SampleLoggingCallback": "lit_rlhf.modules.sample_logging",
     "Experience": "lit_rlhf.rollout",
     "ExperienceBuffer": "lit_rlhf.rollout",
     "RewardFunction": "lit_rlhf.rewards",

@@ -211,6 +211,9 @@ class GenerationSettings:
         return dataclasses.replace(self, temperature=temperature, n_samples_per_prompt=1)
 
 
+ENGINE_SHORTHANDS = {"native": "lit_rlhf.rollout.engines.native.NativeEngine"}  # rollout.engine: <name>
+
+
 @dataclass(frozen=True, kw_only=True)
 class RolloutSettings:
     """How a rollout is made (per rank)."""
@@ -240,13 +243,12 @@ class RolloutSettings:
         if isinstance(self.engine, Mapping):  # {class_path, init_args}, as in checkpoints
             engine = import_object(self.engine["class_path"], "rollout.engine")(**self.engine.get("init_args", {}))
             object.__setattr__(self, "engine", engine)
-        if isinstance(self.engine, str) and self.engine == "native":
+        if isinstance(self.engine, str) and self.engine in ENGINE_SHORTHANDS:
             # a lazy instance: a config that leaves the default dumps it as {class_path, init_args}
             from jsonargparse import lazy_instance
 
-            from lit_rlhf.rollout.engines.native import NativeEngine  # the actor's sampler: loads transformers
-
-            object.__setattr__(self, "engine", lazy_instance(NativeEngine))
+            engine_class = import_object(ENGINE_SHORTHANDS[self.engine], "rollout.engine")  # loads transformers
+            object.__setattr__(self, "engine", lazy_instance(engine_class))
         if not isinstance(self.engine, RolloutEngine):
             raise ValueError(
                 "rollout.engine must be 'native' or an engine (lit_rlhf.rollout.NativeEngine, "

@@ -25,6 +25,7 @@ from lit_rlhf.modules.ppo_setup import (
 )
 from lit_rlhf.modules.ppo_step import DivergenceGuard, grad_norm, last_checkpoint, ppo_micro_step, step_optimizer
 from lit_rlhf.modules.ppo_validation import validation_step
+from lit_rlhf.modules.sample_logging import SampleLoggingCallback
 from lit_rlhf.modules.schedule import make_optimizer, make_scheduler, ppo_total_steps
 from lit_rlhf.modules.val_before_train import validate_before_training
 from lit_rlhf.quiet import quiet_run
@@ -35,7 +36,7 @@ from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
 from lit_rlhf.rollout.runner import Rollout, RolloutRunner
-from lit_rlhf.rollout.samples import LastRollout, SampleLoggingCallback
+from lit_rlhf.rollout.samples import LastRollout
 from lit_rlhf.settings import (
     AlgorithmSettings,
     GenerationSettings,
@@ -283,7 +284,7 @@ class PPOModule(L.LightningModule):
         also right after a resume.
         """
         self.buffer.seed = run_seed()
-        self.buffer.set_epoch(lambda: self.current_epoch)
+        self.buffer.set_rollout(lambda: self.current_epoch)
         return DataLoader(self.buffer, batch_size=None)
 
     def training_step(self, indices: Tensor, batch_idx: int) -> None:

@@ -57,7 +57,7 @@ def check_ppo_settings(
             "algorithm.rollout_correction='tis' compares the trainer's old log-probs with the sampler's; set "
             "rollout.recompute_old_log_probs: true (the default with an engine)"
         )
-    if rollout.engine != "native" and models is not None:
+    if models is not None:
         rollout.engine.check_settings(models, generation)
     if not rewards and not custom_reward:
         raise ValueError(

@@ -1,5 +1,4 @@
-"""Rollouts: the runner, Experience and ExperienceBuffer, the rollout and sample-logging callbacks,
-KL controllers, engines.
+"""Rollouts: the runner, Experience and ExperienceBuffer, the rollout callback, KL controllers, engines.
 
 Imported lazily, so that the settings can name ``RolloutEngine`` without loading Lightning.
 """
@@ -12,7 +11,6 @@ _EXPORTS = {
     "Experience": "lit_rlhf.rollout.experience",
     "ExperienceBuffer": "lit_rlhf.rollout.experience",
     "RolloutCallback": "lit_rlhf.rollout.callback",
-    "SampleLoggingCallback": "lit_rlhf.rollout.samples",
     "RolloutEngine": "lit_rlhf.rollout.engines.base",
     "GenerationRequest": "lit_rlhf.rollout.engines.base",
     "Sample": "lit_rlhf.rollout.engines.base",

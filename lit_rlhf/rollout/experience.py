@@ -1,4 +1,4 @@
-"""Experience (one rollout's tensors) and ExperienceBuffer (the epoch's training set)."""
+"""Experience (one rollout's tensors) and ExperienceBuffer (the rollout's training set)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Experience:
 
 
 class ExperienceBuffer(IterableDataset):
-    """The epoch's training set: ``size`` experiences, walked ``ppo_epochs`` times in shuffled mini-batches.
+    """The rollout's training set: ``size`` experiences, walked ``ppo_epochs`` times in shuffled mini-batches.
 
     The train dataloader yields *index* mini-batches, which ``training_step`` resolves against the
     buffer's current contents with :meth:`get`. Lightning builds the train iterator and fetches its
@@ -99,18 +99,18 @@ class ExperienceBuffer(IterableDataset):
         if size % mini_batch_size:
             raise ValueError(f"buffer size {size} is not a multiple of mini_batch_size={mini_batch_size}")
         self.size, self.mini_batch_size, self.ppo_epochs, self.seed = size, mini_batch_size, ppo_epochs, seed
-        self.epoch_source: Callable[[], int] = lambda: 0
+        self.rollout_source: Callable[[], int] = lambda: 0
         self.experience: Experience | None = None
 
     def __len__(self) -> int:
         return self.ppo_epochs * self.size // self.mini_batch_size
 
-    def set_epoch(self, epoch: int | Callable[[], int]) -> None:
-        """The epoch whose order ``__iter__`` draws: a number, or a callable read at each ``__iter__``."""
-        self.epoch_source = epoch if callable(epoch) else (lambda: epoch)
+    def set_rollout(self, rollout: int | Callable[[], int]) -> None:
+        """The rollout whose order ``__iter__`` draws: a number, or a callable read at each ``__iter__``."""
+        self.rollout_source = rollout if callable(rollout) else (lambda: rollout)
 
     def __iter__(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(buffer_order_seed(self.seed, self.epoch_source()))
+        generator = torch.Generator().manual_seed(buffer_order_seed(self.seed, self.rollout_source()))
         for _ in range(self.ppo_epochs):
             yield from torch.randperm(self.size, generator=generator).split(self.mini_batch_size)
 

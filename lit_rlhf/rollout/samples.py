@@ -1,4 +1,5 @@
-"""SampleLoggingCallback: a table of sample responses a person can read, right after a rollout.
+"""Sample responses a person can read: rows spread over a rollout's prompts, to the console,
+``samples.jsonl`` and W&B (the ``SampleLoggingCallback`` in ``lit_rlhf.modules.sample_logging`` calls these).
 
 The rows spread over the rollout's prompts (the first sample of each prompt, then the second
 samples, ...), and the prompt column shows the user's turn, not the whole rendered chat template.
@@ -27,10 +28,10 @@ HIDDEN_IN_CONSOLE = ("rollout", "rendered_prompt")  # in samples.jsonl and W&B, 
 
 @dataclass
 class LastRollout:
-    """What the rollout callback leaves on the module for the sample logger (this rank's rollout).
+    """What the PPO module keeps of its latest rollout for the sample logger (this rank's rollout).
 
     Attributes:
-        index: the rollout number (the epoch).
+        index: the rollout number.
         experience: the rollout's experience, ``n_samples_per_prompt`` contiguous rows per prompt.
         reward_parts: each reward component's ``[B]`` scores, by name.
         prompts: ``[P]`` rendered prompts, as the policy saw them.
@@ -93,36 +94,6 @@ def sample_rows(record: LastRollout, samples_per_prompt: int, k: int, tokenizer)
             }
         )
     return samples
-
-
-class SampleLoggingCallback(L.Callback):
-    """Logs sample responses every ``every_n_rollouts`` rollouts, on rank 0, right after the rollout.
-
-    Put it after the :class:`~lit_rlhf.rollout.RolloutCallback` (Lightning runs callbacks in list
-    order): it reads the module's ``last_rollout``, which the rollout callback sets.
-
-    Args:
-        every_n_rollouts: log rollouts 0, N, 2N, ... (0 = never: no table, no ``samples.jsonl``, no W&B table).
-        num_samples: rows in each table, spread over the rollout's prompts.
-    """
-
-    def __init__(self, every_n_rollouts: int = 1, num_samples: int = 8) -> None:
-        if every_n_rollouts < 0 or num_samples < 0:
-            raise ValueError(
-                "log_samples_every_n_rollouts and num_logged_samples must be >= 0 (0 = never), "
-                f"got {every_n_rollouts}, {num_samples}"
-            )
-        self.every_n_rollouts, self.num_samples = every_n_rollouts, num_samples
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record: LastRollout | None = getattr(pl_module, "last_rollout", None)
-        pl_module.last_rollout = None  # read once: keeps no reference to the experience past this hook
-        every = self.every_n_rollouts
-        if record is None or not every or record.index % every or not trainer.is_global_zero:
-            return
-        n = pl_module.generation.n_samples_per_prompt
-        samples = sample_rows(record, n, self.num_samples, pl_module.tokenizer)
-        log_samples(trainer, pl_module.run_dir, samples, record.index)
 
 
 def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: int) -> None:

@@ -22,10 +22,10 @@ def test_buffer_walks_every_experience_ppo_epochs_times_in_shuffled_mini_batches
 
 def test_buffer_order_is_a_function_of_seed_and_epoch():
     a, b = ExperienceBuffer(8, 4, 1, seed=1), ExperienceBuffer(8, 4, 1, seed=1)
-    a.set_epoch(3)
-    b.set_epoch(3)
+    a.set_rollout(3)
+    b.set_rollout(3)
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
-    b.set_epoch(4)
+    b.set_rollout(4)
     assert [x.tolist() for x in a] != [x.tolist() for x in b]
 
 
