@@ -10,19 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 
 import pytest
-import torch
 
 from lit_rlhf.models import Actor, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def module_of(actor: Actor) -> types.SimpleNamespace:
-    """What an engine needs from a PPO module outside a fit: the actor and its device."""
-    return types.SimpleNamespace(actor=actor, device=torch.device("cpu"))
+def generate(engine, input_ids, attention_mask, generation, seed: int):
+    """One sample per row of left-padded prompts (row ``i`` seeded ``seed + i``), packed as the runner does."""
+    from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
+
+    seeds = [seed + i for i in range(len(input_ids))]
+    requests = requests_from_prompts(input_ids, attention_mask, seeds, generation.stop_token_ids)
+    return pack_samples(input_ids, attention_mask, engine.generate(requests, generation), engine.pad_token_id)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +71,6 @@ def engine(demo_assets):
 
     engine = VLLMEngine(kv_cache_gib=0.25, max_num_seqs=64)
     tok = load_tokenizer(demo_assets["sft"])
-    engine.start(module_of(Actor.from_pretrained(demo_assets["sft"], tok)))
+    engine.start(Actor.from_pretrained(demo_assets["sft"], tok), "cpu")
     yield engine
     engine.shutdown()

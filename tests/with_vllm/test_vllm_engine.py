@@ -14,7 +14,7 @@ from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.rewards import RewardFunction
 from lit_rlhf.settings import GenerationSettings, LoadSettings, LoraSettings
 from lit_rlhf.tasks.arithmetic import exact_match_reward, solve
-from tests.with_vllm.conftest import module_of
+from tests.with_vllm.conftest import generate
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -40,14 +40,14 @@ def test_after_a_push_the_engines_log_probs_are_the_actors(engine, demo_assets):
     actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
     enc = chat_prompts(tok, PROMPTS * 4)
     settings = GenerationSettings(max_new_tokens=6, temperature=0.7)
-    engine.sync_weights(module_of(actor))
+    engine.sync_weights(actor)
     with torch.no_grad():  # the trainer moves on: the engine still has the old weights
         for p in actor.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
+    out = generate(engine, enc.input_ids, enc.attention_mask, settings, seed=1)
     assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.loss_mask) > 0.05
-    engine.sync_weights(module_of(actor))
-    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=1)
+    engine.sync_weights(actor)
+    out = generate(engine, enc.input_ids, enc.attention_mask, settings, seed=1)
     # the sampler's (processed, temperature-scaled) log-probs are the trainer's policy at T = 0.7
     assert max_gap(trainer_log_probs(actor, out, 0.7), out.log_probs, out.loss_mask) < 1e-4
     # fixed sequences, scored by the engine (prompt log-probs are of the raw logits: T = 1)
@@ -80,8 +80,8 @@ def test_a_lora_actor_is_pushed_merged(engine, demo_assets):
                 p.normal_(std=0.05)
     enc = chat_prompts(tok, PROMPTS * 2)
     generation = GenerationSettings(max_new_tokens=5, temperature=1.0)
-    engine.sync_weights(module_of(actor))
-    out = engine.generate(enc.input_ids, enc.attention_mask, generation, seed=2)
+    engine.sync_weights(actor)
+    out = generate(engine, enc.input_ids, enc.attention_mask, generation, seed=2)
     assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
     with actor.adapter_disabled():  # and the adapter mattered
         assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) > 1e-2
@@ -90,33 +90,38 @@ def test_a_lora_actor_is_pushed_merged(engine, demo_assets):
 def test_sampling_settings_map_one_to_one(engine, demo_assets):
     tok = load_tokenizer(demo_assets["sft"])
     actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
-    engine.sync_weights(module_of(actor))
+    engine.sync_weights(actor)
     enc = chat_prompts(tok, PROMPTS * 8)
     base = GenerationSettings(max_new_tokens=6, temperature=1.5)
-    a = engine.generate(enc.input_ids, enc.attention_mask, base, seed=5)
-    b = engine.generate(enc.input_ids, enc.attention_mask, base, seed=5)
-    c = engine.generate(enc.input_ids, enc.attention_mask, base, seed=6)
+    a = generate(engine, enc.input_ids, enc.attention_mask, base, seed=5)
+    b = generate(engine, enc.input_ids, enc.attention_mask, base, seed=5)
+    c = generate(engine, enc.input_ids, enc.attention_mask, base, seed=6)
     assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
     # the 8 rows of one prompt are 8 samples, not one sample 8 times
     responses = a.sequences[:, enc.input_ids.shape[1] :]
     assert len({tuple(responses[i].tolist()) for i in range(0, 32, 4)}) > 1
     # suppressed tokens never appear; without stopping at EOS every row runs to max_new_tokens
     digits = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
-    out = engine.generate(
-        enc.input_ids, enc.attention_mask, dataclasses.replace(base, suppress_token_ids=digits[:5]), seed=5
+    out = generate(
+        engine, enc.input_ids, enc.attention_mask, dataclasses.replace(base, suppress_token_ids=digits[:5]), seed=5
     )
     generated = out.sequences[:, enc.input_ids.shape[1] :][out.loss_mask]
     assert not torch.isin(generated, torch.tensor(digits[:5])).any()
-    out = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, stop_at_eos=False), seed=5)
-    assert out.loss_mask.shape[1] == 6
+    out = generate(engine, enc.input_ids, enc.attention_mask, dataclasses.replace(base, stop_at_eos=False), seed=5)
+    # vLLM decodes on past EOS then; each row still ends at its first EOS, like the native sampler's rows
+    lengths, eos = out.loss_mask.sum(-1), tok.eos_token_id
+    responses = out.sequences[:, enc.input_ids.shape[1] :]
+    for row, n in enumerate(lengths.tolist()):
+        assert eos not in responses[row, : n - 1].tolist()
+        assert (responses[row, n - 1] == eos) == bool(out.finished[row]) and (n == 6 or out.finished[row])
     # top_k = 1 is greedy decoding
-    greedy = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, temperature=0.0), seed=5)
-    top1 = engine.generate(enc.input_ids, enc.attention_mask, dataclasses.replace(base, top_k=1), seed=7)
+    greedy = generate(engine, enc.input_ids, enc.attention_mask, dataclasses.replace(base, temperature=0.0), seed=5)
+    top1 = generate(engine, enc.input_ids, enc.attention_mask, dataclasses.replace(base, top_k=1), seed=7)
     assert torch.equal(greedy.sequences, top1.sequences)
     # a prompt that cannot fit is an error naming the setting
     long = dataclasses.replace(base, max_new_tokens=10_000)
     with pytest.raises(ValueError, match="max_model_len"):
-        engine.generate(enc.input_ids, enc.attention_mask, long, seed=5)
+        generate(engine, enc.input_ids, enc.attention_mask, long, seed=5)
 
 
 def held_out_accuracy(policy_dir: str, prompts_path: str, n: int = 512) -> float:
@@ -268,13 +273,13 @@ def test_a_rollout_with_more_prompt_tokens_than_one_scheduler_step_holds(engine,
     assert not scheduler.enable_chunked_prefill  # the CPU default: every step takes whole prompts
     tok = load_tokenizer(demo_assets["sft"])
     actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
-    engine.sync_weights(module_of(actor))
+    engine.sync_weights(actor)
     # a long shared system-like preamble makes each prompt ~90 tokens: 64 rows (max_num_seqs) x 90 > the budget
     texts = [" ".join(PROMPTS * 5) + " " + p for p in PROMPTS * 16]
     enc = chat_prompts(tok, texts)
     assert int(enc.attention_mask.sum()) > scheduler.max_num_batched_tokens
     settings = GenerationSettings(max_new_tokens=4, temperature=1.0)
-    out = engine.generate(enc.input_ids, enc.attention_mask, settings, seed=3)
+    out = generate(engine, enc.input_ids, enc.attention_mask, settings, seed=3)
     assert out.sequences.shape[0] == len(texts) and bool(out.loss_mask[:, 0].all())
     assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
 
@@ -282,14 +287,14 @@ def test_a_rollout_with_more_prompt_tokens_than_one_scheduler_step_holds(engine,
 def test_stop_strings_end_rows_at_the_completing_token_with_exact_ids_and_log_probs(engine, demo_assets):
     tok = load_tokenizer(demo_assets["sft"])
     actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
-    engine.sync_weights(module_of(actor))
+    engine.sync_weights(actor)
     enc = chat_prompts(tok, PROMPTS * 8)
     width = enc.input_ids.shape[1]
     base = GenerationSettings(max_new_tokens=6, temperature=1.0)
     stops = dataclasses.replace(base, stop_strings=("4", "9"))
     assert engine.sampling_params(stops, 0).stop == ["4", "9"]
-    plain = engine.generate(enc.input_ids, enc.attention_mask, base, seed=11)
-    out = engine.generate(enc.input_ids, enc.attention_mask, stops, seed=11)
+    plain = generate(engine, enc.input_ids, enc.attention_mask, base, seed=11)
+    out = generate(engine, enc.input_ids, enc.attention_mask, stops, seed=11)
     hits = 0
     for row in range(len(enc.input_ids)):
         ids = plain.sequences[row, width:][plain.loss_mask[row]].tolist()
@@ -315,7 +320,7 @@ def test_an_engine_without_a_tokenizer_starts_quietly_and_refuses_stop_strings(d
     bare = VLLMEngine(kv_cache_gib=0.1, max_num_seqs=8)
     capfd.readouterr()
     try:
-        bare.start(module_of(actor))
+        bare.start(actor, "cpu")
         printed = capfd.readouterr()
         # vLLM warms up a chat template it cannot render without a tokenizer: that traceback is dropped
         assert "Tokenizer not available" not in printed.out + printed.err
