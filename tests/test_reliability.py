@@ -111,12 +111,12 @@ def test_a_model_in_the_wrong_role_is_named_before_training(tiny_assets, other_v
 
 
 def test_the_critic_defaults_to_the_actor_with_a_new_head_and_a_headless_critic_path_fails_at_once(tiny_assets):
-    from lit_rlhf.modules.ppo_setup import build_models
+    from lit_rlhf.modules.ppo_setup import build_policy
 
     zero = RewardFunction(lambda prompts, responses: [0.0] * len(prompts), name="zero")
     module = small_module(tiny_assets, PPOModule, rewards=[zero], models={"new_value_head": None})
     assert module.critic_path == tiny_assets["policy"]
-    critic = build_models(module.models, module.tokenizer, True, module.critic_path).critic
+    critic = build_policy(module.models, module.tokenizer, True, module.critic_path).critic
     assert critic is not None and critic.model.score.weight.shape[0] == 1  # a new scalar head on the actor
     with pytest.raises(ValueError, match="models.critic_path .* without the 'score' head .*new_value_head: true"):
         small_module(

@@ -1,7 +1,7 @@
 """LightningModules: PPOModule, SFTModule, RewardModelModule and DPOModule."""
 
 from lit_rlhf.modules.dpo import DPOModule
-from lit_rlhf.modules.dpo_setup import DPOModelSettings, DPOSettings
+from lit_rlhf.settings import DPOModelSettings, DPOSettings
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward import RewardModelModule
 from lit_rlhf.modules.sft import SFTModule

@@ -10,8 +10,9 @@ from torch import Tensor
 from lit_rlhf import functional as F
 from lit_rlhf.checkpoints import add_digest, verify_digest
 from lit_rlhf.data.sft import IGNORE_INDEX
-from lit_rlhf.models import Actor, load_tokenizer, response_texts
-from lit_rlhf.models.sharding import full_state_dict, is_sharded
+from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.models.policy_set import PolicySet, drop_frozen, restore_frozen
+from lit_rlhf.models.sharding import is_sharded
 from lit_rlhf.modules.dpo_setup import (
     AnswerLogProbs,
     DPOModelSettings,
@@ -19,19 +20,16 @@ from lit_rlhf.modules.dpo_setup import (
     ReferenceCache,
     answer_log_probs,
     batch_keys,
-    build_reference,
     check_dpo_settings,
-    check_reference_tokenizer,
     pair_key,
     reference_answer_log_probs,
-    shard_policy,
 )
 from lit_rlhf.modules.outputs import export_directory, replaced_directory
 from lit_rlhf.modules.single import SingleModelModule
 from lit_rlhf.modules.val_before_train import validate_before_training
+from lit_rlhf.modules.validation import sample_validation
 from lit_rlhf.rewards import RewardBatch, RewardFunction, score_components
-from lit_rlhf.rollout.runner import eval_mode, reference_log_probs
-from lit_rlhf.seeds import validation_seed
+from lit_rlhf.rollout.runner import eval_mode
 from lit_rlhf.settings import GenerationSettings, OptimizerSettings, as_group, to_plain
 
 DPO_LR = 1e-6
@@ -93,6 +91,7 @@ class DPOModule(SingleModelModule):
         self.tokenizer = load_tokenizer(self.models.path, trust_remote_code=self.models.trust_remote_code)
         self.actor: Actor | None = None
         self.reference: Actor | None = None
+        self.policy: PolicySet | None = None  # the model set (configure_model): the policy and its reference
         self.reference_cache = ReferenceCache()
         self.val_columns: dict[bytes, dict] = {}  # a validation pair's rows -> its record's other fields
 
@@ -100,16 +99,26 @@ class DPOModule(SingleModelModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # checks the export folder before any model loads
-        check_reference_tokenizer(self.models, self.tokenizer)
+        reference = self.models.reference_path
+        fix = ": the reference must be a policy with the same tokenizer as models.path (or leave it null)"
+        others = {"models.reference_path": (None if reference == self.models.path else reference, fix)}
+        PolicySet.check_tokenizers(self.tokenizer, others, self.models.trust_remote_code)
 
     def configure_model(self) -> None:
         if self.actor is not None:
             return
-        self.actor = Actor.from_pretrained(self.models.path, self.tokenizer, self.models, role="models.path").train()
-        self.reference = build_reference(self.models, self.tokenizer, self.algorithm.reference_free)
+        self.policy = PolicySet.build(
+            self.models,
+            self.tokenizer,
+            self.models.path,
+            actor_role="models.path",
+            reference_path=self.models.reference_path,
+            uses_reference=not self.algorithm.reference_free,
+        )
+        self.actor, self.reference = self.policy.actor.train(), self.policy.reference
         self.trained = self.actor
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2
-            shard_policy(self.actor, self.reference, self._device_mesh, self.trainer.precision)
+            self.policy.shard(self._device_mesh, self.trainer.precision)
 
     @property
     def caches_reference(self) -> bool:
@@ -145,7 +154,7 @@ class DPOModule(SingleModelModule):
         with eval_mode(self.actor), self.trainer.precision_plugin.forward_context():
             self.reference_cache.fill(
                 rows,
-                lambda batch: reference_answer_log_probs(self.actor, self.reference, batch).sums,
+                lambda batch: reference_answer_log_probs(self.policy, batch).sums,
                 rows_per_forward=2 * datamodule.hparams.batch_size,
                 pad_id=self.tokenizer.pad_token_id,
                 device=self.device,
@@ -167,7 +176,7 @@ class DPOModule(SingleModelModule):
             if self.caches_reference:
                 reference = AnswerLogProbs(self.reference_cache.lookup(batch), policy.counts)  # the same tokens
             else:
-                reference = reference_answer_log_probs(self.actor, self.reference, batch)
+                reference = reference_answer_log_probs(self.policy, batch)
             average = settings.loss_type == "ipo"  # IPO on per-token averages, as TRL
             chosen, rejected = policy.chosen_rejected(average)
             ref_chosen, ref_rejected = reference.chosen_rejected(average)
@@ -213,19 +222,12 @@ class DPOModule(SingleModelModule):
         """Sample a response to each pair's prompt: its KL to the reference and the ``val_metrics``."""
         prompts, prompt_mask = validation_prompts(batch, self.tokenizer.pad_token_id)
         pairs = prompts.shape[0]
-        generator = torch.Generator(self.device).manual_seed(validation_seed(batch_idx))
-        gen = self.actor.generate(prompts, prompt_mask, self.val_generation, generator)
-        num_actions = gen.loss_mask.shape[1]
-        if self.reference is not None or self.actor.has_adapter:
-            temperature = self.val_generation.scoring_temperature
-            ref = reference_log_probs(
-                self.actor, self.reference, gen.sequences, gen.attention_mask, num_actions, temperature
-            )  # the policy's own log-probs come from the sampler
-            kl = torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
+        gen, kl = sample_validation(self.policy, prompts, prompt_mask, self.val_generation, batch_idx)
+        if kl is not None:
             self.log("val/kl", kl.mean(), batch_size=pairs, sync_dist=True)
         if not self.val_metric_fns:
             return
-        responses = response_texts(self.tokenizer, gen.sequences, gen.attention_mask, num_actions)
+        responses = self.policy.decode(gen)
         texts = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(prompts, prompt_mask, strict=True)]
         keys = batch_keys(batch)
         records = [self.val_columns.get(keys[i] + keys[i + pairs], {}) for i in range(pairs)]
@@ -238,10 +240,8 @@ class DPOModule(SingleModelModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The frozen reference is left out (reloaded from its path), except from sharded checkpoints."""
-        state = checkpoint["state_dict"]
         if not is_sharded(self.actor.model):
-            for key in [k for k in state if k.startswith("reference.")]:
-                del state[key]
+            drop_frozen(checkpoint["state_dict"], self.policy.frozen_prefixes)
         add_digest(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -249,9 +249,7 @@ class DPOModule(SingleModelModule):
         self.configure_model()
         state = checkpoint.get("state_dict")
         if isinstance(state, dict) and not is_sharded(self.actor.model):
-            for key, value in self.state_dict().items():
-                if key.startswith("reference."):
-                    state.setdefault(key, value)
+            restore_frozen(state, self.state_dict(), self.policy.frozen_prefixes)
 
     def on_train_end(self) -> None:
         self.export_pretrained(export_directory(self.export_dir, self.run_dir))  # every rank: FSDP2 gathers
@@ -264,13 +262,7 @@ class DPOModule(SingleModelModule):
         writer = self._trainer is None or self.trainer.is_global_zero
         target = replaced_directory(directory, "dpo", self) if writer else contextlib.nullcontext(directory)
         with target as partial:  # whole or not at all
-            state = full_state_dict(self.actor.model)  # collective under FSDP2
-            if writer:
-                actor = self.actor
-                if is_sharded(actor.model):
-                    actor = Actor.from_pretrained(self.models.path, self.tokenizer, self.models)
-                    actor.model.load_state_dict(state)
-                actor.save_pretrained(partial, merge_lora=merge_lora, tokenizer=self.tokenizer)
+            self.policy.write({"actor": partial}, writer, merge_lora)
         return {"policy": directory}
 
 

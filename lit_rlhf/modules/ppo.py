@@ -11,11 +11,12 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from lit_rlhf.models import GenerationOutput, load_tokenizer
+from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.modules.outputs import check_outputs, export_directory, run_directory
 from lit_rlhf.modules.ppo_checkpoint import export_models, load_extras, run_seed, save_extras, shard_models
 from lit_rlhf.modules.ppo_rollout import build_runner, collect
 from lit_rlhf.modules.ppo_setup import (
-    build_models,
+    build_policy,
     check_critic_head,
     check_ppo_settings,
     check_prompt_lengths,
@@ -153,6 +154,7 @@ class PPOModule(L.LightningModule):
                     self.models.reference_path,
                 )
         self.actor = self.critic = self.reference = None
+        self.policy: PolicySet | None = None  # the model set (configure_model): actor, reference, critic
         self.runner: RolloutRunner | None = None  # built at fit start, once the models are in place
         self._started_engine = False
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
@@ -198,12 +200,12 @@ class PPOModule(L.LightningModule):
         """Load the models (after the datamodule's checks, so bad data fails first)."""
         if self.actor is not None:
             return
-        models = build_models(
+        self.policy = build_policy(
             self.models, self.tokenizer, self.algorithm.uses_critic, self.critic_path, self.kl.uses_reference
         )
         # all are submodules so that strategies move (and shard) them; the frozen ones are dropped
         # from checkpoints in on_save_checkpoint and reloaded from their paths
-        self.actor, self.critic, self.reference = models.actor.train(), models.critic, models.reference
+        self.actor, self.critic, self.reference = self.policy.actor.train(), self.policy.critic, self.policy.reference
         if self.critic is not None:
             self.critic.train()  # train mode matters for gradient checkpointing; dropout is off anyway
         self.scorer.setup(self.models)  # a compute_reward override loads the components it calls on first use

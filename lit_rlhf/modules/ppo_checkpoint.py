@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_rlhf.checkpoints import add_digest, verify_digest
-from lit_rlhf.models import Actor, ValueModel
-from lit_rlhf.models.sharding import fsdp2_setup, full_state_dict, is_sharded, shard_model
+from lit_rlhf.models.policy_set import drop_frozen, restore_frozen
+from lit_rlhf.models.sharding import is_sharded
 from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.rewards import RewardModel
 
-FROZEN_PREFIXES = ("reference.", "rewards.")
+REWARD_PREFIX = "rewards."  # reward models: frozen, reloaded from their paths
 
 
 def run_seed() -> int:
@@ -45,10 +45,8 @@ def save_extras(module, checkpoint: dict) -> None:
     A sharded (FSDP2 distributed) checkpoint keeps the frozen shards: distributed loading reads
     the whole model state, and each rank writes only its shard of them.
     """
-    state = checkpoint["state_dict"]
     if not is_sharded(module.actor.model):
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
+        drop_frozen(checkpoint["state_dict"], frozen_prefixes(module))
     checkpoint["kl_controller"] = module.kl_controller.state_dict()
     checkpoint["rng_states"] = rng_states()
     for logger in module.loggers:
@@ -65,25 +63,21 @@ def load_extras(module, checkpoint: dict) -> None:
     verify_digest(checkpoint, getattr(trainer, "ckpt_path", None) if trainer is not None else None)
     state = checkpoint.get("state_dict")
     if isinstance(state, dict) and not is_sharded(module.actor.model):
-        for key, value in module.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES):
-                state.setdefault(key, value)
+        restore_frozen(state, module.state_dict(), frozen_prefixes(module))
     if "kl_controller" in checkpoint:
         module.kl_controller.load_state_dict(checkpoint["kl_controller"])
     if "rng_states" in checkpoint:
         set_rng_states(checkpoint["rng_states"])
 
 
+def frozen_prefixes(module) -> tuple[str, ...]:
+    return (*module.policy.frozen_prefixes, REWARD_PREFIX)
+
+
 def shard_models(module, mesh: Any, precision: str | None) -> None:
     """FSDP2 over the data-parallel mesh: every model, trainable and frozen, sharded per decoder layer."""
-    data_parallel, policy = fsdp2_setup(mesh, precision)
-    for wrapper in (module.actor, module.reference):
-        if wrapper is not None:
-            shard_model(wrapper.model, data_parallel, policy)
     reward_models = [c.model for c in module.rewards if isinstance(c, RewardModel) and c.model is not None]
-    for wrapper in [module.critic, *reward_models]:
-        if wrapper is not None:
-            shard_model(wrapper.model, data_parallel, policy, separate_backbone=True)
+    module.policy.shard(mesh, precision, scored=tuple(reward_models))
 
 
 def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, str]:
@@ -92,26 +86,9 @@ def export_models(module, directory: str, merge_lora: bool = True) -> dict[str, 
     """
     trainer = module._trainer
     writer = trainer is None or trainer.is_global_zero
-    parts = [("actor", module.actor)] + ([("critic", module.critic)] if module.critic is not None else [])
+    names = ["actor"] + (["critic"] if module.critic is not None else [])
     # written whole or not at all: a failed export leaves a previous one in ``directory`` as it was
     target = replaced_directory(directory, "ppo", module) if writer else contextlib.nullcontext(directory)
     with target as partial:
-        for name, wrapper in parts:
-            state = full_state_dict(wrapper.model)  # collective under FSDP2: every rank takes part
-            if not writer:
-                continue
-            if is_sharded(wrapper.model):
-                wrapper = _unsharded_copy(module, name, wrapper, state)
-            wrapper.save_pretrained(f"{partial}/{name}", merge_lora=merge_lora, tokenizer=module.tokenizer)
-    return {name: f"{directory}/{name}" for name, _ in parts}
-
-
-def _unsharded_copy(module, name: str, sharded, state: dict):
-    """A plain (CPU) copy of a sharded model, rebuilt from its path and loaded with the gathered weights."""
-    if name == "actor":
-        copy = Actor.from_pretrained(module.models.actor_path, module.tokenizer, module.models)
-    else:
-        copy = ValueModel.from_pretrained(module.critic_path, module.models, new_head_ok=True)  # weights loaded below
-        copy.set_normalization(sharded.reward_mean.item(), sharded.reward_std.item())
-    copy.model.load_state_dict(state)
-    return copy
+        module.policy.write({name: f"{partial}/{name}" for name in names}, writer, merge_lora)
+    return {name: f"{directory}/{name}" for name in names}

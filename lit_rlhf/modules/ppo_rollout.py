@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from lit_rlhf.rollout.progress import PhaseProgress
-from lit_rlhf.rollout.runner import Rollout, RolloutModels, RolloutRunner
+from lit_rlhf.rollout.runner import Rollout, RolloutRunner
 from lit_rlhf.rollout.samples import LastRollout
 
 PROGRESS_BAR_METRICS = ("reward/mean", "rollout/kl")
@@ -19,7 +19,7 @@ def build_runner(module, seed: int) -> RolloutRunner:
     """The module's runner: its models, engine, scorer and settings, reducing over the trainer's ranks."""
     trainer = module.trainer
     return RolloutRunner(
-        RolloutModels(module.actor, module.critic, module.reference, module.kl.uses_reference),
+        module.policy,
         module.rollout.engine,
         module.scorer,
         generation=module.generation,

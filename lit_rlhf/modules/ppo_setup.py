@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.models import Actor, ValueModel, load_tokenizer
+from lit_rlhf.models.policy_set import CriticSpec, PolicySet
 from lit_rlhf.models.value import has_scalar_head
 from lit_rlhf.rewards import RewardComponent, RewardModel
-from lit_rlhf.rewards.model import freeze
 from lit_rlhf.settings import (
     GROUP_ESTIMATORS,
     AlgorithmSettings,
@@ -70,13 +68,6 @@ def check_ppo_settings(
         raise ValueError(f"two reward components are named {duplicates}; give them distinct names (name: ...)")
 
 
-@dataclass
-class PolicyModels:
-    actor: Actor
-    critic: ValueModel | None
-    reference: Actor | None
-
-
 def critic_path(models: PPOModelSettings, rewards: Sequence[RewardComponent]) -> str:
     """Where the critic starts: ``critic_path``, else the first reward model's path, else the actor's."""
     if models.critic_path is not None:
@@ -112,31 +103,31 @@ def check_critic_head(models: PPOModelSettings, critic_source: str) -> None:
     raise ValueError(f"{role} {critic_source!r} is a causal LM without the 'score' head a critic needs{CRITIC_FIX}")
 
 
-def build_models(
+def build_policy(
     models: PPOModelSettings,
     tokenizer: PreTrainedTokenizerBase,
     uses_critic: bool,
     critic_source: str,
     uses_reference: bool = True,
-) -> PolicyModels:
+) -> PolicySet:
     """Load the actor, the critic (from ``critic_source``) and the frozen reference; check their heads.
 
     A reference-free run (``uses_reference`` False) builds no reference; with LoRA and no
     ``reference_path`` the reference is the actor with its adapter disabled (no second copy).
     """
-    actor = Actor.from_pretrained(models.actor_path, tokenizer, models, role="models.actor_path")
-    reference = None
-    if uses_reference and (models.reference_path is not None or not models.lora.enabled):
-        path, role = models.reference_path, "models.reference_path"
-        if path is None:
-            path, role = models.actor_path, "the reference (models.actor_path)"
-        reference = freeze(Actor.from_pretrained(path, tokenizer, models.frozen(), role=role, frozen=True))
     critic = None
     if uses_critic:
         role = "models.critic_path" if models.critic_path else "the critic's starting point"
-        new_head_ok = critic_new_head_ok(models, critic_source)
-        critic = ValueModel.from_pretrained(critic_source, models, role, new_head_ok, fix=CRITIC_FIX)
-    return PolicyModels(actor, critic, reference)
+        critic = CriticSpec(critic_source, role, critic_new_head_ok(models, critic_source), CRITIC_FIX)
+    return PolicySet.build(
+        models,
+        tokenizer,
+        models.actor_path,
+        actor_role="models.actor_path",
+        reference_path=models.reference_path,
+        uses_reference=uses_reference,
+        critic=critic,
+    )
 
 
 def check_writable(paths: dict[str, str]) -> None:
@@ -163,21 +154,10 @@ def check_tokenizers(
 ) -> None:
     """The critic and the reference read the actor's token ids: their tokenizers must be the actor's."""
     reference = models.reference_path if uses_reference else None
-    roles = {"the reference (models.reference_path)": reference, "the critic": critic_source}
-    for role, path in roles.items():
-        if path is None or path == models.actor_path:
-            continue
-        other = load_tokenizer(path, trust_remote_code=models.trust_remote_code)
-        if other.get_vocab() != tokenizer.get_vocab():
-            fix = (
-                CRITIC_FIX
-                if role == "the critic"
-                else ": the reference must be a policy with the actor's tokenizer (or leave it null)"
-            )
-            raise ValueError(
-                f"{role} would start from {path!r}, whose tokenizer differs from the actor's ({len(other)} vs "
-                f"{len(tokenizer)} tokens), so it would read the actor's token ids as another vocabulary{fix}"
-            )
+    fix = ": the reference must be a policy with the actor's tokenizer (or leave it null)"
+    others = {"the reference (models.reference_path)": (reference, fix), "the critic": (critic_source, CRITIC_FIX)}
+    others = {role: (None if path == models.actor_path else path, fix) for role, (path, fix) in others.items()}
+    PolicySet.check_tokenizers(tokenizer, others, models.trust_remote_code)
 
 
 def check_prompt_lengths(datamodule, models: PPOModelSettings, max_new_tokens: int) -> None:

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import torch
-
+from lit_rlhf.modules.validation import sample_validation
 from lit_rlhf.rewards import RewardBatch, score_components
-from lit_rlhf.rollout.runner import reference_log_probs
-from lit_rlhf.seeds import validation_seed
 
 
 def validation_step(module, batch: dict, batch_idx: int) -> None:
     """One batch of held-out prompts: ``val/reward``, ``val/kl`` (not in a reference-free run) and
     each of ``val_metrics`` on responses sampled with the validation settings (seeded per batch)."""
-    generator = torch.Generator(module.device).manual_seed(validation_seed(batch_idx))
-    gen = module.actor.generate(batch["input_ids"], batch["attention_mask"], module.val_generation, generator)
+    gen, kl = sample_validation(
+        module.policy, batch["input_ids"], batch["attention_mask"], module.val_generation, batch_idx
+    )
     prompts, columns = batch["prompts"], batch["columns"]
     module.val_reward.update(module.score_responses(gen, prompts, columns).scores)
     module.log("val/reward", module.val_reward, on_epoch=True, prog_bar=True)
-    if module.kl.uses_reference:
-        ref_log_probs = reference_log_probs(
-            module.actor,
-            module.reference,
-            gen.sequences,
-            gen.attention_mask,
-            gen.loss_mask.shape[1],
-            module.val_generation.scoring_temperature,
-        )  # the policy's own log-probs come from the sampler: no second actor forward
-        module.val_kl.update(torch.where(gen.loss_mask, gen.log_probs - ref_log_probs, 0.0).sum(-1))
+    if kl is not None:  # none in a reference-free run
+        module.val_kl.update(kl)
         module.log("val/kl", module.val_kl, on_epoch=True)
     if module.val_metric_fns:
         responses = RewardBatch(prompts, lambda: module.decode_responses(gen), columns)

@@ -8,15 +8,9 @@ from torch import Tensor
 from lit_rlhf import functional as F
 from lit_rlhf.models import ValueModel, load_tokenizer
 from lit_rlhf.models.padding import length_groups
+from lit_rlhf.models.policy_set import freeze
 from lit_rlhf.rewards.base import RewardBatch, RewardComponent
 from lit_rlhf.settings import LoadSettings
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode, no gradients: a frozen model is never trained and never in an optimizer."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def append_eos(sequences: Tensor, attention_mask: Tensor, eos_token_ids: Tensor) -> tuple[Tensor, Tensor]:

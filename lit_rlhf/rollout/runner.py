@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lit_rlhf.models import Actor, GenerationOutput, ValueModel
+from lit_rlhf.models import GenerationOutput
 from lit_rlhf.models.padding import length_groups
+from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.models.sharding import gathered
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
@@ -32,17 +32,6 @@ Progress = Callable[[str, int, int], None]
 
 def no_progress(phase: str, done: int, total: int) -> None:
     """Report nothing."""
-
-
-@dataclass
-class RolloutModels:
-    """The models a rollout reads. ``reference=None`` means the actor with its LoRA adapter disabled;
-    ``uses_reference=False`` (a reference-free run, ``kl.coef: 0``) means no reference forward at all."""
-
-    actor: Actor
-    critic: ValueModel | None
-    reference: Actor | None
-    uses_reference: bool = True
 
 
 class Sampled(NamedTuple):
@@ -95,21 +84,6 @@ def in_micro_batches(
     return torch.cat(outputs)[torch.argsort(order)]
 
 
-def reference_log_probs(
-    actor: Actor,
-    reference: Actor | None,
-    sequences: Tensor,
-    attention_mask: Tensor,
-    num_actions: int,
-    temperature: float,
-) -> Tensor:
-    """Reference-policy log-probs ``[B, A]``: the reference model, or the actor with its adapter disabled."""
-    if reference is not None:
-        return reference(sequences, attention_mask, num_actions, temperature)
-    with actor.adapter_disabled():
-        return actor(sequences, attention_mask, num_actions, temperature)
-
-
 def scoring_groups(lengths: Tensor, rollout: RolloutSettings, reduce_max: AllReduce = no_reduce) -> list[Tensor]:
     """The rows of each scoring forward: similar lengths together; the same number of forwards on every rank."""
     size, tokens = rollout.score_micro_batch_size, rollout.score_micro_batch_tokens
@@ -145,7 +119,8 @@ class RolloutRunner:
     ``collect`` is ``sample`` then ``score``; each can be called on its own.
 
     Args:
-        models: the actor, critic and reference (``RolloutModels``).
+        models: the module's model set: the actor, its reference (none in a reference-free run) and
+            the critic (none for the critic-free estimators).
         engine: what samples (started by the module before the first rollout).
         scorer: the sequence scores of a generation (a ``RewardScorer``).
         generation, rollout, algorithm, kl: the settings groups.
@@ -156,7 +131,7 @@ class RolloutRunner:
 
     def __init__(
         self,
-        models: RolloutModels,
+        models: PolicySet,
         engine: RolloutEngine,
         scorer: ScoreFn,
         *,
@@ -224,7 +199,7 @@ class RolloutRunner:
         start = time.perf_counter()
         with eval_mode(actor, critic, reference):
             micro = scoring_groups(gen.attention_mask.sum(-1), self.rollout, self.reduce_max)
-            per_group = models.uses_reference + recompute + (critic is not None)
+            per_group = models.has_reference + recompute + (critic is not None)
             forwards = len(micro) * per_group + 1  # + the rewards
             done = [0]
 
@@ -237,9 +212,9 @@ class RolloutRunner:
             else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
                 old_log_probs = gen.log_probs
             ref_log_probs = None
-            if models.uses_reference:
+            if models.has_reference:
                 ref_log_probs = in_micro_batches(
-                    lambda s, m: reference_log_probs(actor, reference, s, m, num_actions, temperature), gen, micro, tick
+                    lambda s, m: models.reference_log_probs(s, m, num_actions, temperature), gen, micro, tick
                 )
             if critic is not None:
                 values = in_micro_batches(lambda s, m: critic(s, m, num_actions), gen, micro, tick)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-import lit_rlhf.rollout.runner as runner
 from lit_rlhf.models import Actor
+from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.settings import KLSettings
 from tests.helpers import SevensPPO, datamodule, small_module, trainer
 
@@ -27,8 +27,8 @@ def no_reference_forward(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a reference forward ran in a reference-free run")
 
-    monkeypatch.setattr(runner, "reference_log_probs", refuse)
-    monkeypatch.setattr("lit_rlhf.modules.ppo_validation.reference_log_probs", refuse)
+    monkeypatch.setattr(PolicySet, "reference_log_probs", refuse)
+    monkeypatch.setattr(PolicySet, "reference_policy", refuse)
     monkeypatch.setattr(Actor, "adapter_disabled", refuse)
 
 

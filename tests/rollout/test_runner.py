@@ -6,12 +6,13 @@ import torch
 
 from lit_rlhf import functional as F
 from lit_rlhf.models import Actor, ValueModel, load_tokenizer
+from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout import NativeEngine
 from lit_rlhf.rollout.kl_control import KLController
 from lit_rlhf.rollout.metrics import rollout_metrics
-from lit_rlhf.rollout.runner import RolloutModels, RolloutRunner
-from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
+from lit_rlhf.rollout.runner import RolloutRunner
+from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, LoadSettings, RolloutSettings
 
 
 def runner(models, score_fn, *, generation, rollout=RolloutSettings(), algorithm, kl, kl_coef=0.0, seed=0):
@@ -44,7 +45,8 @@ def models(tiny_assets):
         "prompts": texts,
         "columns": {"answer": ["46", "04", "198"]},
     }
-    return tok, RolloutModels(actor, critic, reference), reward, prompts
+    policy = PolicySet(actor, reference, critic, LoadSettings(), tok, tiny_assets["policy"], tiny_assets["reward"])
+    return tok, policy, reward, prompts
 
 
 def reward_model_scores(reward, seen=None):

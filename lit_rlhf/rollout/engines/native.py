@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from lit_rlhf.rollout.engines.base import GenerationRequest, OnToken, RolloutEngine, Sample
-from lit_rlhf.rollout.engines.packing import unpack_samples
 
 
 class NativeEngine(RolloutEngine):
@@ -47,6 +46,8 @@ class NativeEngine(RolloutEngine):
     def generate(
         self, requests: list[GenerationRequest], generation: Any, on_token: OnToken | None = None
     ) -> list[Sample]:
+        from lit_rlhf.rollout.engines.packing import unpack_samples  # transformers: only once it samples
+
         if self.actor is None:
             raise RuntimeError("NativeEngine.generate before start(actor, device): the rollout starts it at fit start")
         if not requests:
