@@ -7,7 +7,7 @@ lit-rlhf export --config configs/ppo_tiny.yaml --ckpt_path last.ckpt --export_di
 lit-rlhf serve-reward --reward_path DIR [--host 127.0.0.1 --port 8000]
 
 Every run writes into one directory, ``<trainer.default_root_dir>/version_<N>`` (see
-:func:`run_directory`): config, metrics, W&B files, checkpoints, samples, plot and export.
+:func:`claim_run_directory`): config, metrics, W&B files, checkpoints, samples, plot and export.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class LitRLHFCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
-        """Point every output of the run at its run directory (see :func:`run_directory`).
+        """Point every output of the run at its run directory (see :func:`claim_run_directory`).
 
         ``--ckpt_path last`` resumes from the newest complete checkpoint of the config's root
         (``<root>/version_<N>/checkpoints/last.ckpt``), or starts afresh when there is none.
@@ -147,7 +147,7 @@ class LitRLHFCLI(LightningCLI):
             found = newest_checkpoint(Path(config.trainer.default_root_dir or "runs"))
             print(f"--ckpt_path last: {f'resuming from {found}' if found else 'no checkpoint yet, starting afresh'}")
             ckpt_path = config.ckpt_path = str(found) if found else None
-        run_dir = run_directory(config.trainer.default_root_dir, ckpt_path)
+        run_dir = claim_run_directory(config.trainer.default_root_dir, ckpt_path)
         config.trainer.default_root_dir = run_dir
         config.trainer.logger = run_loggers(config.trainer.logger, run_dir)
         for callback in config.trainer.callbacks or []:
@@ -203,7 +203,7 @@ def resume_command(argv: list[str] | None) -> str | None:
     return shlex.join(["lit-rlhf", "fit", *kept, "--ckpt_path", "last"])
 
 
-def run_directory(root: str | None, ckpt_path: str | None = None) -> str:
+def claim_run_directory(root: str | None, ckpt_path: str | None = None) -> str:
     """``<root>/version_<N>``: a fresh N, or the version a resumed checkpoint lives in.
 
     Processes that Lightning launches for the other ranks inherit the first one's choice (through

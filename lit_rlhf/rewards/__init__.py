@@ -13,14 +13,13 @@ from lit_rlhf.rewards.base import (
     RewardBatch,
     RewardComponent,
     RewardError,
-    check_scores,
     score_components,
-    to_scores,
 )
 from lit_rlhf.rewards.function import RewardFunction
-from lit_rlhf.rewards.inputs import MissingColumn, call_with_columns
+from lit_rlhf.rewards.inputs import MissingColumn
 from lit_rlhf.rewards.model import RewardModel
 from lit_rlhf.rewards.remote import RemoteReward
+from lit_rlhf.rewards.scorer import RewardScorer, Scores
 
 __all__ = [
     "MissingColumn",
@@ -30,8 +29,7 @@ __all__ = [
     "RewardError",
     "RewardFunction",
     "RewardModel",
-    "call_with_columns",
-    "check_scores",
+    "RewardScorer",
+    "Scores",
     "score_components",
-    "to_scores",
 ]
