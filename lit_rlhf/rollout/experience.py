@@ -20,15 +20,17 @@ class Experience:
 
     Attributes:
         sequences: ``[B, P+A]`` long. Left-padded prompt, then the right-padded response.
-        attention_mask: ``[B, P+A]`` long. 1 for prompt tokens and response tokens up to the first EOS.
-        loss_mask: ``[B, A]`` bool. True for response tokens up to and including the first EOS.
+        attention_mask: ``[B, P+A]`` long. 1 for prompt tokens and every response token (what is attended to).
+        loss_mask: ``[B, A]`` bool. True exactly on the response tokens the policy sampled in this
+            rollout (the tokens trained on; a single-turn response's tokens up to its EOS or stop
+            token). It may have holes: a multi-turn response attends to tool output it did not sample.
         old_log_probs: ``[B, A]`` fp32. Actor log-probs at sampling time (the PPO ratio's denominator).
         rollout_log_probs: ``[B, A]`` fp32. The sampler's own log-probs of the tokens (an engine's may
             differ slightly from the trainer's ``old_log_probs``; equal to them when they are reused).
         ref_log_probs: ``[B, A]`` fp32. Reference-policy log-probs of the same tokens (None in a
             reference-free run, ``kl.coef: 0``: no reference is built or run).
         values: ``[B, A]`` fp32. Critic value of the state before each action (zeros without a critic).
-        rewards: ``[B, A]`` fp32. Per-token rewards: KL penalty, plus the score at the last valid token.
+        rewards: ``[B, A]`` fp32. Per-token rewards: KL penalty, plus the score at the last trainable token.
         advantages: ``[B, A]`` fp32. After whitening, where whitening applies.
         returns: ``[B, A]`` fp32. Targets of the value loss.
         scores: ``[B]`` fp32. Sequence reward after normalisation, clipping and the missing-EOS penalty.
