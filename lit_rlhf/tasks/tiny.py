@@ -40,9 +40,30 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# ChatML with tools in the Hermes/Qwen2.5 format: the tool schemas in the system turn, calls as
+# <tool_call>{json}</tool_call> in the assistant's text, consecutive tool results in one user turn
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call functions. Their signatures:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    '{{- \'\\n</tools>\\nCall one with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>\\n\' }}'
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 CHAT_STYLES = {
     # style: (chat template, special tokens after <pad>, bos, eos)
     "chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
+    "qwen_tools": (QWEN_TOOLS_TEMPLATE, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
     "llama3": (
         LLAMA3_TEMPLATE,
         ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -52,10 +73,12 @@ CHAT_STYLES = {
 }
 
 
-def chat_tokenizer(style: Literal["chatml", "llama3"], corpus: Iterable[str], vocab_size: int = 512):
+def chat_tokenizer(style: Literal["chatml", "qwen_tools", "llama3"], corpus: Iterable[str], vocab_size: int = 512):
     """A byte-level BPE tokenizer with a real-world chat template and its special tokens.
 
     ``chatml``: ``<|im_start|>role\\n...<|im_end|>`` turns, EOS ``<|im_end|>``, no BOS (as Qwen).
+    ``qwen_tools``: ChatML that renders tools (schemas in the system turn, tool results in a user
+    turn, as Qwen2.5 does; calls are the assistant's ``<tool_call>`` text).
     ``llama3``: ``<|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`` turns after
     ``<|begin_of_text|>``, EOS ``<|eot_id|>`` (as Llama 3 Instruct). ``<pad>`` is id 0 in both.
     """

@@ -1,0 +1,173 @@
+"""The parts of multi-turn rollouts: tool schemas and calls, the tool environment, and token-exact
+trajectories built from sampled ids and chat-template suffix diffs."""
+
+import asyncio
+import json
+
+import pytest
+
+from lit_rlhf.rollout.multi_turn.environment import Environment, Step, ToolEnvironment
+from lit_rlhf.rollout.multi_turn.tokens import TemplateError, Trajectory
+from lit_rlhf.rollout.multi_turn.tools import HermesToolParser, Toolbox, ToolCall, tool_schema
+from lit_rlhf.tasks import chat_tokenizer
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression of integers.
+
+    Args:
+        expression: the expression, e.g. "123 * 45".
+    """
+    if not set(expression) <= set("0123456789+-*/ ()"):
+        raise ValueError(f"not arithmetic: {expression!r}")
+    return str(eval(expression))
+
+
+async def slow_echo(text: str) -> str:
+    """Echo the text after a pause.
+
+    Args:
+        text: what to echo.
+    """
+    await asyncio.sleep(0.2)
+    return text
+
+
+def call(name, **arguments):
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+
+def test_a_tool_schema_comes_from_its_hints_and_docstring_and_a_bare_function_is_refused():
+    schema = tool_schema(calculator)
+    assert schema["function"]["name"] == "calculator"
+    assert schema["function"]["parameters"]["properties"]["expression"]["type"] == "string"
+    assert schema["function"]["parameters"]["required"] == ["expression"]
+
+    def bare(x):
+        return x
+
+    with pytest.raises(ValueError, match="tool .*bare.*type hints .*Google-style docstring"):
+        tool_schema(bare)
+
+
+def test_the_hermes_parser_reads_every_call_and_names_what_is_malformed():
+    text = (
+        call("calculator", expression="1+2")
+        + " and "
+        + '<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"3\\"}"}</tool_call>'
+    )
+    parsed = HermesToolParser().parse(text)
+    assert parsed.calls == [ToolCall("calculator", {"expression": "1+2"}), ToolCall("calculator", {"expression": "3"})]
+    assert not parsed.errors
+    bad = HermesToolParser().parse(
+        '<tool_call>{"name": calc</tool_call> <tool_call>[1]</tool_call> <tool_call>{"name": "x"'
+    )
+    assert bad.calls == [] and len(bad.errors) == 3
+    assert "not valid JSON" in bad.errors[0] and '"name" string' in bad.errors[1] and "not closed" in bad.errors[2]
+    assert not HermesToolParser().parse("the answer is 5535").any
+
+
+def test_failures_become_tool_messages_and_slow_calls_of_a_turn_run_together():
+    box = Toolbox([calculator, slow_echo], timeout_s=5.0)
+    results = asyncio.run(
+        box.run(
+            [
+                ToolCall("calculator", {"expression": "123*45"}),
+                ToolCall("calculator", {"expr": "1"}),  # wrong argument
+                ToolCall("calculator", {"expression": "import os"}),  # the tool raises
+                ToolCall("search", {"q": "x"}),  # unknown
+                ToolCall("slow_echo", {"text": "a"}),
+                ToolCall("slow_echo", {"text": "b"}),
+            ]
+        )
+    )
+    assert [r.content for r in results][:1] == ["5535"] and [r.error for r in results] == [
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert "wrong arguments" in results[1].content and "raised ValueError" in results[2].content
+    assert "unknown tool 'search'" in results[3].content and "calculator" in results[3].content
+    assert max(r.seconds for r in results[4:]) < 0.35  # both pauses of 0.2 s overlapped
+    timed_out = asyncio.run(Toolbox([slow_echo], timeout_s=0.05).call(ToolCall("slow_echo", {"text": "a"})))
+    assert timed_out.error and "timed out" in timed_out.content
+
+
+def test_the_tool_environment_counts_calls_and_errors_and_ends_without_a_call_or_at_the_limit():
+    env = ToolEnvironment([calculator], max_tool_calls=2)
+    env.reset(answer="5535")
+    first = asyncio.run(env.step(call("calculator", expression="123*45") + call("calc", expression="1")))
+    assert not first.done and [m["content"] for m in first.messages][0] == "5535"
+    assert all(m["role"] == "tool" for m in first.messages) and "unknown tool" in first.messages[1]["content"]
+    assert env.calls == {"calculator": 1, "calc": 1} and env.errors == {"calc": 1}
+    assert asyncio.run(env.step(call("calculator", expression="1+1"))).done  # the limit of 2 is reached
+    assert asyncio.run(ToolEnvironment([calculator]).step("it is 5535")).done  # no call: the policy answered
+    assert isinstance(env, Environment) and Step().messages == [] and not Step().done
+
+
+# --- token-exact trajectories -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = ["What is 123*45? " + call("calculator", expression="123*45") + " 5535 hello he llo tool_response"] * 60
+    return chat_tokenizer("qwen_tools", corpus)
+
+
+def test_sampled_ids_stay_verbatim_and_observations_are_the_templates_suffix(tok):
+    tools = [tool_schema(calculator)]
+    trajectory = Trajectory(tok, [{"role": "user", "content": "What is 123*45?"}], tools)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # a BPE-ambiguous turn: "he" + "llo" sampled as two tokens the tokenizer would not produce for "hello"
+    he, llo = tok("he", add_special_tokens=False)["input_ids"], tok("llo", add_special_tokens=False)["input_ids"]
+    turn1 = he + llo + tok(" " + call("calculator", expression="123*45"), add_special_tokens=False)["input_ids"] + [eos]
+    text = trajectory.add_turn(turn1, [-0.5] * len(turn1))
+    assert text.startswith("hello <tool_call>")
+    observation = trajectory.add_observation([{"role": "tool", "name": "calculator", "content": "5535"}])
+    turn2 = tok("5535", add_special_tokens=False)["input_ids"] + [eos]
+    trajectory.add_turn(turn2, [-0.25] * len(turn2))
+    ids, mask = trajectory.response_ids, trajectory.loss_mask
+    assert ids == turn1 + observation + turn2  # every sampled id verbatim and in order
+    assert mask == [1] * len(turn1) + [0] * len(observation) + [1] * len(turn2)
+    assert trajectory.log_probs == [-0.5] * len(turn1) + [0.0] * len(observation) + [-0.25] * len(turn2)
+    # the observation: the junction after <|im_end|>, the tool result, the next generation prompt
+    assert (
+        tok.decode(observation)
+        == "\n<|im_start|>user\n<tool_response>\n5535\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=True)
+    assert "5535" in trained and "tool_response" not in trained  # the tool's text is never trained on
+    assert trajectory.check() is None  # the text equals the template's full rendering
+    assert trajectory.turns == 2 and [m["role"] for m in trajectory.messages] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+
+
+def test_a_turn_cut_at_the_budget_gets_its_closing_tokens_from_the_template(tok):
+    trajectory = Trajectory(tok, [{"role": "user", "content": "What is 123*45?"}], [tool_schema(calculator)])
+    cut = tok(call("calculator", expression="123*45"), add_special_tokens=False)["input_ids"]  # no <|im_end|>
+    trajectory.add_turn(cut, [-1.0] * len(cut))
+    observation = trajectory.add_observation([{"role": "tool", "name": "calculator", "content": "5535"}])
+    assert tok.decode(observation).startswith("<|im_end|>\n<|im_start|>user")  # inserted, not trained on
+    assert trajectory.check() is None
+
+
+def test_a_template_that_rewrites_history_is_an_error_and_a_drifting_one_is_reported(tok):
+    llama = chat_tokenizer("llama3", ["hello world 5535"] * 40)  # its template trims assistant content
+    trajectory = Trajectory(llama, [{"role": "user", "content": "hi"}])
+    trajectory.add_turn(llama(" hello ", add_special_tokens=False)["input_ids"], [0.0] * 3)
+    with pytest.raises(TemplateError, match="does not start with what the policy sampled"):
+        trajectory.add_observation([{"role": "user", "content": "more"}])
+    trajectory = Trajectory(tok, [{"role": "user", "content": "hi"}])
+    trajectory.add_turn(tok("5535", add_special_tokens=False)["input_ids"], [0.0])
+    trajectory.response_ids += tok("x", add_special_tokens=False)["input_ids"]  # ids the template would not write
+    assert "differ at character" in trajectory.check()
