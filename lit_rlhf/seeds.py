@@ -25,3 +25,9 @@ def prompt_order_seed(seed: int, epoch: int) -> int:
 def validation_seed(batch_idx: int) -> int:
     """Sampled validation of batch ``batch_idx``: the same responses at every validation of a policy."""
     return 10_007 + batch_idx
+
+
+def turn_seed(row_seed: int, turn: int) -> int:
+    """Turn ``turn`` of a multi-turn row seeded ``row_seed``; turn 0 is the row's own seed (one turn
+    samples exactly what a single-turn rollout does)."""
+    return row_seed + turn * 104_729

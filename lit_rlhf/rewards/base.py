@@ -51,6 +51,8 @@ class RewardBatch:
         attention_mask: ``[B, P+A]`` 1 for prompt tokens and response tokens up to the first EOS.
         prompt_messages: each row's messages before the chat template (with the system prompt if
             one was added), or None for a row rendered without a template; None: no row has any.
+        completions: each row's completion as messages (a multi-turn row's assistant and tool turns);
+            None: the response as one assistant message (TRL's form).
     """
 
     def __init__(
@@ -61,8 +63,10 @@ class RewardBatch:
         sequences: Tensor | None = None,
         attention_mask: Tensor | None = None,
         prompt_messages: list[list[dict] | None] | None = None,
+        completions: list | None = None,
     ) -> None:
         self.prompts = prompts
+        self._completions = completions
         self._responses = responses
         columns = dict(columns or {})
         carried = columns.pop("prompt_messages", None)
@@ -84,7 +88,10 @@ class RewardBatch:
 
     @property
     def completions(self) -> list:
-        """TRL's completions: ``[{"role": "assistant", "content": response}]`` per conversational row, else the text."""
+        """TRL's completions: ``[{"role": "assistant", "content": response}]`` per conversational row, else the
+        text; a multi-turn row's every turn after the prompt (assistant and tool messages)."""
+        if self._completions is not None:
+            return self._completions
         return completions_of(self.responses, self.prompt_messages)
 
     def inputs(self) -> dict[str, list]:
@@ -112,6 +119,7 @@ class RewardBatch:
             None if self.sequences is None else self.sequences.clone(),
             None if self.attention_mask is None else self.attention_mask.clone(),
             copy.deepcopy(self.prompt_messages),
+            copy.deepcopy(self._completions),
         )
 
     def sample(self, i: int) -> tuple[str, str]:

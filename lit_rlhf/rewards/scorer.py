@@ -89,9 +89,21 @@ class RewardScorer:
             total = total + component.weight * scores[component.name]
         return total
 
-    def __call__(self, gen: GenerationOutput, prompts: list[str], columns: dict[str, list]) -> Scores:
+    def __call__(
+        self,
+        gen: GenerationOutput,
+        prompts: list[str],
+        columns: dict[str, list],
+        responses: list[str] | None = None,
+        completions: list | None = None,
+        environment_rewards: Tensor | None = None,
+    ) -> Scores:
+        """The scores of ``gen``'s rows. A multi-turn rollout passes each row's final assistant text as
+        ``responses``, its turns as ``completions`` and the environments' rewards, added to the reward
+        before shaping (``reward/environment``)."""
         device = gen.sequences.device
-        batch = RewardBatch(prompts, lambda: self.decode(gen), columns, gen.sequences, gen.attention_mask)
+        texts = responses if responses is not None else (lambda: self.decode(gen))
+        batch = RewardBatch(prompts, texts, columns, gen.sequences, gen.attention_mask, completions=completions)
         self.component_scores = {}
         if self.custom is not None:
             try:
@@ -104,6 +116,10 @@ class RewardScorer:
             raw = to_scores(out, self.custom_name, batch, device)
         else:
             raw = self.reward_sum(batch, device)
+        parts = {"score": raw, **self.component_scores}
+        if environment_rewards is not None:
+            raw = raw + environment_rewards.to(device)
+            parts = {"score": raw, "environment": environment_rewards.to(device), **self.component_scores}
         if not self.scale_warned and self.algorithm.reward_clip is None:
             self.scale_warned = warn_large_scores(raw)
         scores = raw
@@ -112,4 +128,4 @@ class RewardScorer:
             scores = torch.where(gen.finished, scores, scores - self.algorithm.missing_eos_penalty)
         if self.algorithm.reward_clip is not None:
             scores = scores.clamp(-self.algorithm.reward_clip, self.algorithm.reward_clip)
-        return Scores(scores, {"score": raw, **self.component_scores})
+        return Scores(scores, parts)

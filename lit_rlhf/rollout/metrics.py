@@ -72,3 +72,61 @@ def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, 
         "rollout/importance_ratio": sums[1] / sums[2],
         "rollout/importance_ratio_max": maxima[1],
     }
+
+
+def turn_metrics(
+    experience: Experience, trajectories: list, all_reduce: AllReduce = no_reduce, reduce_max: AllReduce = no_reduce
+) -> dict[str, Tensor]:
+    """``rollout/turns`` (mean, ``_max``), tool calls and errors per trajectory, the truncated share, the
+    trainable and observation tokens per trajectory, template mismatches, and per tool
+    ``tools/<name>/calls``, ``/errors``, ``/seconds`` (sums over the rollout, this rank's tools)."""
+    exp = experience
+    device = exp.sequences.device
+    attended = exp.attention_mask[:, -exp.num_actions :].bool()
+    rows = torch.tensor(
+        [
+            [
+                t.trajectory.turns,
+                sum(t.tool_calls.values()),
+                sum(t.tool_errors.values()),
+                float(t.truncated),
+                float(t.template_mismatch is not None),
+            ]
+            for t in trajectories
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
+    trainable = exp.loss_mask.sum(-1).float()
+    observation = (attended & ~exp.loss_mask.bool()).sum(-1).float()
+    sums = all_reduce(
+        torch.cat(
+            [
+                rows.sum(0),
+                torch.stack(
+                    [
+                        trainable.sum(),
+                        observation.sum(),
+                        torch.tensor(len(exp.sequences), device=device, dtype=torch.float32),
+                    ]
+                ),
+            ]
+        )
+    )
+    count = sums[-1]
+    metrics = {
+        "rollout/turns": sums[0] / count,
+        "rollout/turns_max": reduce_max(rows[:, 0].max()),
+        "rollout/tool_calls": sums[1] / count,
+        "rollout/tool_errors": sums[2] / count,
+        "rollout/truncated": sums[3] / count,
+        "rollout/template_mismatches": sums[4],
+        "rollout/trainable_tokens": sums[5] / count,
+        "rollout/observation_tokens": sums[6] / count,
+    }
+    names = sorted({name for t in trajectories for name in t.tool_calls})
+    for name in names:
+        metrics[f"tools/{name}/calls"] = torch.tensor(float(sum(t.tool_calls[name] for t in trajectories)))
+        metrics[f"tools/{name}/errors"] = torch.tensor(float(sum(t.tool_errors[name] for t in trajectories)))
+        metrics[f"tools/{name}/seconds"] = torch.tensor(sum(t.tool_seconds[name] for t in trajectories))
+    return metrics

@@ -18,9 +18,10 @@ from lit_rlhf.models.sharding import gathered
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
 from lit_rlhf.rollout.engines.base import RolloutEngine
-from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
+from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
-from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics
+from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, turn_metrics
+from lit_rlhf.rollout.multi_turn.loop import TrajectoryResult, TurnLoop, conversations, turn_inputs
 from lit_rlhf.seeds import rollout_seed
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
 
@@ -39,7 +40,8 @@ class Sampled(NamedTuple):
 
     rollout: the rollout's index. generation: the packed samples, one row per response (a prompt's
     samples contiguous). prompts, columns: each row's prompt text and dataset columns.
-    generation_s: seconds spent sampling.
+    generation_s: seconds spent sampling (and, multi-turn, waiting for tools and environments).
+    trajectories: a multi-turn rollout's trajectories, one per row (None: single-turn).
     """
 
     rollout: int
@@ -47,12 +49,17 @@ class Sampled(NamedTuple):
     prompts: list[str]
     columns: dict[str, list]
     generation_s: float
+    trajectories: list[TrajectoryResult] | None = None
 
 
 class Rollout(NamedTuple):
+    """A scored rollout: its experience, each reward part ``[B]`` and the phases' seconds; a multi-turn
+    rollout's trajectories (conversations, turns, tool calls) too."""
+
     experience: Experience
     reward_parts: dict[str, Tensor]
     timing: dict[str, float]
+    trajectories: list[TrajectoryResult] | None = None
 
 
 @contextlib.contextmanager
@@ -149,6 +156,9 @@ class RolloutRunner:
         self.generation, self.rollout, self.algorithm, self.kl = generation, rollout, algorithm, kl
         self.kl_coef, self.seed, self.rank = kl_coef, seed, rank
         self.all_reduce, self.reduce_max = all_reduce, reduce_max
+        self.turn_loop = None
+        if rollout.multi_turn is not None:  # tools and environments load once, at the start
+            self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
 
     def collect(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Rollout:
         """Rollout ``rollout_index`` from this rank's prompts (what ``PromptDataModule.rollout_prompts``
@@ -169,18 +179,26 @@ class RolloutRunner:
         input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
         attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
         first = rollout_seed(self.seed, rollout_index, self.rank)
-        requests = requests_from_prompts(
-            input_ids, attention_mask, [first + i for i in range(len(input_ids))], self.generation.stop_token_ids
-        )
+        seeds = [first + i for i in range(len(input_ids))]
+        texts = repeat_rows(prompts["prompts"], n)
+        columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
         on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
         start = time.perf_counter()
         gather = self.rollout.gather_for_generation and self.engine.samples_with_actor
+        trajectories = None
         with eval_mode(actor), gathered(actor.model, gather):
-            samples = self.engine.generate(requests, self.generation, on_token)
+            if self.turn_loop is None:
+                requests = requests_from_prompts(input_ids, attention_mask, seeds, self.generation.stop_token_ids)
+                samples = self.engine.generate(requests, self.generation, on_token)
+            else:
+                trajectories = self.turn_loop.run(
+                    *conversations(input_ids, attention_mask, texts, columns), seeds, on_token
+                )
+                samples = [t.sample for t in trajectories]
+                prompt_ids = [t.trajectory.prompt_ids for t in trajectories]
+                input_ids, attention_mask = left_padded(prompt_ids, actor.pad_token_id, input_ids.device)
         gen = pack_samples(input_ids, attention_mask, samples, actor.pad_token_id)
-        texts = repeat_rows(prompts["prompts"], n)
-        columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
-        return Sampled(rollout_index, gen, texts, columns, time.perf_counter() - start)
+        return Sampled(rollout_index, gen, texts, columns, time.perf_counter() - start, trajectories)
 
     @torch.no_grad()
     def score(self, sampled: Sampled, progress: Progress = no_progress) -> Rollout:
@@ -222,7 +240,11 @@ class RolloutRunner:
                 values = torch.zeros_like(old_log_probs)
             checked = {"old_log_probs": old_log_probs, "ref_log_probs": ref_log_probs, "values": values}
             check_finite(rollout_id, gen.loss_mask, **{k: v for k, v in checked.items() if v is not None})
-            scores, reward_parts = self.scorer(gen, sampled.prompts, sampled.columns)
+            if sampled.trajectories is None:
+                scores, reward_parts = self.scorer(gen, sampled.prompts, sampled.columns)
+            else:  # the rewards see the final answer, the whole conversation and the environment's reward
+                inputs = turn_inputs(sampled.trajectories, gen.sequences.device)
+                scores, reward_parts = self.scorer(gen, sampled.prompts, sampled.columns, *inputs)
             tick()
         scoring_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -259,7 +281,7 @@ class RolloutRunner:
             "advantages_s": time.perf_counter() - start,
             "generated_tokens": float(gen.loss_mask.sum()),
         }
-        return Rollout(experience, reward_parts, timing)
+        return Rollout(experience, reward_parts, timing, sampled.trajectories)
 
     def metrics(self, rollout: Rollout) -> dict[str, Tensor]:
         """The rollout's reward, KL, length and EOS statistics over all ranks, and with a recomputing
@@ -268,4 +290,6 @@ class RolloutRunner:
         metrics = rollout_metrics(rollout.experience, rollout.reward_parts, eos, self.all_reduce)
         if self.rollout.recomputes_old_log_probs:
             metrics.update(mismatch_metrics(rollout.experience, self.all_reduce, self.reduce_max))
+        if rollout.trajectories is not None:
+            metrics.update(turn_metrics(rollout.experience, rollout.trajectories, self.all_reduce, self.reduce_max))
         return metrics

@@ -25,6 +25,7 @@ from lit_rlhf.settings.common import (
 )
 from lit_rlhf.settings.dpo import DPOSettings
 from lit_rlhf.settings.loading import DPOModelSettings, LoadSettings, LoraSettings, ModelSettings, PPOModelSettings
+from lit_rlhf.settings.multi_turn import MultiTurnSettings
 from lit_rlhf.settings.optim import OptimizerSettings, PPOOptimSettings
 from lit_rlhf.settings.ppo import (
     ENGINE_SHORTHANDS,
@@ -51,6 +52,7 @@ __all__ = [
     "LoadSettings",
     "LoraSettings",
     "ModelSettings",
+    "MultiTurnSettings",
     "OptimizerCallable",
     "OptimizerSettings",
     "PPOModelSettings",

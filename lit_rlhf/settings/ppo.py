@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from lit_rlhf.plain_data import import_object
+from lit_rlhf.plain_data import as_group, import_object
 from lit_rlhf.rollout.engines.base import RolloutEngine
 from lit_rlhf.settings.common import CRITIC_FREE, AdvantageEstimator, KLEstimator, _check, _choice
+from lit_rlhf.settings.multi_turn import MultiTurnSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,8 +99,12 @@ class RolloutSettings:
     """under FSDP2, gather the actor's full weights once per rollout for generation (one extra
     full copy of the actor per rank while generating) instead of all-gathering every layer for
     every generated token (slow, but no extra memory)."""
+    multi_turn: MultiTurnSettings | None = None
+    """multi-turn rollouts with tools or an environment (absent: one response per prompt)."""
 
     def __post_init__(self) -> None:
+        if self.multi_turn is not None:
+            object.__setattr__(self, "multi_turn", as_group(MultiTurnSettings, self.multi_turn))
         if isinstance(self.engine, Mapping):  # {class_path, init_args}, as in checkpoints
             engine = import_object(self.engine["class_path"], "rollout.engine")(**self.engine.get("init_args", {}))
             object.__setattr__(self, "engine", engine)

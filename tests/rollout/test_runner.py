@@ -64,7 +64,7 @@ def reward_model_scores(reward, seen=None):
 def test_gae_experience_matches_hand_computation(models):
     tok, rollout_models, reward, prompts = models
     seen = {}
-    exp, reward_parts, timing = make_experience(
+    exp, reward_parts, timing, _ = make_experience(
         rollout_models,
         prompts,
         reward_model_scores(reward, seen),
@@ -114,7 +114,7 @@ def test_gae_experience_matches_hand_computation(models):
 def test_group_estimators_broadcast_group_advantages_without_critic(models, method):
     tok, rollout_models, reward, prompts = models
     rollout_models.critic = None
-    exp, _, _ = make_experience(
+    exp, *_ = make_experience(
         rollout_models,
         prompts,
         reward_model_scores(reward),
@@ -135,7 +135,7 @@ def test_group_estimators_broadcast_group_advantages_without_critic(models, meth
 def test_reinforce_pp_whitens_discounted_returns(models):
     tok, rollout_models, reward, prompts = models
     rollout_models.critic = None
-    exp, _, _ = make_experience(
+    exp, *_ = make_experience(
         rollout_models,
         prompts,
         reward_model_scores(reward),
@@ -160,7 +160,7 @@ def test_scoring_groups_by_length_give_the_results_of_plain_micro_batches(models
         ("rows", RolloutSettings(score_micro_batch_size=6)),
         ("budget", RolloutSettings(score_micro_batch_size=4, score_micro_batch_tokens=20)),
     ):
-        exp, _, _ = make_experience(
+        exp, *_ = make_experience(
             rollout_models,
             prompts,
             reward_model_scores(reward),

@@ -24,14 +24,16 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 class GenerationRequest:
     """One row to sample.
 
-    prompt_ids: the prompt's token ids (no padding).
+    prompt_ids: the prompt's token ids (no padding): in a multi-turn rollout, the conversation so far.
     seed: the row's seed: the same request with the same weights samples the same tokens.
     stop_token_ids: ids that end this row like an EOS (in addition to the actor's EOS ids).
+    max_new_tokens: this row's token budget (None: ``generation.max_new_tokens``).
     """
 
     prompt_ids: tuple[int, ...]
     seed: int
     stop_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,20 @@ class Sample:
     log_probs: each token's log-prob under the sampling policy (the sampling temperature, before
         top-k/top-p filtering).
     finish_reason: ``stop`` (an EOS, a stop token or a stop string) or ``length`` (``max_new_tokens``).
+    loss_mask: 1 where the policy sampled the token, 0 where it did not (a multi-turn trajectory's tool
+        output and template junctions); None: every token was sampled (what an engine returns).
     """
 
     token_ids: tuple[int, ...]
     log_probs: tuple[float, ...]
     finish_reason: FinishReason
+    loss_mask: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.log_probs):
             raise ValueError(f"a Sample has {len(self.token_ids)} token ids but {len(self.log_probs)} log-probs")
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.token_ids):
+            raise ValueError(f"a Sample has {len(self.token_ids)} token ids but a loss_mask of {len(self.loss_mask)}")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"Sample.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -46,19 +47,17 @@ class NativeEngine(RolloutEngine):
     def generate(
         self, requests: list[GenerationRequest], generation: Any, on_token: OnToken | None = None
     ) -> list[Sample]:
-        from lit_rlhf.rollout.engines.packing import unpack_samples  # transformers: only once it samples
+        from lit_rlhf.rollout.engines.packing import left_padded, unpack_samples  # transformers: once it samples
 
         if self.actor is None:
             raise RuntimeError("NativeEngine.generate before start(actor, device): the rollout starts it at fit start")
         if not requests:
             return []
         actor, device = self.actor, self.device
-        width = max(len(r.prompt_ids) for r in requests)
-        pad = actor.pad_token_id
-        input_ids = torch.tensor([(pad,) * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=device
-        )
+        input_ids, attention_mask = left_padded([list(r.prompt_ids) for r in requests], actor.pad_token_id, device)
+        budgets = [r.max_new_tokens or generation.max_new_tokens for r in requests]
+        if max(budgets) != generation.max_new_tokens:  # rows of a multi-turn rollout with budgets of their own
+            generation = dataclasses.replace(generation, max_new_tokens=max(budgets))
         stop_ids = None
         if any(r.stop_token_ids for r in requests):
             most = max(len(r.stop_token_ids) for r in requests)
@@ -67,4 +66,8 @@ class NativeEngine(RolloutEngine):
         gen = actor.generate(
             input_ids, attention_mask, generation, generator=generator, on_token=on_token, stop_token_ids=stop_ids
         )
-        return unpack_samples(gen)
+        samples = unpack_samples(gen)
+        return [  # a row past its own budget is cut there
+            s if len(s.token_ids) <= n else Sample(s.token_ids[:n], s.log_probs[:n], "length")
+            for s, n in zip(samples, budgets, strict=True)
+        ]

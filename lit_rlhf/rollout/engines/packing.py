@@ -26,9 +26,9 @@ def pack_samples(
 ) -> GenerationOutput:
     """The samples behind their left-padded prompts ``input_ids [B, P]``, responses right-padded.
 
-    ``loss_mask`` is 1 exactly on the sampled tokens (every token of a sample), the response part of
-    ``attention_mask`` the same; log-probs are 0 and token ids ``pad_token_id`` elsewhere;
-    ``finished`` is ``finish_reason == "stop"``.
+    The response part of ``attention_mask`` is 1 on every token of a sample; ``loss_mask`` is 1 exactly
+    on the sampled ones (a sample's own ``loss_mask``, or all of its tokens); log-probs are 0 and token
+    ids ``pad_token_id`` elsewhere; ``finished`` is ``finish_reason == "stop"``.
     """
     if len(samples) != input_ids.shape[0]:
         raise ValueError(f"{len(samples)} samples for {input_ids.shape[0]} prompts: an engine returns one per request")
@@ -41,14 +41,29 @@ def pack_samples(
         if sample.token_ids:
             responses[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
             log_probs[row, : len(sample.log_probs)] = torch.tensor(sample.log_probs, dtype=torch.float32)
-    loss_mask = (torch.arange(width)[None, :] < lengths[:, None]).to(device)
+    attended = torch.arange(width)[None, :] < lengths[:, None]
+    loss_mask = attended.clone()
+    for row, sample in enumerate(samples):
+        if sample.loss_mask is not None and sample.token_ids:
+            loss_mask[row, : len(sample.loss_mask)] = torch.tensor(sample.loss_mask, dtype=torch.bool)
+    loss_mask, attended = loss_mask.to(device), attended.to(device)
     return GenerationOutput(
         sequences=torch.cat([input_ids, responses.to(device)], dim=1),
-        attention_mask=torch.cat([attention_mask.long(), loss_mask.long()], dim=1),
+        attention_mask=torch.cat([attention_mask.long(), attended.long()], dim=1),
         loss_mask=loss_mask,
         log_probs=log_probs.to(device),
         finished=torch.tensor([s.finish_reason == "stop" for s in samples], dtype=torch.bool, device=device),
     )
+
+
+def left_padded(
+    prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as left-padded ``input_ids`` and ``attention_mask`` ``[B, P]``."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    return input_ids, attention_mask
 
 
 def unpack_samples(gen: GenerationOutput) -> list[Sample]:

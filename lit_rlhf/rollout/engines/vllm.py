@@ -259,7 +259,9 @@ class VLLMEngine(RolloutEngine):
 
     # --- generation -------------------------------------------------------------------------------
 
-    def sampling_params(self, generation, seed: int, stop_token_ids: tuple[int, ...] = ()):
+    def sampling_params(
+        self, generation, seed: int, stop_token_ids: tuple[int, ...] = (), max_tokens: int | None = None
+    ):
         """vLLM's ``SamplingParams`` for ``generation`` (one sample: the rows are already repeated)."""
         from vllm import SamplingParams
 
@@ -280,7 +282,7 @@ class VLLMEngine(RolloutEngine):
             temperature=generation.temperature,
             top_p=generation.top_p,
             top_k=generation.top_k if generation.top_k > 0 else 0,
-            max_tokens=generation.max_new_tokens,
+            max_tokens=max_tokens or generation.max_new_tokens,
             logprobs=0,
             detokenize=bool(stops),
             seed=seed,
@@ -299,22 +301,24 @@ class VLLMEngine(RolloutEngine):
             return []
         lengths = [len(r.prompt_ids) for r in requests]
         limit = self.llm.llm_engine.model_config.max_model_len
-        longest = max(lengths) + generation.max_new_tokens
+        longest = max(
+            n + (r.max_new_tokens or generation.max_new_tokens) for n, r in zip(lengths, requests, strict=True)
+        )
         if longest > limit:
             raise ValueError(
                 f"rollout.engine: a prompt of {max(lengths)} tokens + generation.max_new_tokens "
                 f"{generation.max_new_tokens} = {longest} > the engine's max_model_len {limit}; shorten the "
                 "prompts (data.init_args.max_prompt_len) or max_new_tokens"
             )
-        rows = [(list(r.prompt_ids), r.seed % (2**31 - 1), tuple(r.stop_token_ids)) for r in requests]
+        rows = [(list(r.prompt_ids), r.seed % (2**31 - 1), tuple(r.stop_token_ids), r.max_new_tokens) for r in requests]
         first, mine = 0, len(rows)
         if self._group is not None:  # the engine's ranks generate all their rows together, same seeds
             shares: list[Any] = [None] * self.tensor_parallel_size
             torch.distributed.all_gather_object(shares, rows, group=self._group)
             first = sum(len(share) for share in shares[: self._group_rank])
             rows = [row for share in shares for row in share]
-        prompts = [{"prompt_token_ids": ids} for ids, _, _ in rows]
-        params = [self.sampling_params(generation, seed, stop) for _, seed, stop in rows]
+        prompts = [{"prompt_token_ids": ids} for ids, _, _, _ in rows]
+        params = [self.sampling_params(generation, seed, stop, budget) for _, seed, stop, budget in rows]
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)[first : first + mine]
         except Exception as error:

@@ -49,6 +49,7 @@ class Trajectory:
     ) -> None:
         self.tokenizer, self.tools = tokenizer, tools
         self.messages: list[Message] = list(messages)
+        self.prompt_messages = len(self.messages)  # the messages before the first assistant turn
         if prompt_ids is None:
             prompt_ids = self._encode(render(tokenizer, self.messages, tools, generation_prompt=True))
         self.prompt_ids = list(prompt_ids)

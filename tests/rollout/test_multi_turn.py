@@ -1,0 +1,197 @@
+"""Multi-turn rollouts through the runner: a scripted engine's turns, the tools' answers as untrained
+observation tokens, counts, rewards on the final answer, and one turn equal to the single-turn rollout."""
+
+import json
+
+import pytest
+import torch
+
+from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.models.policy_set import PolicySet
+from lit_rlhf.rewards import RewardFunction
+from lit_rlhf.rewards.scorer import RewardScorer
+from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample
+from lit_rlhf.rollout.kl_control import KLController
+from lit_rlhf.rollout.runner import RolloutRunner
+from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, LoadSettings, RolloutSettings
+from lit_rlhf.tasks import chat_tokenizer, save_tiny_models, tiny_llama_config
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression of integers.
+
+    Args:
+        expression: the expression, e.g. "123 * 45".
+    """
+    if not set(expression) <= set("0123456789+-*/ ()"):
+        raise ValueError(f"not arithmetic: {expression!r}")
+    return str(eval(expression))
+
+
+def call(name, **arguments):
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+QUESTIONS = ["What is 123*45?", "What is 7*8?", "What is 9*9?", "What is 2*3?"]
+ANSWERS = ["5535", "56", "81", "6"]
+# per row, per turn: what the scripted policy writes (each turn ends with <|im_end|>)
+SCRIPT = [
+    [call("calculator", expression="123*45"), "5535"],  # a good call, then the answer
+    [call("calculator", expr="7*8"), "56"],  # wrong argument name: an error it can read
+    ["81"],  # no call: answers at once
+    ['<tool_call>{"name": calculator}</tool_call>', "6"],  # malformed
+]
+
+
+class ScriptedEngine(RolloutEngine):
+    """Returns the script's ids for each row's next turn (the row is found by its prompt)."""
+
+    recomputes_old_log_probs = True
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def start(self, actor, device):
+        return True
+
+    def sync_weights(self, actor):
+        pass
+
+    def generate(self, requests, generation, on_token=None):
+        self.calls.append(len(requests))
+        out = []
+        for request in requests:
+            text = self.tok.decode(list(request.prompt_ids))
+            row = next(i for i, q in enumerate(QUESTIONS) if q in text)
+            turn = text.count("<|im_start|>assistant") - 1
+            ids = self.tok(SCRIPT[row][turn], add_special_tokens=False)["input_ids"] + [self.eos]
+            out.append(Sample(tuple(ids), tuple([-0.5] * len(ids)), "stop"))
+        return out
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    corpus = [q + " " + s for q, turns in zip(QUESTIONS, SCRIPT, strict=True) for s in turns] * 40
+    corpus += ["tool_response system Tools functions signatures error wrong arguments raised"] * 20
+    tok = chat_tokenizer("qwen_tools", corpus)
+    config = tiny_llama_config(tok, hidden_size=32, num_layers=1, num_heads=4)
+    paths = save_tiny_models(str(tmp_path_factory.mktemp("tools")), tok, config, seed=0)
+    return load_tokenizer(paths["policy"]), paths
+
+
+def batch(tok, messages_only=True):
+    messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "prompts": rendered,
+        "columns": {"answer": ANSWERS, "prompt_messages": messages},
+    }
+
+
+def exact(prompts, responses, answer):
+    return torch.tensor([float(r.strip() == a) for r, a in zip(responses, answer, strict=True)])
+
+
+def runner(tok, paths, engine, multi_turn, generation=None, estimator="reinforce_pp"):
+    actor = Actor.from_pretrained(paths["policy"], tok)
+    policy = PolicySet(actor, None, None, LoadSettings(), tok, paths["policy"], uses_reference=False)
+    generation = generation or GenerationSettings(max_new_tokens=200)
+    algorithm = AlgorithmSettings(advantage_estimator=estimator, whiten_advantages=False)
+    scorer = RewardScorer([RewardFunction(exact, name="exact")], algorithm, tok)
+    engine.start(actor, "cpu")
+    rollout = RolloutSettings(engine=engine, multi_turn=multi_turn)
+    return RolloutRunner(
+        policy,
+        engine,
+        scorer,
+        generation=generation,
+        rollout=rollout,
+        algorithm=algorithm,
+        kl=KLSettings(coef=0.0),
+        kl_coef=KLController(0.0),
+    )
+
+
+def test_tools_answer_between_turns_and_only_the_policys_tokens_are_trained_on(kit):
+    tok, paths = kit
+    engine = ScriptedEngine(tok)
+    run = runner(tok, paths, engine, {"tools": [calculator], "max_turns": 3})
+    rollout = run.collect(0, batch(tok))
+    exp, trajectories = rollout.experience, rollout.trajectories
+    assert engine.calls == [4, 3]  # turn 2 only for the rows that called a tool
+    assert [t.trajectory.turns for t in trajectories] == [2, 2, 1, 2]
+    assert [sum(t.tool_calls.values()) for t in trajectories] == [1, 1, 0, 1]
+    assert [sum(t.tool_errors.values()) for t in trajectories] == [0, 1, 0, 1]
+    tool_texts = [m["content"] for t in trajectories for m in t.completion if m["role"] == "tool"]
+    assert tool_texts[0] == "5535" and "wrong arguments" in tool_texts[1] and "not valid JSON" in tool_texts[2]
+    width = exp.num_actions
+    for row, t in enumerate(trajectories):
+        ids = exp.sequences[row, -width:].tolist()
+        mask = exp.loss_mask[row].tolist()
+        trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=True)
+        assert "tool_response" not in trained and "error" not in trained  # no tool text is trained on
+        for turn in SCRIPT[row][: t.trajectory.turns]:  # every sampled turn, verbatim and in order
+            assert turn in trained
+        assert exp.attention_mask[row, -width:].sum() >= exp.loss_mask[row].sum()
+    # the reward saw the final answer: every scripted row ends right
+    assert exp.scores.tolist() == [1.0, 1.0, 1.0, 1.0]
+    # returns (reinforce_pp, gamma 1) reach back over the observation to the first turn's tokens
+    first = exp.loss_mask[0].nonzero()[0].item()
+    assert exp.returns[0, first] == pytest.approx(1.0) and exp.advantages[0][~exp.loss_mask[0]].abs().max() == 0
+    metrics = run.metrics(rollout)
+    assert metrics["rollout/turns"].item() == pytest.approx(7 / 4) and metrics["rollout/turns_max"].item() == 2
+    assert metrics["rollout/tool_calls"].item() == pytest.approx(3 / 4)
+    assert metrics["rollout/tool_errors"].item() == pytest.approx(2 / 4)
+    assert metrics["tools/calculator/calls"].item() == 2 and metrics["tools/calculator/errors"].item() == 1
+    assert metrics["rollout/observation_tokens"].item() > 0 and metrics["rollout/template_mismatches"].item() == 0
+
+
+def test_the_budget_ends_a_trajectory_before_an_observation_that_does_not_fit(kit):
+    tok, paths = kit
+    first_turn = len(tok(SCRIPT[0][0], add_special_tokens=False)["input_ids"]) + 1
+    run = runner(
+        tok, paths, ScriptedEngine(tok), {"tools": [calculator]}, GenerationSettings(max_new_tokens=first_turn + 5)
+    )
+    rollout = run.collect(0, batch(tok))
+    t = rollout.trajectories[0]
+    assert t.truncated and t.trajectory.turns == 1 and t.sample.finish_reason == "length"
+    assert rollout.experience.loss_mask.shape[1] <= first_turn + 5
+
+
+def test_one_turn_without_tools_is_the_single_turn_rollout(tiny_assets):
+    tok = load_tokenizer(tiny_assets["policy"])
+    enc = tok(["12+34=", "5+5=", "77+1="], return_tensors="pt", padding=True)
+    prompts = {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "prompts": ["a", "b", "c"],
+        "columns": {},
+    }
+    experiences = []
+    for multi_turn in (None, {"max_turns": 1}):
+        actor = Actor.from_pretrained(tiny_assets["policy"], tok)
+        policy = PolicySet(actor, None, None, LoadSettings(), tok, tiny_assets["policy"], uses_reference=False)
+        engine = NativeEngine()
+        engine.start(actor, "cpu")
+        algorithm = AlgorithmSettings(advantage_estimator="grpo")
+        scorer = RewardScorer(
+            [RewardFunction(lambda prompts, responses: torch.tensor([len(r) / 5.0 for r in responses]))], algorithm, tok
+        )
+        run = RolloutRunner(
+            policy,
+            engine,
+            scorer,
+            generation=GenerationSettings(max_new_tokens=6, n_samples_per_prompt=2, temperature=1.3),
+            rollout=RolloutSettings(engine=engine, multi_turn=multi_turn),
+            algorithm=algorithm,
+            kl=KLSettings(coef=0.0),
+            kl_coef=KLController(0.0),
+        )
+        experiences.append(run.collect(3, prompts).experience)
+    single, multi = experiences
+    for field in ("sequences", "attention_mask", "loss_mask", "old_log_probs", "scores", "advantages", "returns"):
+        assert torch.equal(getattr(single, field), getattr(multi, field)), field
