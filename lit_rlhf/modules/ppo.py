@@ -36,6 +36,8 @@ from lit_rlhf.rewards.scorer import RewardScorer, Scores
 from lit_rlhf.rollout.callback import RolloutCallback
 from lit_rlhf.rollout.experience import Experience, ExperienceBuffer
 from lit_rlhf.rollout.kl_control import make_kl_controller
+from lit_rlhf.rollout.multi_turn.tokens import check_renders_tools
+from lit_rlhf.rollout.multi_turn.tools import tool_schema
 from lit_rlhf.rollout.runner import Rollout, RolloutRunner
 from lit_rlhf.rollout.samples import LastRollout
 from lit_rlhf.settings import (
@@ -191,6 +193,9 @@ class PPOModule(L.LightningModule):
         uses_critic = self.algorithm.uses_critic
         check_tokenizers(self.models, self.tokenizer, self.critic_path if uses_critic else None, self.kl.uses_reference)
         check_prompt_lengths(self.trainer.datamodule, self.models, self.generation.max_new_tokens)
+        if self.rollout.multi_turn is not None and self.rollout.multi_turn.tools:  # before any model loads
+            tools = [tool_schema(fn) for fn in self.rollout.multi_turn.tool_functions()]
+            check_renders_tools(self.tokenizer, tools)
         if self.trainer.log_every_n_steps != 1:
             # a PPO optimizer step is expensive and rare: each one's metrics are worth a line
             log.info("PPO logs every optimizer step: trainer.log_every_n_steps %d -> 1", self.trainer.log_every_n_steps)

@@ -78,7 +78,12 @@ def collect(module, rollout_index: int) -> Rollout:
         module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in PROGRESS_BAR_METRICS, sync_dist=True)
     # what the SampleLoggingCallback reads next
     module.last_rollout = LastRollout(
-        rollout_index, rollout.experience, rollout.reward_parts, batch["prompts"], batch["columns"]
+        rollout_index,
+        rollout.experience,
+        rollout.reward_parts,
+        batch["prompts"],
+        batch["columns"],
+        rollout.trajectories,
     )
     return rollout
 

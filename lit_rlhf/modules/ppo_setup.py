@@ -57,6 +57,13 @@ def check_ppo_settings(
         )
     if models is not None:
         rollout.engine.check_settings(models, generation)
+    multi_turn = rollout.multi_turn
+    if multi_turn is not None and multi_turn.turn_rewards == "last" and estimator in GROUP_ESTIMATORS:
+        raise ValueError(
+            f"rollout.multi_turn.turn_rewards='last' puts each turn's reward at the turn's last token, which "
+            f"algorithm.advantage_estimator={estimator!r} (one advantage per sequence) cannot use: set "
+            "turn_rewards: sum, or use gae or reinforce_pp"
+        )
     if not rewards and not custom_reward:
         raise ValueError(
             "no reward: add a component to rewards (RewardModel, RewardFunction, RemoteReward), "

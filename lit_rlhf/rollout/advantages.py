@@ -52,6 +52,7 @@ def compute_advantages(
     kl: KLSettings,
     group_size: int,
     all_reduce: AllReduce = no_reduce,
+    token_bonus: Tensor | None = None,
 ) -> Advantages:
     """Per-token KL, rewards, advantages and returns for one rollout (all ``[B, A]``).
 
@@ -60,7 +61,8 @@ def compute_advantages(
     the score's place and the critic is absent (values are 0). ``reinforce_pp``: discounted returns
     of the raw token rewards. Returns are the discounted sums the critic-free estimators use as
     advantages. ``group_size`` is the number of samples per prompt (contiguous rows). Without a
-    reference (``ref_log_probs`` None, a reference-free run) the KL is zero.
+    reference (``ref_log_probs`` None, a reference-free run) the KL is zero. ``token_bonus`` ``[B, A]``
+    is added to the token rewards (a multi-turn rollout's turn rewards at each turn's last token).
     """
     if ref_log_probs is None:
         token_kl = torch.zeros_like(old_log_probs, dtype=torch.float32)
@@ -70,6 +72,8 @@ def compute_advantages(
     if estimator in GROUP_ESTIMATORS:
         scores = F.group_advantages(scores, group_size, estimator)
     rewards = F.token_rewards(scores, token_kl, loss_mask, kl_coef if kl.penalty == "reward" else 0.0)
+    if token_bonus is not None:
+        rewards = rewards + torch.where(loss_mask.bool(), token_bonus.float(), 0.0)
     if estimator == "gae":
         advantages, returns = F.gae(rewards, values, loss_mask, algorithm.gamma, algorithm.lam)
     else:

@@ -21,7 +21,7 @@ from lit_rlhf.rollout.engines.base import RolloutEngine
 from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
 from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, turn_metrics
-from lit_rlhf.rollout.multi_turn.loop import TrajectoryResult, TurnLoop, conversations, turn_inputs
+from lit_rlhf.rollout.multi_turn.loop import TrajectoryResult, TurnLoop, conversations, turn_bonus, turn_inputs
 from lit_rlhf.seeds import rollout_seed
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
 
@@ -157,6 +157,7 @@ class RolloutRunner:
         self.kl_coef, self.seed, self.rank = kl_coef, seed, rank
         self.all_reduce, self.reduce_max = all_reduce, reduce_max
         self.turn_loop = None
+        self._rewards_per_turn = rollout.multi_turn is not None and rollout.multi_turn.turn_rewards == "last"
         if rollout.multi_turn is not None:  # tools and environments load once, at the start
             self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
 
@@ -259,6 +260,7 @@ class RolloutRunner:
             self.kl,
             self.generation.n_samples_per_prompt,
             self.all_reduce,
+            turn_bonus(sampled.trajectories, gen.loss_mask) if self._rewards_per_turn else None,
         )
         experience = Experience(
             sequences=gen.sequences,

@@ -23,7 +23,12 @@ from lit_rlhf.data.prompts import MESSAGES_COLUMN
 from lit_rlhf.models.actor import response_texts
 from lit_rlhf.rollout.experience import Experience
 
-HIDDEN_IN_CONSOLE = ("rollout", "rendered_prompt")  # in samples.jsonl and W&B, too long or constant for the console
+HIDDEN_IN_CONSOLE = (
+    "rollout",
+    "rendered_prompt",
+    "messages",
+    "trained_text",
+)  # in samples.jsonl and W&B, too long or constant for the console
 
 
 @dataclass
@@ -43,6 +48,7 @@ class LastRollout:
     reward_parts: dict[str, Tensor]
     prompts: list[str]
     columns: dict[str, list]
+    trajectories: list | None = None  # a multi-turn rollout's, one per row (TrajectoryResult)
 
 
 def spread_rows(num_prompts: int, samples_per_prompt: int, k: int) -> list[int]:
@@ -67,7 +73,8 @@ def sample_rows(record: LastRollout, samples_per_prompt: int, k: int, tokenizer)
     """Up to ``k`` rows spread over prompts: prompt (the user's turn), response, reward, each reward part.
 
     Each row also says which sample of its prompt it is (``sample``) and keeps what the policy saw
-    (``rendered_prompt``).
+    (``rendered_prompt``). A multi-turn row adds its conversation (``messages``), ``turns``,
+    ``tool_calls`` and ``trained_text``: the decoded tokens it was trained on, alone.
     """
     experience, num_prompts = record.experience, len(record.prompts)
     rows = spread_rows(num_prompts, samples_per_prompt, min(k, len(experience)))
@@ -93,7 +100,20 @@ def sample_rows(record: LastRollout, samples_per_prompt: int, k: int, tokenizer)
                 "rendered_prompt": rendered,
             }
         )
+        if record.trajectories is not None:
+            samples[-1].update(turn_fields(record.trajectories[row], picked.index(slice(j, j + 1)), tokenizer))
     return samples
+
+
+def turn_fields(trajectory, row: Experience, tokenizer) -> dict:
+    """A multi-turn sample's conversation, turns, tool calls and the text of its trainable tokens."""
+    ids = row.sequences[0, -row.num_actions :][row.loss_mask[0]]
+    return {
+        "messages": trajectory.trajectory.messages,
+        "turns": trajectory.trajectory.turns,
+        "tool_calls": sum(trajectory.tool_calls.values()),
+        "trained_text": tokenizer.decode(ids.tolist(), skip_special_tokens=True),
+    }
 
 
 def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: int) -> None:

@@ -12,6 +12,9 @@ from lit_rlhf.rewards import RewardFunction
 from lit_rlhf.rewards.scorer import RewardScorer
 from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample
 from lit_rlhf.rollout.kl_control import KLController
+from lit_rlhf.rollout.multi_turn.environment import Environment, Step
+from lit_rlhf.rollout.multi_turn.tokens import TemplateError, check_renders_tools
+from lit_rlhf.rollout.multi_turn.tools import tool_schema
 from lit_rlhf.rollout.runner import RolloutRunner
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, LoadSettings, RolloutSettings
 from lit_rlhf.tasks import chat_tokenizer, save_tiny_models, tiny_llama_config
@@ -63,7 +66,7 @@ class ScriptedEngine(RolloutEngine):
         out = []
         for request in requests:
             text = self.tok.decode(list(request.prompt_ids))
-            row = next(i for i, q in enumerate(QUESTIONS) if q in text)
+            row = next(i for i, q in enumerate(QUESTIONS) if q.lower() in text.lower())
             turn = text.count("<|im_start|>assistant") - 1
             ids = self.tok(SCRIPT[row][turn], add_special_tokens=False)["input_ids"] + [self.eos]
             out.append(Sample(tuple(ids), tuple([-0.5] * len(ids)), "stop"))
@@ -195,3 +198,115 @@ def test_one_turn_without_tools_is_the_single_turn_rollout(tiny_assets):
     single, multi = experiences
     for field in ("sequences", "attention_mask", "loss_mask", "old_log_probs", "scores", "advantages", "returns"):
         assert torch.equal(getattr(single, field), getattr(multi, field)), field
+
+
+class Quiz(Environment):
+    """Asks a follow-up once, rewards each turn: 0.25 for the first answer, then ends with a final 1.0."""
+
+    def reset(self, answer):
+        self.answer, self.turn = answer, 0
+        return None
+
+    async def step(self, assistant_message):
+        self.turn += 1
+        if self.turn == 1:
+            return Step([{"role": "user", "content": "Sure? " + "x " * 40}], reward=0.25)
+        return Step(done=True, reward=0.5)
+
+    def reward(self):
+        return 1.0
+
+
+class QuizEngine(ScriptedEngine):
+    def generate(self, requests, generation, on_token=None):
+        ids = self.tok("56", add_special_tokens=False)["input_ids"] + [self.eos]
+        return [Sample(tuple(ids), tuple([-0.1] * len(ids)), "stop") for _ in requests]
+
+
+@pytest.mark.parametrize("turn_rewards", ["sum", "last"])
+def test_an_environments_turn_rewards_are_summed_or_placed_at_each_turns_last_token(kit, turn_rewards):
+    tok, paths = kit
+    settings = {"environment": Quiz, "max_turns": 3, "turn_rewards": turn_rewards, "max_observation_tokens": 6}
+    rollout = runner(tok, paths, QuizEngine(tok), settings).collect(0, batch(tok))
+    exp, t = rollout.experience, rollout.trajectories[0]
+    assert t.trajectory.turns == 2 and t.turn_rewards == [0.25, 0.5]
+    follow_up = t.completion[1]["content"]
+    assert follow_up.startswith("Sure?") and len(tok(follow_up, add_special_tokens=False)["input_ids"]) <= 6  # cut
+    exact_part = rollout.reward_parts["exact"][0].item()  # "56" is row 1's answer only
+    if turn_rewards == "sum":  # 0.25 + 0.5 + the final 1.0, added to the score
+        assert rollout.reward_parts["environment"][0].item() == pytest.approx(1.75)
+        assert exp.scores[0].item() == pytest.approx(exact_part + 1.75)
+        assert exp.rewards[0].sum().item() == pytest.approx(exact_part + 1.75)
+    else:  # the final reward joins the score; each turn's reward sits on the turn's last sampled token
+        assert exp.scores[0].item() == pytest.approx(exact_part + 1.0)
+        first_end, second_end = t.turn_ends
+        assert exp.rewards[0, first_end].item() == pytest.approx(0.25)
+        assert exp.rewards[0, second_end].item() == pytest.approx(0.5 + exact_part + 1.0)
+
+
+def test_turn_rewards_at_each_turn_need_a_token_level_estimator(tiny_assets):
+    from tests.helpers import small_module
+
+    with pytest.raises(ValueError, match="turn_rewards='last'.*grpo.*turn_rewards: sum"):
+        small_module(
+            tiny_assets,
+            algorithm={"advantage_estimator": "grpo"},
+            generation={"n_samples_per_prompt": 2},
+            rollout={"multi_turn": {"environment": Quiz, "turn_rewards": "last"}},
+        )
+
+
+def test_a_template_that_ignores_tools_or_rewrites_turns_is_an_error_not_a_silent_mismatch(kit, tmp_path):
+    tok, paths = kit
+    plain = chat_tokenizer("chatml", ["What is 7*8?"] * 20)
+    with pytest.raises(TemplateError, match="ignores tools"):
+        check_renders_tools(plain, [tool_schema(calculator)])
+    bad = tok.__class__.from_pretrained(paths["policy"])
+    bad.chat_template = tok.chat_template.replace(
+        "message['content'] + '<|im_end|>", "message['content'] | upper + '<|im_end|>"
+    )  # renders the policy's turns otherwise than it sampled them
+    with pytest.raises(TemplateError, match="does not start with what the policy sampled"):
+        runner(bad, paths, ScriptedEngine(bad), {"tools": [calculator], "template_check": "strict"}).collect(
+            0, batch(bad)
+        )
+
+
+def test_a_ppo_fit_with_tools_logs_turns_and_writes_conversations_to_samples(kit, tmp_path):
+    import lightning as L
+    import pandas as pd
+
+    from lit_rlhf import PPOModule, PromptDataModule
+    from tests.helpers import trainer
+
+    tok, paths = kit
+    prompts = tmp_path / "questions.jsonl"
+    with open(prompts, "w") as f:
+        for q, a in zip(QUESTIONS, ANSWERS, strict=True):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + "\n")
+    module = PPOModule(
+        models={"actor_path": paths["policy"], "critic_path": paths["reward"]},
+        rewards=[RewardFunction(exact, name="exact")],
+        generation={"max_new_tokens": 200},
+        rollout={
+            "engine": ScriptedEngine(tok),
+            "rollout_batch_size": 4,
+            "multi_turn": {"tools": [calculator], "max_turns": 3},
+        },
+        algorithm={"mini_batch_size": 4, "micro_batch_size": 2},
+        kl={"coef": 0.05},
+        num_logged_samples=4,
+    )
+    L.seed_everything(0, verbose=False)
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(module, datamodule=PromptDataModule(str(prompts), field="messages", apply_chat_template=True))
+    log = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv")
+    assert log["rollout/turns"].dropna().tolist() == [pytest.approx(7 / 4)] * 2
+    assert log["tools/calculator/calls"].dropna().tolist() == [2.0, 2.0]
+    assert log["policy/loss"].notna().sum() == 2 and log["critic/loss"].notna().sum() == 2
+    with open(f"{module.run_dir}/samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    by_prompt = {s["prompt"]: s for s in samples if s["rollout"] == 0}
+    good = by_prompt["What is 123*45?"]
+    assert good["turns"] == 2 and good["tool_calls"] == 1 and good["response"].strip().endswith("5535")
+    assert [m["role"] for m in good["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert "<tool_call>" in good["trained_text"] and "tool_response" not in good["trained_text"]

@@ -14,7 +14,7 @@ from typing import Any
 from lit_rlhf.data.prompts import MESSAGES_COLUMN
 from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine, Sample
 from lit_rlhf.rollout.multi_turn.environment import Environment, Message, Step, ToolEnvironment
-from lit_rlhf.rollout.multi_turn.tokens import TemplateError, Trajectory
+from lit_rlhf.rollout.multi_turn.tokens import TemplateError, Trajectory, check_renders_tools
 from lit_rlhf.rollout.multi_turn.tools import Toolbox
 from lit_rlhf.seeds import turn_seed
 from lit_rlhf.settings import GenerationSettings, MultiTurnSettings
@@ -79,6 +79,8 @@ class TurnLoop:
         tools = settings.tool_functions()
         self.toolbox = Toolbox(tools, settings.tool_timeout_s, settings.max_parallel_calls) if tools else None
         self.schemas = self.toolbox.schemas if self.toolbox is not None else None
+        if self.schemas:
+            check_renders_tools(tokenizer, self.schemas)
         self.environment_class = settings.environment_class()
 
     def make_environment(self) -> Environment:
@@ -237,3 +239,15 @@ def turn_inputs(trajectories: list[TrajectoryResult], device: Any) -> tuple[list
     if any(r is not None for r in rewards):
         environment = torch.tensor([r or 0.0 for r in rewards], device=device)
     return [t.response for t in trajectories], [t.completion for t in trajectories], environment
+
+
+def turn_bonus(trajectories: list[TrajectoryResult], loss_mask: Any) -> Any:
+    """``[B, A]``: each turn's ``Step.reward`` at the turn's last sampled token (``turn_rewards: last``)."""
+    import torch
+
+    bonus = torch.zeros(loss_mask.shape, dtype=torch.float32, device=loss_mask.device)
+    for row, t in enumerate(trajectories):
+        for reward, end in zip(t.turn_rewards, t.turn_ends, strict=False):
+            if reward is not None:
+                bonus[row, end] += reward
+    return bonus

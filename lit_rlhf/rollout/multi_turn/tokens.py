@@ -138,3 +138,22 @@ class Trajectory:
     def _first_difference(a: str, b: str) -> str:
         at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         return f"they differ at character {at}: {a[max(0, at - 40) : at + 40]!r} vs {b[max(0, at - 40) : at + 40]!r}"
+
+
+def check_renders_tools(tokenizer: Any, schemas: list[dict]) -> None:
+    """The chat template must render the tool schemas into the prompt (else the policy never sees them).
+
+    Raises:
+        TemplateError: naming the template's tokenizer and the fix.
+    """
+    probe = [{"role": "user", "content": "probe"}]
+    try:
+        with_tools = render(tokenizer, probe, schemas, generation_prompt=True)
+    except Exception as err:  # a template that fails on tools says so itself
+        raise TemplateError(f"the chat template of {tokenizer.name_or_path!r} cannot render tools: {err}") from err
+    if with_tools == render(tokenizer, probe, None, generation_prompt=True):
+        raise TemplateError(
+            f"the chat template of {tokenizer.name_or_path!r} ignores tools (a conversation renders the same with "
+            "and without them), so the policy would never see the tools of rollout.multi_turn.tools: use a "
+            "tokenizer whose template renders tools (e.g. Qwen2.5's, Llama 3.1's) or an environment instead"
+        )
