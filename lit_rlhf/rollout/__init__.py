@@ -16,6 +16,9 @@ _EXPORTS = {
     "Sample": "lit_rlhf.rollout.engines.base",
     "NativeEngine": "lit_rlhf.rollout.engines.native",
     "VLLMEngine": "lit_rlhf.rollout.engines.vllm",
+    "Environment": "lit_rlhf.rollout.multi_turn.environment",
+    "Step": "lit_rlhf.rollout.multi_turn.environment",
+    "ToolEnvironment": "lit_rlhf.rollout.multi_turn.environment",
 }
 
 
