@@ -56,7 +56,8 @@ def as_messages(value: Any, where: Where) -> list[dict]:
             raise DataError(f"{where}: message {i} has unknown role {message['role']!r}; valid: {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: message {i} content must be a string, got {_describe(message['content'])}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # a tool message's ``name`` and an assistant's ``tool_calls`` stay: templates render them
+    return [{k: m[k] for k in ("role", "content", "name", "tool_calls") if k in m} for m in value]
 
 
 def is_conversation(value: Any) -> bool:
@@ -119,8 +120,9 @@ def render(
     where: Where,
     add_generation_prompt: bool = False,
     system_prompt_added: bool = False,
+    tools: list[dict] | None = None,
 ) -> str:
-    """``messages`` rendered (as text) with the tokenizer's chat template.
+    """``messages`` rendered (as text) with the tokenizer's chat template (and the ``tools`` schemas).
 
     Templates refuse conversations with ``raise_exception`` (Gemma's "System role not supported",
     Llama 2's "roles must alternate"); that surfaces here as a ``DataError`` naming the record, not
@@ -130,7 +132,9 @@ def render(
         DataError: the template raised; the message names the row, the template's words and the fix.
     """
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except TemplateError as err:
         raise DataError(f"{where}: {_template_problem(tokenizer, messages, err, system_prompt_added)}") from err
 
@@ -157,9 +161,12 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def conversation_ids(
-    tokenizer: Any, messages: list[dict], where: Where, train_from: int = 0
+    tokenizer: Any, messages: list[dict], where: Where, train_from: int = 0, tools: list[dict] | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation and labels that train its assistant turns from ``train_from`` on.
+
+    A tool-use conversation (``tool`` messages, the assistant's calls, the ``tools`` schemas the
+    template renders into the prompt) trains its assistant turns only: tool results are context.
 
     Each assistant turn's tokens are the difference between the conversation rendered up to and
     including that turn and the one rendered up to it with the generation prompt; they are
@@ -170,15 +177,15 @@ def conversation_ids(
         DataError: no assistant turn, or a template that renders earlier turns differently once
             later turns follow (the prefixes would not line up).
     """
-    full = _ids(tokenizer, render(tokenizer, messages, where))
+    full = _ids(tokenizer, render(tokenizer, messages, where, tools=tools))
     labels = [IGNORE_INDEX] * len(full)
     eos = _eos_ids(tokenizer)
     end = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < train_from:
             continue
-        before = _ids(tokenizer, render(tokenizer, messages[:i], where, add_generation_prompt=True))
-        upto = _ids(tokenizer, render(tokenizer, messages[: i + 1], where))
+        before = _ids(tokenizer, render(tokenizer, messages[:i], where, add_generation_prompt=True, tools=tools))
+        upto = _ids(tokenizer, render(tokenizer, messages[: i + 1], where, tools=tools))
         if full[: len(upto)] != upto or upto[: len(before)] != before:
             raise DataError(
                 f"{where}: the chat template renders turn {i} differently once later turns follow, so its tokens "

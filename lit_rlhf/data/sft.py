@@ -201,7 +201,10 @@ class SFTDataModule(PairDataModule):
             where = Where(path, row, hp.messages_field)
             if not hp.apply_chat_template:
                 raise DataError(f"{where}: a conversation needs apply_chat_template: true to be rendered")
-            ids, labels = conversation_ids(tok, as_messages(record[hp.messages_field], where), where)
+            tools = record.get("tools")  # TRL's column: the JSON schemas of the conversation's tools
+            if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+                raise DataError(f"{Where(path, row, 'tools')}: expected a list of JSON tool schemas, got {tools!r:.80}")
+            ids, labels = conversation_ids(tok, as_messages(record[hp.messages_field], where), where, tools=tools)
         elif hp.prompt_field in record:
             field = hp.completion_field or ("completion" if "completion" in record else "response")
             where = Where(path, row, field)

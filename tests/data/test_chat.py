@@ -188,3 +188,42 @@ def test_preference_pairs_explicit_and_implicit_prompt_give_the_same_rows(tok, t
         attach(PreferenceDataModule(write(tmp_path, [{"chosen": [ANSWER], "rejected": [worse]}], "x.jsonl")), tok)
     with pytest.raises(DataError, match="row 1, field 'rejected': the field is missing"):
         attach(PreferenceDataModule(write(tmp_path, [{"prompt": "p", "chosen": "c"}], "y.jsonl")), tok)
+
+
+def test_sft_on_a_tool_conversation_trains_the_assistant_turns_token_for_token_not_the_tool_results(tmp_path):
+    from lit_rlhf.rollout.multi_turn.tools import tool_schema
+
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: the expression.
+        """
+        return str(eval(expression))
+
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>'
+    tok = chat_tokenizer("qwen_tools", CORPUS + [call, "tool_response 5"] * 20)
+    conversation = [
+        USER,
+        {"role": "assistant", "content": call},
+        {"role": "tool", "name": "calculator", "content": "5"},
+        ANSWER,
+    ]
+    tools = [tool_schema(calculator)]
+    dm = attach(SFTDataModule(write(tmp_path, [{"messages": conversation, "tools": tools}]), max_length=2048), tok)
+    ids, labels = dm.train_examples[0]
+    full = template_ids(tok, conversation, tools=tools)
+    assert ids == full[: len(ids)]
+    assert "calculator" in tok.decode(ids[:20]) or "<tools>" in tok.decode(ids)  # the schemas are in the prompt
+    expected = []
+    for i in (1, 3):  # the call and the answer; the tool's result (turn 2) is context
+        before = template_ids(tok, conversation[:i], tools=tools, add_generation_prompt=True)
+        upto = template_ids(tok, conversation[: i + 1], tools=tools)
+        turn = upto[len(before) :]
+        expected += turn[: turn.index(tok.eos_token_id) + 1]
+    assert trained_tokens(ids, labels) == expected
+    trained = tok.decode(trained_tokens(ids, labels))
+    assert call in trained and "It is 5." in trained and "tool_response" not in trained
+    with pytest.raises(DataError, match="row 1, field 'tools'.*list of JSON tool schemas"):
+        bad = write(tmp_path, [{"messages": conversation, "tools": "calculator"}], "bad.jsonl")
+        attach(SFTDataModule(bad, max_length=2048), tok)
