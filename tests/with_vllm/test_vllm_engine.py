@@ -12,6 +12,7 @@ import torch
 from lit_rlhf import PPOModule, PromptDataModule
 from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.rewards import RewardFunction
+from lit_rlhf.rollout import Environment, Step
 from lit_rlhf.settings import GenerationSettings, LoadSettings, LoraSettings
 from lit_rlhf.tasks.arithmetic import exact_match_reward, solve
 from tests.with_vllm.conftest import generate
@@ -329,3 +330,32 @@ def test_an_engine_without_a_tokenizer_starts_quietly_and_refuses_stop_strings(d
             bare.sampling_params(GenerationSettings(stop_strings=("4",)), 0)
     finally:
         bare.shutdown()
+
+
+class AskAgain(Environment):
+    """Answers every turn with a follow-up question (the trajectory ends at max_turns or the budget)."""
+
+    def step(self, assistant_message):
+        return Step([{"role": "user", "content": "99-98="}])
+
+
+def test_multi_turn_trajectories_with_the_engine_keep_its_ids_and_log_probs_on_the_trained_tokens(engine, demo_assets):
+    from lit_rlhf.rollout.engines.packing import left_padded, pack_samples
+    from lit_rlhf.rollout.multi_turn.loop import TurnLoop
+    from lit_rlhf.settings import MultiTurnSettings
+
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok).eval()
+    engine.sync_weights(actor)
+    settings = GenerationSettings(max_new_tokens=40, temperature=1.0)
+    loop = TurnLoop(MultiTurnSettings(environment=AskAgain, max_turns=3), engine, tok, settings)
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS * 4]
+    results = loop.run(messages, [{} for _ in messages], [[] for _ in messages], list(range(len(messages))))
+    assert all(r.trajectory.turns >= 2 for r in results) and any(r.trajectory.turns == 3 for r in results)
+    assert all(r.template_mismatch is None for r in results)
+    prompts, mask = left_padded([r.trajectory.prompt_ids for r in results], tok.pad_token_id)
+    out = pack_samples(prompts, mask, [r.sample for r in results], tok.pad_token_id)
+    holes = out.attention_mask[:, prompts.shape[1] :].bool() & ~out.loss_mask
+    assert holes.any()  # the follow-up questions are attended to, never trained on
+    # the engine's log-probs of every sampled token are the trainer's over the whole conversation
+    assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4

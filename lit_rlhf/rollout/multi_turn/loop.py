@@ -99,7 +99,8 @@ class TurnLoop:
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[TrajectoryResult]:
         """One trajectory per row: its messages, its dataset columns (``reset`` gets them), the
-        prompt's ids (used when no tool schemas change the rendered prompt) and its seed."""
+        prompt's ids (used when no tool schemas change the rendered prompt; empty: rendered from the
+        messages) and its seed."""
         return asyncio.run(self._run(messages, columns, prompt_ids, seeds, on_token))
 
     async def _run(self, messages, columns, prompt_ids, seeds, on_token) -> list[TrajectoryResult]:
@@ -111,7 +112,7 @@ class TurnLoop:
             if isinstance(start, str):
                 start = [{"role": "user", "content": start}]
             conversation = list(start or conversation)
-            keep_ids = start is None and self.schemas is None  # the prompt the data module rendered
+            keep_ids = start is None and self.schemas is None and bool(ids)  # the prompt the data module rendered
             trajectories.append(Trajectory(self.tokenizer, conversation, self.schemas, ids if keep_ids else None))
         n = len(trajectories)
         done, truncated, last_finish = [False] * n, [False] * n, ["length"] * n
