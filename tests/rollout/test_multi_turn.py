@@ -310,3 +310,18 @@ def test_a_ppo_fit_with_tools_logs_turns_and_writes_conversations_to_samples(kit
     assert good["turns"] == 2 and good["tool_calls"] == 1 and good["response"].strip().endswith("5535")
     assert [m["role"] for m in good["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert "<tool_call>" in good["trained_text"] and "tool_response" not in good["trained_text"]
+
+
+def test_the_loop_runs_inside_a_running_event_loop_too(kit):
+    """A notebook already runs an event loop: the turn loop then runs its own on a thread."""
+    import asyncio
+
+    tok, paths = kit
+    run = runner(tok, paths, ScriptedEngine(tok), {"tools": [calculator], "max_turns": 3})
+
+    async def inside():
+        return run.collect(0, batch(tok))
+
+    with torch.no_grad():
+        rollout = asyncio.run(inside())
+    assert [t.trajectory.turns for t in rollout.trajectories] == [2, 2, 1, 2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,33 @@ class SingleTurn(Environment):
 
     def step(self, assistant_message: str) -> Step:
         return Step(done=True)
+
+
+def run_coroutine(make: Callable[[], Any]) -> Any:
+    """``asyncio.run(make())``; under a running event loop (a notebook) on a thread of its own, in the
+    caller's grad mode (thread-local in torch)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    import torch
+
+    box: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()
+
+    def target() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["value"] = asyncio.run(make())
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="multi-turn rollout", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 async def _maybe(value: Any) -> Any:
@@ -101,7 +129,7 @@ class TurnLoop:
         """One trajectory per row: its messages, its dataset columns (``reset`` gets them), the
         prompt's ids (used when no tool schemas change the rendered prompt; empty: rendered from the
         messages) and its seed."""
-        return asyncio.run(self._run(messages, columns, prompt_ids, seeds, on_token))
+        return run_coroutine(lambda: self._run(messages, columns, prompt_ids, seeds, on_token))
 
     async def _run(self, messages, columns, prompt_ids, seeds, on_token) -> list[TrajectoryResult]:
         budget, settings = self.generation.max_new_tokens, self.settings
