@@ -171,3 +171,62 @@ def test_a_template_that_rewrites_history_is_an_error_and_a_drifting_one_is_repo
     trajectory.add_turn(tok("5535", add_special_tokens=False)["input_ids"], [0.0])
     trajectory.response_ids += tok("x", add_special_tokens=False)["input_ids"]  # ids the template would not write
     assert "differ at character" in trajectory.check()
+
+
+# --- the templates of other model families ----------------------------------------------------------
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+# Qwen3 style: the reasoning of earlier assistant turns is dropped from the history
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and not loop.last %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def two_turns(tok, first: str, eos: str):
+    trajectory = Trajectory(tok, [{"role": "user", "content": "What is 7*8?"}])
+    end = tok.convert_tokens_to_ids(eos)
+    turn = tok(first, add_special_tokens=False)["input_ids"] + [end]
+    trajectory.add_turn(turn, [0.0] * len(turn))
+    observation = trajectory.add_observation([{"role": "user", "content": "Sure?"}])
+    answer = tok("56", add_special_tokens=False)["input_ids"] + [end]
+    trajectory.add_turn(answer, [0.0] * len(answer))
+    return trajectory, observation
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_llama3_and_gemma_templates_continue_token_for_token(family):
+    from lit_rlhf.tasks.tiny import PAD, train_tokenizer
+
+    corpus = ["What is 7*8? 56 Sure? hello"] * 40
+    if family == "llama3":
+        tok, eos, junction = chat_tokenizer("llama3", corpus), "<|eot_id|>", ""
+    else:
+        specials = [PAD, "<bos>", "<start_of_turn>", "<end_of_turn>"]
+        tok = train_tokenizer(corpus, "bpe", 256, specials, "<bos>", "<end_of_turn>", GEMMA_TEMPLATE)
+        eos, junction = "<end_of_turn>", "\n"
+    trajectory, observation = two_turns(tok, "56", eos)
+    assert trajectory.check() is None
+    assert tok.decode(observation).startswith(
+        junction + ("<|start_header_id|>user" if family == "llama3" else "<start_of_turn>user")
+    )
+    assert trajectory.loss_mask.count(0) == len(observation)
+
+
+def test_a_template_that_drops_earlier_reasoning_is_a_clear_error():
+    from lit_rlhf.tasks.tiny import PAD, train_tokenizer
+
+    specials = [PAD, "<|im_start|>", "<|im_end|>"]
+    tok = train_tokenizer(
+        ["<think>hm</think>56 Sure? What is 7*8?"] * 40, "bpe", 256, specials, None, "<|im_end|>", THINKING_TEMPLATE
+    )
+    with pytest.raises(TemplateError, match="does not render this conversation incrementally.*strip"):
+        two_turns(tok, "<think>hm</think>56", "<|im_end|>")
