@@ -116,6 +116,7 @@ def train(args) -> None:
     module.export_pretrained(f"{args.out}.export")
     if trainer.is_global_zero:
         torch.save(state, args.out)
+    finish()
 
 
 def stats(args) -> None:
@@ -189,6 +190,15 @@ def dpo_train(args) -> None:
     state["cached_rows"] = torch.tensor(len(module.reference_cache))
     if trainer.is_global_zero:
         torch.save(state, args.out)
+    finish()
+
+
+def finish() -> None:
+    """Leave together: no rank exits (tearing down its gloo threads) while another still works, which
+    aborted a rank now and then (``terminate called without an active exception``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
