@@ -17,10 +17,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH
 pytestmark = pytest.mark.slow
 
 
+# A gloo rank now and then aborts in C++ after its work is done (``terminate called without an active
+# exception``, SIGABRT, seen in about one full suite in three, never alone in a loop of the same launch):
+# that one signature gets one more launch; any other failure, or the same one twice, fails the test.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def launch(args, tmp_path, processes=2):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = torchrun + args if processes > 1 else [sys.executable, *args]
-    out = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    for attempt in (1, 2):
+        out = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or GLOO_TEARDOWN_ABORT not in out.stderr or attempt == 2:
+            break
     assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
