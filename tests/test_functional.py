@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf import functional as F
+from lit_rlhf.functional.ppo import _discount_matrix as discount_matrix
 
 ATOL, RTOL = 1e-6, 1e-5
 
@@ -204,7 +205,7 @@ def test_gae_of_a_contiguous_mask_is_bitwise_the_prefix_recursion():
     deltas = torch.where(mask, rewards, 0.0)
     masked_values = torch.where(mask, values, 0.0)
     deltas = deltas + 0.99 * torch.cat([masked_values[:, 1:], torch.zeros(4, 1)], 1) - masked_values
-    assert torch.equal(adv, deltas @ F._discount_matrix(9, 0.99 * 0.95, deltas.device))
+    assert torch.equal(adv, deltas @ discount_matrix(9, 0.99 * 0.95, deltas.device))
 
 
 def test_last_valid_index_and_the_score_land_on_the_last_trainable_token():
