@@ -63,3 +63,11 @@ def trainer(tmp_path, max_epochs: int, callbacks=(), **kwargs) -> L.Trainer:
 
 def datamodule(assets: dict[str, str], **kwargs) -> PromptDataModule:
     return PromptDataModule(assets["prompts"], val_path=assets["val_prompts"], val_batch_size=16, **kwargs)
+
+
+def fit(tmp_path, module, epochs: int, callbacks=(), **kwargs) -> L.Trainer:
+    """Fit ``module`` (built by the ``make`` fixture, which keeps its assets) for ``epochs`` rollouts, seeded."""
+    L.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, epochs, callbacks, **kwargs)
+    t.fit(module, datamodule=datamodule(module.assets))
+    return t

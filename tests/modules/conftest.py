@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.tasks.arithmetic import preference_records, split_problems, write_jsonl
+from tests.helpers import SevensPPO, small_module
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +34,15 @@ def other_policy(tiny_assets, tmp_path_factory) -> str:
 
     AutoTokenizer.from_pretrained(tiny_assets["policy"]).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def make(tiny_assets):
+    """A small PPO module on the tiny assets (``module.assets`` keeps them for :func:`tests.helpers.fit`)."""
+
+    def build(cls=SevensPPO, **overrides):
+        module = small_module(tiny_assets, cls, **overrides)
+        module.assets = tiny_assets
+        return module
+
+    return build
