@@ -1,6 +1,6 @@
 """lit_rlhf: PPO-based RLHF (and GRPO/RLOO) for Hugging Face language models on PyTorch Lightning."""
 
-import importlib
+from lit_rlhf.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,11 +37,7 @@ _EXPORTS = {
     "PPOOptimSettings": "lit_rlhf.settings",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lit_rlhf' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [*_EXPORTS, "__version__"]

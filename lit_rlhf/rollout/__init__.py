@@ -3,7 +3,7 @@
 Imported lazily, so that the settings can name ``RolloutEngine`` without loading Lightning.
 """
 
-import importlib
+from lit_rlhf.lazy import lazy_exports
 
 _EXPORTS = {
     "AdaptiveKLController": "lit_rlhf.rollout.kl_control",
@@ -21,11 +21,7 @@ _EXPORTS = {
     "ToolEnvironment": "lit_rlhf.rollout.multi_turn.environment",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lit_rlhf.rollout' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

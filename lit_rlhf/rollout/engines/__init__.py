@@ -3,7 +3,7 @@
 Imported lazily: the settings name ``RolloutEngine`` without loading transformers or vLLM.
 """
 
-import importlib
+from lit_rlhf.lazy import lazy_exports
 
 _EXPORTS = {
     "RolloutEngine": "lit_rlhf.rollout.engines.base",
@@ -15,11 +15,7 @@ _EXPORTS = {
     "requests_from_prompts": "lit_rlhf.rollout.engines.packing",
 }
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lit_rlhf.rollout.engines' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

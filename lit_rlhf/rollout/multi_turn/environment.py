@@ -9,6 +9,7 @@ reward; ``close()`` frees what it holds. Any of them may be ``async``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,16 +34,16 @@ class Step:
     done: bool = False
 
 
-class Environment:
+class Environment(ABC):
     """Base of environments (one instance per trajectory). Subclasses implement ``step``."""
 
     def reset(self, **row: Any) -> str | list[Message] | None:
         """Start a trajectory from the prompt row's columns; a returned prompt replaces the row's (None: keep it)."""
         return None
 
+    @abstractmethod
     def step(self, assistant_message: str) -> Step:
         """Answer the policy's assistant turn (its decoded text)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement step(assistant_message) -> Step")
 
     def reward(self) -> float | None:
         """The trajectory's final reward from the environment (None: none)."""
