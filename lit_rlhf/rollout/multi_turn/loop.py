@@ -183,23 +183,26 @@ class TurnLoop:
                 if len(trajectories[i].response_ids) + len(ids) >= budget:  # no room for the observation and a turn
                     done[i] = truncated[i] = True
                     continue
-                trajectories[i].add_observation(observation)
+                trajectories[i].add_observation(observation, ids)
+        finals = await asyncio.gather(*(_maybe(env.reward()) for env in envs))
+        await asyncio.gather(*(_maybe(env.close()) for env in envs))
         results = []
-        for i, (trajectory, env) in enumerate(zip(trajectories, envs, strict=True)):
-            final = await _maybe(env.reward())
+        for i, (trajectory, env, final) in enumerate(zip(trajectories, envs, finals, strict=True)):
             rewards = [r for r in turn_rewards[i] if r is not None]
             environment_reward = None
             if rewards or final is not None:
                 summed = sum(rewards) if settings.turn_rewards == "sum" else 0.0
                 environment_reward = float(summed + (final or 0.0))
-            await _maybe(env.close())
             finish = "stop" if last_finish[i] == "stop" and not truncated[i] else "length"
-            result = self._result(trajectory, env, finish, environment_reward, turn_rewards[i], turn_ends[i])
-            result.truncated = truncated[i]
-            results.append(result)
+            ends = turn_ends[i]
+            results.append(
+                self._result(trajectory, env, finish, environment_reward, turn_rewards[i], ends, truncated[i])
+            )
         return results
 
-    def _result(self, trajectory, env, finish, environment_reward, turn_rewards, turn_ends) -> TrajectoryResult:
+    def _result(
+        self, trajectory, env, finish, environment_reward, turn_rewards, turn_ends, truncated
+    ) -> TrajectoryResult:
         mismatch = None
         if self.settings.template_check != "off":
             mismatch = trajectory.check()
@@ -220,7 +223,7 @@ class TurnLoop:
             environment_reward,
             turn_rewards,
             turn_ends,
-            False,
+            truncated,
             mismatch,
         )
         if isinstance(env, ToolEnvironment):

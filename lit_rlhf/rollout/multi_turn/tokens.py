@@ -104,9 +104,10 @@ class Trajectory:
         junction = rendered_turn[len(sampled) :]
         return self._encode(junction + following[len(with_turn) :])
 
-    def add_observation(self, new_messages: Sequence[Message]) -> list[int]:
-        """Append the observation (``observation_ids``): attended to, never trained on."""
-        ids = self.observation_ids(new_messages)
+    def add_observation(self, new_messages: Sequence[Message], ids: Sequence[int] | None = None) -> list[int]:
+        """Append the observation (``observation_ids``, unless already computed as ``ids``): attended
+        to, never trained on."""
+        ids = self.observation_ids(new_messages) if ids is None else list(ids)
         self.messages.extend(new_messages)
         self.response_ids += ids
         self.loss_mask += [0] * len(ids)
