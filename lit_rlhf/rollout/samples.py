@@ -138,8 +138,14 @@ def log_samples(trainer: L.Trainer, run_dir: str, samples: list[dict], rollout: 
     console.print(table)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            data = [list(sample.values()) for sample in samples]
+            data = [[table_value(value) for value in sample.values()] for sample in samples]
             logger.log_table(key=f"samples/rollout_{rollout}", columns=columns, data=data)
+
+
+def table_value(value):
+    """A W&B table cell: numbers and text as they are, a conversation (lists, dicts) as its JSON text
+    (W&B types a column by its first row, and messages differ in their keys: a tool message has a name)."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def _cell(value) -> str:

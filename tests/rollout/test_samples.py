@@ -117,3 +117,27 @@ def test_the_sample_logger_comes_after_the_rollout_callback(tiny_assets):
     rollout, samples = module.configure_callbacks()
     assert isinstance(rollout, RolloutCallback) and isinstance(samples, SampleLoggingCallback)
     assert (samples.every_n_rollouts, samples.num_samples) == (3, 5)
+
+
+def test_multi_turn_samples_make_a_wandb_table():
+    """W&B types a table's column by its first row: messages whose keys differ (a tool message has a
+    name) go in as their JSON text, so the table is built and nothing is lost."""
+    import json
+
+    import wandb
+
+    from lit_rlhf.rollout.samples import table_value
+
+    samples = [
+        {"reward": 1.0, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {
+            "reward": 0.0,
+            "messages": [{"role": "assistant", "content": "c"}, {"role": "tool", "name": "f", "content": "r"}],
+        },
+    ]
+    with pytest.raises(TypeError):
+        wandb.Table(columns=["reward", "messages"], data=[list(s.values()) for s in samples])
+    rows = [[table_value(v) for v in s.values()] for s in samples]
+    table = wandb.Table(columns=["reward", "messages"], data=rows)
+    assert [json.loads(r[1]) for r in table.data] == [s["messages"] for s in samples]
+    assert [r[0] for r in table.data] == [1.0, 0.0]
