@@ -158,6 +158,7 @@ class PPOModule(L.LightningModule):
         self.actor = self.critic = self.reference = None
         self.policy: PolicySet | None = None  # the model set (configure_model): actor, reference, critic
         self.runner: RolloutRunner | None = None  # built at fit start, once the models are in place
+        self._val_turn_loop = None  # a multi-turn run's validation loop, built on first use
         self._started_engine = False
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.last_rollout: LastRollout | None = None  # set by the RolloutCallback, read by the sample logger

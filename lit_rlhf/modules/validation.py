@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,3 +29,27 @@ def sample_validation(
         return gen, None
     ref = policy.reference_log_probs(gen.sequences, gen.attention_mask, gen.num_actions, generation.scoring_temperature)
     return gen, torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
+
+
+@torch.no_grad()
+def sample_validation_turns(
+    policy: PolicySet, turn_loop: Any, batch: dict, generation: GenerationSettings, batch_idx: int
+) -> tuple[GenerationOutput, list, Tensor | None]:
+    """Each held-out prompt's multi-turn trajectory (``turn_loop``: the run's tools or environment
+    with the actor's own sampler and the validation settings), row ``i`` seeded
+    ``validation_seed(batch_idx) + i``; the packed trajectories, the turn loop's results and each
+    response's KL to the reference over its sampled tokens (None without a reference term)."""
+    from lit_rlhf.rollout.engines.packing import left_padded, pack_samples
+    from lit_rlhf.rollout.multi_turn.loop import conversations
+
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    first = validation_seed(batch_idx)
+    seeds = [first + i for i in range(len(input_ids))]
+    trajectories = turn_loop.run(*conversations(input_ids, attention_mask, batch["prompts"], batch["columns"]), seeds)
+    prompt_ids = [t.trajectory.prompt_ids for t in trajectories]
+    prompts, prompt_mask = left_padded(prompt_ids, policy.actor.pad_token_id, input_ids.device)
+    gen = pack_samples(prompts, prompt_mask, [t.sample for t in trajectories], policy.actor.pad_token_id)
+    if not policy.has_reference:
+        return gen, trajectories, None
+    ref = policy.reference_log_probs(gen.sequences, gen.attention_mask, gen.num_actions, generation.scoring_temperature)
+    return gen, trajectories, torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
