@@ -128,5 +128,5 @@ def turn_metrics(
     for name in names:
         metrics[f"tools/{name}/calls"] = torch.tensor(float(sum(t.tool_calls[name] for t in trajectories)))
         metrics[f"tools/{name}/errors"] = torch.tensor(float(sum(t.tool_errors[name] for t in trajectories)))
-        metrics[f"tools/{name}/seconds"] = torch.tensor(sum(t.tool_seconds[name] for t in trajectories))
+        metrics[f"tools/{name}/seconds"] = torch.tensor(float(sum(t.tool_seconds[name] for t in trajectories)))
     return metrics

@@ -325,3 +325,41 @@ def test_the_loop_runs_inside_a_running_event_loop_too(kit):
     with torch.no_grad():
         rollout = asyncio.run(inside())
     assert [t.trajectory.turns for t in rollout.trajectories] == [2, 2, 1, 2]
+
+
+def test_validation_of_a_multi_turn_run_runs_the_tools_and_scores_the_final_answers(kit, tmp_path):
+    """The held-out metrics of a tool run read whole trajectories: the final answers (all four right
+    after their calls, errors included) and the conversations (three of four called a tool)."""
+    import lightning as L
+    import pandas as pd
+
+    from lit_rlhf import PPOModule, PromptDataModule
+    from lit_rlhf.rollout.multi_turn.loop import TurnLoop
+    from tests.helpers import trainer
+
+    tok, paths = kit
+    prompts = tmp_path / "questions.jsonl"
+    with open(prompts, "w") as f:
+        for q, a in zip(QUESTIONS, ANSWERS, strict=True):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + "\n")
+    module = PPOModule(
+        models={"actor_path": paths["policy"]},
+        rewards=[RewardFunction(exact, name="exact")],
+        generation={"max_new_tokens": 200, "n_samples_per_prompt": 2},
+        rollout={"engine": ScriptedEngine(tok), "rollout_batch_size": 4, "multi_turn": {"tools": [calculator]}},
+        algorithm={"advantage_estimator": "grpo", "mini_batch_size": 8, "micro_batch_size": 8},
+        kl={"coef": 0.0},
+        val_metrics={"exact": f"{__name__}.exact", "tool_call_rate": "lit_rlhf.tasks.tool_use.tool_call_rate"},
+        val_before_train=True,
+    )
+    # the validation samples with the actor's own sampler; here the scripted engine stands in for it
+    module._val_turn_loop = TurnLoop(module.rollout.multi_turn, ScriptedEngine(tok), tok, module.val_generation)
+    L.seed_everything(0, verbose=False)
+    fit = trainer(tmp_path, max_epochs=1, check_val_every_n_epoch=1, limit_val_batches=None)
+    data = PromptDataModule(str(prompts), val_path=str(prompts), field="messages", apply_chat_template=True)
+    fit.fit(module, datamodule=data)
+    log = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv").dropna(subset=["val/exact"])
+    assert len(log) == 2  # before training and after the epoch
+    assert log["val/exact"].tolist() == [1.0, 1.0] and log["val/reward"].tolist() == [1.0, 1.0]
+    assert log["val/tool_call_rate"].tolist() == [0.75, 0.75]
+    assert module._val_turn_loop.engine.calls == [4, 3, 4, 3]  # two turns for the three rows that called
