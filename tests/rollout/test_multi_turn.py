@@ -363,3 +363,47 @@ def test_validation_of_a_multi_turn_run_runs_the_tools_and_scores_the_final_answ
     assert log["val/exact"].tolist() == [1.0, 1.0] and log["val/reward"].tolist() == [1.0, 1.0]
     assert log["val/tool_call_rate"].tolist() == [0.75, 0.75]
     assert module._val_turn_loop.engine.calls == [4, 3, 4, 3]  # two turns for the three rows that called
+
+
+class Echo(Environment):
+    """Never done: answers every turn with a numbered message, so only the limits end a trajectory."""
+
+    def reset(self, **row):
+        self.turn = 0
+
+    def step(self, assistant_message):
+        self.turn += 1
+        return Step([{"role": "user", "content": " ".join(f"w{self.turn}x{i}" for i in range(12))}])
+
+
+@pytest.mark.parametrize("side", ["left", "middle", "right"])
+def test_max_turns_and_the_observation_cut_hold_on_every_side(kit, side):
+    tok, paths = kit
+    settings = {"environment": Echo, "max_turns": 3, "max_observation_tokens": 8, "observation_truncate": side}
+    rollout = runner(tok, paths, QuizEngine(tok), settings).collect(0, batch(tok))
+    for t in rollout.trajectories:
+        assert t.trajectory.turns == 3 and not t.truncated  # the third turn is the last: no observation after it
+        observations = [m["content"] for m in t.completion if m["role"] == "user"]
+        assert len(observations) == 2
+        full = tok(" ".join(f"w1x{i}" for i in range(12)), add_special_tokens=False)["input_ids"]
+        kept = tok(observations[0], add_special_tokens=False)["input_ids"]
+        assert len(kept) <= 8 < len(full)
+        expected = {"right": full[:8], "left": full[-8:], "middle": full[:4] + full[-4:]}[side]
+        assert observations[0] == tok.decode(expected)
+    assert rollout.experience.loss_mask.shape[1] <= 200  # within generation.max_new_tokens
+
+
+def test_max_tool_calls_ends_a_trajectory_at_the_limit_without_running_more_calls(kit):
+    tok, paths = kit
+
+    class CallAgain(ScriptedEngine):  # every turn calls the calculator
+        def generate(self, requests, generation, on_token=None):
+            ids = self.tok(call("calculator", expression="2*3"), add_special_tokens=False)["input_ids"] + [self.eos]
+            return [Sample(tuple(ids), tuple([-0.1] * len(ids)), "stop") for _ in requests]
+
+    rollout = runner(tok, paths, CallAgain(tok), {"tools": [calculator], "max_turns": 5, "max_tool_calls": 2}).collect(
+        0, batch(tok)
+    )
+    for t in rollout.trajectories:
+        assert sum(t.tool_calls.values()) == 2 and t.trajectory.turns == 3  # two calls answered, the third not run
+        assert [m["role"] for m in t.completion].count("tool") == 2
