@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -75,11 +77,16 @@ def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, 
 
 
 def turn_metrics(
-    experience: Experience, trajectories: list, all_reduce: AllReduce = no_reduce, reduce_max: AllReduce = no_reduce
+    experience: Experience,
+    trajectories: list,
+    all_reduce: AllReduce = no_reduce,
+    reduce_max: AllReduce = no_reduce,
+    tool_names: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """``rollout/turns`` (mean, ``_max``), tool calls and errors per trajectory, the truncated share, the
-    trainable and observation tokens per trajectory, template mismatches, and per tool
-    ``tools/<name>/calls``, ``/errors``, ``/seconds`` (sums over the rollout, this rank's tools)."""
+    trainable and observation tokens per trajectory, template mismatches, and for each of ``tool_names``
+    ``tools/<name>/calls``, ``/errors``, ``/seconds`` (sums over the rollout on all ranks; the same
+    names on every rank and in every rollout, zeros included, so that every rank logs the same keys)."""
     exp = experience
     device = exp.sequences.device
     attended = exp.attention_mask[:, -exp.num_actions :].bool()
@@ -124,9 +131,18 @@ def turn_metrics(
         "rollout/trainable_tokens": sums[5] / count,
         "rollout/observation_tokens": sums[6] / count,
     }
-    names = sorted({name for t in trajectories for name in t.tool_calls})
-    for name in names:
-        metrics[f"tools/{name}/calls"] = torch.tensor(float(sum(t.tool_calls[name] for t in trajectories)))
-        metrics[f"tools/{name}/errors"] = torch.tensor(float(sum(t.tool_errors[name] for t in trajectories)))
-        metrics[f"tools/{name}/seconds"] = torch.tensor(float(sum(t.tool_seconds[name] for t in trajectories)))
+    if tool_names:  # one all-reduce for every tool's counts; every rank logs the same keys
+        per_tool = torch.tensor(
+            [
+                [sum(t.tool_calls[name] for t in trajectories) for name in tool_names],
+                [sum(t.tool_errors[name] for t in trajectories) for name in tool_names],
+                [sum(t.tool_seconds[name] for t in trajectories) for name in tool_names],
+            ],
+            dtype=torch.float32,
+            device=device,
+        )
+        per_tool = all_reduce(per_tool)
+        for i, name in enumerate(tool_names):
+            for j, what in enumerate(("calls", "errors", "seconds")):
+                metrics[f"tools/{name}/{what}"] = per_tool[j, i]
     return metrics

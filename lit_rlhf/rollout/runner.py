@@ -293,5 +293,8 @@ class RolloutRunner:
         if self.rollout.recomputes_old_log_probs:
             metrics.update(mismatch_metrics(rollout.experience, self.all_reduce, self.reduce_max))
         if rollout.trajectories is not None:
-            metrics.update(turn_metrics(rollout.experience, rollout.trajectories, self.all_reduce, self.reduce_max))
+            names = self.turn_loop.tool_names
+            metrics.update(
+                turn_metrics(rollout.experience, rollout.trajectories, self.all_reduce, self.reduce_max, names)
+            )
         return metrics

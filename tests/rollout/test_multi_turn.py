@@ -407,3 +407,22 @@ def test_max_tool_calls_ends_a_trajectory_at_the_limit_without_running_more_call
     for t in rollout.trajectories:
         assert sum(t.tool_calls.values()) == 2 and t.trajectory.turns == 3  # two calls answered, the third not run
         assert [m["role"] for m in t.completion].count("tool") == 2
+
+
+def test_every_rank_logs_the_same_tool_keys_summed_over_ranks(kit):
+    """The tool counters' keys are the run's tools plus <malformed> and <unknown>, zeros included, so
+    ranks whose policies called different tools log the same metrics (a different set would be a
+    mismatched collective); the values are all-reduced sums."""
+    tok, paths = kit
+    run = runner(tok, paths, ScriptedEngine(tok), {"tools": [calculator], "max_turns": 3})
+    rollout = run.collect(0, batch(tok))
+    assert run.turn_loop.tool_names == ("calculator", "<malformed>", "<unknown>")
+    local = run.metrics(rollout)
+    assert {k for k in local if k.startswith("tools/")} == {
+        f"tools/{name}/{what}" for name in run.turn_loop.tool_names for what in ("calls", "errors", "seconds")
+    }
+    assert local["tools/<unknown>/calls"].item() == 0 and local["tools/<malformed>/calls"].item() == 1
+    run.all_reduce = lambda x: x * 2  # two ranks that rolled out the same
+    doubled = run.metrics(rollout)
+    assert doubled["tools/calculator/calls"].item() == 2 * local["tools/calculator/calls"].item() == 4
+    assert doubled["rollout/tool_calls"].item() == pytest.approx(local["rollout/tool_calls"].item())  # a mean

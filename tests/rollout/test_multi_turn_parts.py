@@ -105,7 +105,9 @@ def test_the_tool_environment_counts_calls_and_errors_and_ends_without_a_call_or
     first = asyncio.run(env.step(call("calculator", expression="123*45") + call("calc", expression="1")))
     assert not first.done and [m["content"] for m in first.messages][0] == "5535"
     assert all(m["role"] == "tool" for m in first.messages) and "unknown tool" in first.messages[1]["content"]
-    assert env.calls == {"calculator": 1, "calc": 1} and env.errors == {"calc": 1}
+    # a tool the run does not have is counted as <unknown>: the counters' names stay a known set
+    assert env.calls == {"calculator": 1, "<unknown>": 1} and env.errors == {"<unknown>": 1}
+    assert first.messages[1]["name"] == "calc"  # the tool message still answers the name the policy wrote
     assert asyncio.run(env.step(call("calculator", expression="1+1"))).done  # the limit of 2 is reached
     assert asyncio.run(ToolEnvironment([calculator]).step("it is 5535")).done  # no call: the policy answered
     assert isinstance(env, Environment) and Step().messages == [] and not Step().done

@@ -18,6 +18,8 @@ from typing import Any
 from lit_rlhf.rollout.multi_turn.tools import HermesToolParser, Toolbox, ToolCallParser
 
 Message = dict[str, Any]  # {"role": ..., "content": ...}
+# what the counters call a call that could not be read, and a call of a tool the run does not have
+MALFORMED_CALL, UNKNOWN_TOOL = "<malformed>", "<unknown>"
 
 
 @dataclass
@@ -59,8 +61,9 @@ class ToolEnvironment(Environment):
 
     A turn without a tool call ends the trajectory (the policy answered). Each call's result is a
     ``tool`` message; malformed calls, unknown tools, wrong arguments and raising tools give an
-    ``error: ...`` tool message instead and are counted in ``errors`` (by tool name, ``<malformed>``
-    for a call that could not be read). Past ``max_tool_calls`` the trajectory ends.
+    ``error: ...`` tool message instead and are counted in ``errors`` (by tool name, ``<unknown>`` for a
+    tool the run does not have, ``<malformed>`` for a call that could not be read). Past
+    ``max_tool_calls`` the trajectory ends.
 
     Args:
         tools: the tool functions, or a shared :class:`Toolbox`.
@@ -98,14 +101,15 @@ class ToolEnvironment(Environment):
             return Step(done=True)
         messages: list[Message] = []
         for error in parsed.errors:
-            self.calls["<malformed>"] += 1
-            self.errors["<malformed>"] += 1
-            messages.append({"role": "tool", "name": "<malformed>", "content": f"error: {error}"})
+            self.calls[MALFORMED_CALL] += 1
+            self.errors[MALFORMED_CALL] += 1
+            messages.append({"role": "tool", "name": MALFORMED_CALL, "content": f"error: {error}"})
         calls = parsed.calls if remaining is None else parsed.calls[: max(0, remaining - len(parsed.errors))]
         for result in await self.toolbox.run(calls):
-            self.calls[result.name] += 1
+            counted = result.name if result.name in self.toolbox.tools else UNKNOWN_TOOL  # names stay a known set
+            self.calls[counted] += 1
             if result.error:
-                self.errors[result.name] += 1
-            self.seconds[result.name] += result.seconds
+                self.errors[counted] += 1
+            self.seconds[counted] += result.seconds
             messages.append({"role": "tool", "name": result.name, "content": result.content})
         return Step(messages)

@@ -14,7 +14,14 @@ from typing import Any
 
 from lit_rlhf.data.prompts import MESSAGES_COLUMN
 from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine, Sample
-from lit_rlhf.rollout.multi_turn.environment import Environment, Message, Step, ToolEnvironment
+from lit_rlhf.rollout.multi_turn.environment import (
+    MALFORMED_CALL,
+    UNKNOWN_TOOL,
+    Environment,
+    Message,
+    Step,
+    ToolEnvironment,
+)
 from lit_rlhf.rollout.multi_turn.tokens import TemplateError, Trajectory, check_renders_tools
 from lit_rlhf.rollout.multi_turn.tools import Toolbox
 from lit_rlhf.seeds import turn_seed
@@ -110,6 +117,13 @@ class TurnLoop:
         if self.schemas:
             check_renders_tools(tokenizer, self.schemas)
         self.environment_class = settings.environment_class()
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        """The names the tool counters use: the run's tools, then malformed calls and unknown tools."""
+        if self.toolbox is None:
+            return ()
+        return (*self.toolbox.tools, MALFORMED_CALL, UNKNOWN_TOOL)
 
     def make_environment(self) -> Environment:
         if self.toolbox is not None:
