@@ -53,5 +53,3 @@ def validation_step(module, batch: dict, batch_idx: int) -> None:
         for name, values in score_components(module.val_metric_fns, responses, module.device).items():
             module.val_metric_means[name].update(values)
             module.log(f"val/{name}", module.val_metric_means[name], on_epoch=True, prog_bar=True)
-
-
