@@ -232,3 +232,29 @@ def test_a_template_that_drops_earlier_reasoning_is_a_clear_error():
     )
     with pytest.raises(TemplateError, match="does not render this conversation incrementally.*strip"):
         two_turns(tok, "<think>hm</think>56", "<|im_end|>")
+
+
+def test_a_rollouts_sync_calls_wait_together_not_in_turns_of_a_few_threads():
+    """48 rows' sync calls of 0.1 s each, as the turn loop issues them (one ``run`` per row, gathered):
+    they overlap on the toolbox's threads; asyncio's default executor (min(32, cpus + 4) workers)
+    would take them in turns."""
+    import time
+
+    def sleepy_echo(text: str) -> str:
+        """Echo the text after a blocking pause.
+
+        Args:
+            text: what to echo.
+        """
+        time.sleep(0.1)
+        return text
+
+    box = Toolbox([sleepy_echo], threads=64)
+
+    async def rollout():
+        return await asyncio.gather(*(box.run([ToolCall("sleepy_echo", {"text": str(i)})]) for i in range(48)))
+
+    start = time.perf_counter()
+    results = asyncio.run(rollout())
+    assert [r[0].content for r in results] == [str(i) for i in range(48)]
+    assert time.perf_counter() - start < 0.5  # 48 x 0.1 s, overlapped (in turns of 6 it would be 0.8 s)

@@ -11,12 +11,14 @@ timing out) becomes the text of the tool message, which the policy reads, and is
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,13 +123,19 @@ class HermesToolParser(ToolCallParser):
 class Toolbox:
     """The tools of a run by name, with their schemas; runs calls concurrently and turns failures into text.
 
+    Sync tools run on the toolbox's own threads (``threads`` of them, shared by every row of a
+    rollout), so a rollout's calls wait together, not in turns of asyncio's default few workers.
+
     Args:
         tools: the tool functions (their ``__name__`` is the name the policy calls).
         timeout_s: a call that takes longer is an error (the policy reads that it timed out).
         max_parallel_calls: calls of one assistant turn that run at the same time.
+        threads: the sync tools' threads.
     """
 
-    def __init__(self, tools: Sequence[Callable], timeout_s: float = 30.0, max_parallel_calls: int = 8) -> None:
+    def __init__(
+        self, tools: Sequence[Callable], timeout_s: float = 30.0, max_parallel_calls: int = 8, threads: int = 64
+    ) -> None:
         if max_parallel_calls < 1:
             raise ValueError(f"max_parallel_calls must be >= 1, got {max_parallel_calls}")
         self.tools: dict[str, Callable] = {}
@@ -140,6 +148,8 @@ class Toolbox:
             self.tools[name] = fn
         self.schemas = [tool_schema(fn) for fn in self.tools.values()]
         self.timeout_s, self.max_parallel_calls = timeout_s, max_parallel_calls
+        self.threads = threads
+        self._executor: ThreadPoolExecutor | None = None  # started on the first sync call
 
     async def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """The results of ``calls`` in their order; at most ``max_parallel_calls`` run at once."""
@@ -165,7 +175,12 @@ class Toolbox:
             if inspect.iscoroutinefunction(fn):
                 value = await asyncio.wait_for(fn(**call.arguments), self.timeout_s)
             else:  # in a thread: a slow sync tool does not hold back the other rows' calls
-                value = await asyncio.wait_for(asyncio.to_thread(fn, **call.arguments), self.timeout_s)
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="lit_rlhf-tool")
+                running = asyncio.get_running_loop().run_in_executor(
+                    self._executor, functools.partial(fn, **call.arguments)
+                )
+                value = await asyncio.wait_for(running, self.timeout_s)
         except TimeoutError:
             seconds = time.perf_counter() - start
             return ToolResult(call.name, f"error: {call.name} timed out after {self.timeout_s:g} s", True, seconds)
