@@ -155,7 +155,11 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(tiny_assets, pai
     torch.testing.assert_close(
         metrics["rewards/chosen"], 0.1 * (trained - answer_log_probs(base, batch).sums)[:8].mean(), atol=1e-5, rtol=1e-5
     )
-    assert frame["rewards/chosen"].dropna().iloc[0] == 0.0 and frame["rewards/chosen"].dropna().iloc[-1] != 0.0
+    # the first step: policy = reference, up to the float noise of two forwards batched differently
+    # (bitwise 0 on AVX512 kernels, about 6e-9 on AVX2-only CPUs)
+    assert (
+        abs(frame["rewards/chosen"].dropna().iloc[0]) < 1e-6 and abs(frame["rewards/chosen"].dropna().iloc[-1]) > 1e-5
+    )
 
 
 # --- variants -------------------------------------------------------------------------------

@@ -102,7 +102,10 @@ def test_cli_fit_learns_the_pairs_validates_exports_and_resumes(tiny_assets, pai
     run_dir = root / "version_0"
     frame = pd.read_csv(run_dir / "metrics.csv")
     accuracies = frame["rewards/accuracies"].dropna().tolist()
-    assert len(accuracies) == 60 and accuracies[0] == 0.0  # the first step: policy = reference, no pair ranked
+    assert len(accuracies) == 60
+    # the first step: policy = reference, so no margin beyond float noise (pairs "ranked" by a 1e-9
+    # difference between two forwards batched differently count in rewards/accuracies on AVX2 CPUs)
+    assert abs(frame["rewards/margins"].dropna().iloc[0]) < 1e-6
     assert sum(accuracies[-10:]) / 10 > 0.9, accuracies
     validated = frame.dropna(subset=["val/loss"])
     assert len(validated) == 2
