@@ -79,26 +79,26 @@ def steps(run_dir):
 
 def test_a_run_killed_mid_rollout_resumes_bit_identically(tool_sft, tmp_path):
     no_val = ["--trainer.check_val_every_n_epoch", "100", "--model.init_args.val_before_train", "false"]
-    train(grpo_args(tool_sft, tmp_path / "full", 4, no_val), tmp_path)
-    kill = {"class_path": "tests.faults.KillAt", "init_args": {"epoch": 2, "batch": 1}}
+    train(grpo_args(tool_sft, tmp_path / "full", 3, no_val), tmp_path)
+    kill = {"class_path": "tests.faults.KillAt", "init_args": {"epoch": 1, "batch": 1}}
     config = yaml.safe_load(Path(ROOT, "configs", "grpo_tools_tiny.yaml").read_text())
     callbacks = config["trainer"]["callbacks"] + [kill]
     (tmp_path / "kill.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    args = grpo_args(tool_sft, tmp_path / "killed", 4, no_val)
+    args = grpo_args(tool_sft, tmp_path / "killed", 3, no_val)
     killed = train([*args, "--config", str(tmp_path / "kill.yaml")], tmp_path, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_dir = tmp_path / "killed" / "version_0"
-    assert load_checkpoint_file(str(run_dir / "checkpoints" / "last.ckpt"))["epoch"] == 1
+    assert load_checkpoint_file(str(run_dir / "checkpoints" / "last.ckpt"))["epoch"] == 0
     train([*args, "--ckpt_path", "last"], tmp_path)
     full, resumed = steps(tmp_path / "full" / "version_0"), steps(run_dir)
-    for epoch in (2, 3):
+    for epoch in (1, 2):
         a, b = full[full.epoch == epoch], resumed[resumed.epoch == epoch]
         assert len(a) == 2  # 128 trajectories / mini-batches of 64
         for key in ("policy/loss", "policy/grad_norm"):
             assert a[key].tolist() == b[key].tolist(), (epoch, key)  # bit-identical, not approximately
     rollouts = lambda d: pd.read_csv(d / "metrics.csv").dropna(subset=["rollout/tool_calls"])  # noqa: E731
     a, b = rollouts(tmp_path / "full" / "version_0"), rollouts(run_dir)
-    assert a[a.epoch >= 2]["rollout/tool_calls"].tolist() == b[b.epoch >= 2]["rollout/tool_calls"].tolist()
+    assert a[a.epoch >= 1]["rollout/tool_calls"].tolist() == b[b.epoch >= 1]["rollout/tool_calls"].tolist()
 
 
 def test_two_ddp_processes_run_the_tool_loop(tool_sft, tmp_path):
