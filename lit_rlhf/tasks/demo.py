@@ -24,7 +24,7 @@ from lit_rlhf.tasks.arithmetic import (
     split_problems,
     write_jsonl,
 )
-from lit_rlhf.tasks.machine import describe_machine
+from lit_rlhf.tasks.machine import describe_machine, stage_seconds
 from lit_rlhf.tasks.tiny import build_causal_lm, tiny_llama_config, train_tokenizer
 
 
@@ -124,12 +124,7 @@ def report(assets: str, run: str, export_dir: str | None = None, dpo_run: str | 
     if dpo_run is not None:
         dpo_run = newest_run(dpo_run)
         rows["DPO policy"] = evaluate(f"{dpo_run}/export", sft, rm, prompts)
-    timings = {}
-    for stage in ("sft", "rm", "ppo", "dpo"):
-        path = f"{assets}/{stage}_seconds.txt"
-        if os.path.exists(path):
-            with open(path) as f:
-                timings[stage] = float(f.read())
+    timings = stage_seconds(assets, ("sft", "rm", "ppo", "dpo"))
     print(f"\nHeld-out test prompts: {len(prompts)}, sampled at T = 1")
     print(f"{'':12} {'accuracy':>9} {'RM score':>9} {'KL to SFT':>10}")
     for name, row in rows.items():

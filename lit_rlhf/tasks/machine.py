@@ -7,6 +7,7 @@ reader compare figures measured on different machines.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -37,3 +38,15 @@ def describe_machine() -> dict:
         "fp32_matmul_gflops": matmul_gflops()["median"],
         "threads": torch.get_num_threads(),
     }
+
+
+def stage_seconds(directory: str, stages: tuple[str, ...]) -> dict[str, float]:
+    """The seconds each of ``stages`` took, from the ``<stage>_seconds.txt`` files the Makefile's timed
+    stages write into ``directory`` (a stage without its file is left out)."""
+    seconds = {}
+    for stage in stages:
+        path = os.path.join(directory, f"{stage}_seconds.txt")
+        if os.path.exists(path):
+            with open(path) as f:
+                seconds[stage] = float(f.read())
+    return seconds

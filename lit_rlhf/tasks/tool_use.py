@@ -231,7 +231,7 @@ def report(assets: str, run: str) -> dict:
     """The before/after table on the held-out prompts (from the run's validations), the stage
     timings, and ``demo_tools.png`` in the run directory."""
     from lit_rlhf.plot import newest_run
-    from lit_rlhf.tasks.machine import describe_machine
+    from lit_rlhf.tasks.machine import describe_machine, stage_seconds
 
     run = newest_run(run)
     csvs = sorted(glob.glob(f"{run}/**/metrics.csv", recursive=True), key=os.path.getmtime)
@@ -243,12 +243,7 @@ def report(assets: str, run: str) -> dict:
             f"{csvs[-1]} holds {len(points)} validation(s); the report needs the one before training and one after"
         )
     before, after = points[0], points[-1]
-    timings = {}
-    for stage in ("prepare", "sft", "grpo"):
-        path = f"{assets}/{stage}_seconds.txt"
-        if os.path.exists(path):
-            with open(path) as f:
-                timings[stage] = float(f.read())
+    timings = stage_seconds(assets, ("prepare", "sft", "grpo"))
     with open(f"{assets}/test_prompts.jsonl") as f:
         n = sum(1 for _ in f)
     print(f"\nHeld-out test prompts: {n}, sampled at T = 1, with the calculator")

@@ -102,3 +102,11 @@ def test_held_out_reads_each_validation(tmp_path):
         {"epoch": 0, "accuracy": 0.1, "tool_call_rate": 0.3},
         {"epoch": 4, "accuracy": 0.6, "tool_call_rate": 0.9},
     ]
+
+
+def test_stage_seconds_reads_the_timed_stages_files(tmp_path):
+    from lit_rlhf.tasks.machine import stage_seconds
+
+    (tmp_path / "sft_seconds.txt").write_text("132\n")
+    (tmp_path / "grpo_seconds.txt").write_text("47")
+    assert stage_seconds(str(tmp_path), ("prepare", "sft", "grpo")) == {"sft": 132.0, "grpo": 47.0}
