@@ -1,7 +1,5 @@
 """Multi-turn rollouts through the runner: a scripted engine's turns, the tools' answers as untrained
-observation tokens, counts, rewards on the final answer, and one turn equal to the single-turn rollout."""
-
-import json
+observation tokens, counts, rewards on the final answer, limits, and one turn equal to the single-turn rollout."""
 
 import pytest
 import torch
@@ -10,113 +8,15 @@ from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.rewards import RewardFunction
 from lit_rlhf.rewards.scorer import RewardScorer
-from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample
+from lit_rlhf.rollout import NativeEngine, Sample
 from lit_rlhf.rollout.kl_control import KLController
 from lit_rlhf.rollout.multi_turn.environment import Environment, Step
 from lit_rlhf.rollout.multi_turn.tokens import TemplateError, check_renders_tools
 from lit_rlhf.rollout.multi_turn.tools import tool_schema
 from lit_rlhf.rollout.runner import RolloutRunner
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, LoadSettings, RolloutSettings
-from lit_rlhf.tasks import chat_tokenizer, save_tiny_models, tiny_llama_config
-
-
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression of integers.
-
-    Args:
-        expression: the expression, e.g. "123 * 45".
-    """
-    if not set(expression) <= set("0123456789+-*/ ()"):
-        raise ValueError(f"not arithmetic: {expression!r}")
-    return str(eval(expression))
-
-
-def call(name, **arguments):
-    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
-
-
-QUESTIONS = ["What is 123*45?", "What is 7*8?", "What is 9*9?", "What is 2*3?"]
-ANSWERS = ["5535", "56", "81", "6"]
-# per row, per turn: what the scripted policy writes (each turn ends with <|im_end|>)
-SCRIPT = [
-    [call("calculator", expression="123*45"), "5535"],  # a good call, then the answer
-    [call("calculator", expr="7*8"), "56"],  # wrong argument name: an error it can read
-    ["81"],  # no call: answers at once
-    ['<tool_call>{"name": calculator}</tool_call>', "6"],  # malformed
-]
-
-
-class ScriptedEngine(RolloutEngine):
-    """Returns the script's ids for each row's next turn (the row is found by its prompt)."""
-
-    recomputes_old_log_probs = True
-
-    def __init__(self, tok):
-        self.tok, self.calls = tok, []
-        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
-
-    def start(self, actor, device):
-        return True
-
-    def sync_weights(self, actor):
-        pass
-
-    def generate(self, requests, generation, on_token=None):
-        self.calls.append(len(requests))
-        out = []
-        for request in requests:
-            text = self.tok.decode(list(request.prompt_ids))
-            row = next(i for i, q in enumerate(QUESTIONS) if q.lower() in text.lower())
-            turn = text.count("<|im_start|>assistant") - 1
-            ids = self.tok(SCRIPT[row][turn], add_special_tokens=False)["input_ids"] + [self.eos]
-            out.append(Sample(tuple(ids), tuple([-0.5] * len(ids)), "stop"))
-        return out
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory):
-    corpus = [q + " " + s for q, turns in zip(QUESTIONS, SCRIPT, strict=True) for s in turns] * 40
-    corpus += ["tool_response system Tools functions signatures error wrong arguments raised"] * 20
-    tok = chat_tokenizer("qwen_tools", corpus)
-    config = tiny_llama_config(tok, hidden_size=32, num_layers=1, num_heads=4)
-    paths = save_tiny_models(str(tmp_path_factory.mktemp("tools")), tok, config, seed=0)
-    return load_tokenizer(paths["policy"]), paths
-
-
-def batch(tok, messages_only=True):
-    messages = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-    return {
-        "input_ids": enc.input_ids,
-        "attention_mask": enc.attention_mask,
-        "prompts": rendered,
-        "columns": {"answer": ANSWERS, "prompt_messages": messages},
-    }
-
-
-def exact(prompts, responses, answer):
-    return torch.tensor([float(r.strip() == a) for r, a in zip(responses, answer, strict=True)])
-
-
-def runner(tok, paths, engine, multi_turn, generation=None, estimator="reinforce_pp"):
-    actor = Actor.from_pretrained(paths["policy"], tok)
-    policy = PolicySet(actor, None, None, LoadSettings(), tok, paths["policy"], uses_reference=False)
-    generation = generation or GenerationSettings(max_new_tokens=200)
-    algorithm = AlgorithmSettings(advantage_estimator=estimator, whiten_advantages=False)
-    scorer = RewardScorer([RewardFunction(exact, name="exact")], algorithm, tok)
-    engine.start(actor, "cpu")
-    rollout = RolloutSettings(engine=engine, multi_turn=multi_turn)
-    return RolloutRunner(
-        policy,
-        engine,
-        scorer,
-        generation=generation,
-        rollout=rollout,
-        algorithm=algorithm,
-        kl=KLSettings(coef=0.0),
-        kl_coef=KLController(0.0),
-    )
+from lit_rlhf.tasks import chat_tokenizer
+from tests.rollout.scripted import SCRIPT, ScriptedEngine, batch, calculator, call, runner
 
 
 def test_tools_answer_between_turns_and_only_the_policys_tokens_are_trained_on(kit):
@@ -271,47 +171,6 @@ def test_a_template_that_ignores_tools_or_rewrites_turns_is_an_error_not_a_silen
         )
 
 
-def test_a_ppo_fit_with_tools_logs_turns_and_writes_conversations_to_samples(kit, tmp_path):
-    import lightning as L
-    import pandas as pd
-
-    from lit_rlhf import PPOModule, PromptDataModule
-    from tests.helpers import trainer
-
-    tok, paths = kit
-    prompts = tmp_path / "questions.jsonl"
-    with open(prompts, "w") as f:
-        for q, a in zip(QUESTIONS, ANSWERS, strict=True):
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + "\n")
-    module = PPOModule(
-        models={"actor_path": paths["policy"], "critic_path": paths["reward"]},
-        rewards=[RewardFunction(exact, name="exact")],
-        generation={"max_new_tokens": 200},
-        rollout={
-            "engine": ScriptedEngine(tok),
-            "rollout_batch_size": 4,
-            "multi_turn": {"tools": [calculator], "max_turns": 3},
-        },
-        algorithm={"mini_batch_size": 4, "micro_batch_size": 2},
-        kl={"coef": 0.05},
-        num_logged_samples=4,
-    )
-    L.seed_everything(0, verbose=False)
-    fit = trainer(tmp_path, max_epochs=2)
-    fit.fit(module, datamodule=PromptDataModule(str(prompts), field="messages", apply_chat_template=True))
-    log = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv")
-    assert log["rollout/turns"].dropna().tolist() == [pytest.approx(7 / 4)] * 2
-    assert log["tools/calculator/calls"].dropna().tolist() == [2.0, 2.0]
-    assert log["policy/loss"].notna().sum() == 2 and log["critic/loss"].notna().sum() == 2
-    with open(f"{module.run_dir}/samples.jsonl") as f:
-        samples = [json.loads(line) for line in f]
-    by_prompt = {s["prompt"]: s for s in samples if s["rollout"] == 0}
-    good = by_prompt["What is 123*45?"]
-    assert good["turns"] == 2 and good["tool_calls"] == 1 and good["response"].strip().endswith("5535")
-    assert [m["role"] for m in good["messages"]] == ["user", "assistant", "tool", "assistant"]
-    assert "<tool_call>" in good["trained_text"] and "tool_response" not in good["trained_text"]
-
-
 def test_the_loop_runs_inside_a_running_event_loop_too(kit):
     """A notebook already runs an event loop: the turn loop then runs its own on a thread."""
     import asyncio
@@ -325,44 +184,6 @@ def test_the_loop_runs_inside_a_running_event_loop_too(kit):
     with torch.no_grad():
         rollout = asyncio.run(inside())
     assert [t.trajectory.turns for t in rollout.trajectories] == [2, 2, 1, 2]
-
-
-def test_validation_of_a_multi_turn_run_runs_the_tools_and_scores_the_final_answers(kit, tmp_path):
-    """The held-out metrics of a tool run read whole trajectories: the final answers (all four right
-    after their calls, errors included) and the conversations (three of four called a tool)."""
-    import lightning as L
-    import pandas as pd
-
-    from lit_rlhf import PPOModule, PromptDataModule
-    from lit_rlhf.rollout.multi_turn.loop import TurnLoop
-    from tests.helpers import trainer
-
-    tok, paths = kit
-    prompts = tmp_path / "questions.jsonl"
-    with open(prompts, "w") as f:
-        for q, a in zip(QUESTIONS, ANSWERS, strict=True):
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}) + "\n")
-    module = PPOModule(
-        models={"actor_path": paths["policy"]},
-        rewards=[RewardFunction(exact, name="exact")],
-        generation={"max_new_tokens": 200, "n_samples_per_prompt": 2},
-        rollout={"engine": ScriptedEngine(tok), "rollout_batch_size": 4, "multi_turn": {"tools": [calculator]}},
-        algorithm={"advantage_estimator": "grpo", "mini_batch_size": 8, "micro_batch_size": 8},
-        kl={"coef": 0.0},
-        val_metrics={"exact": f"{__name__}.exact", "tool_call_rate": "lit_rlhf.tasks.tool_use.tool_call_rate"},
-        val_before_train=True,
-    )
-    # the validation samples with the actor's own sampler; here the scripted engine stands in for it
-    module._val_turn_loop = TurnLoop(module.rollout.multi_turn, ScriptedEngine(tok), tok, module.val_generation)
-    L.seed_everything(0, verbose=False)
-    fit = trainer(tmp_path, max_epochs=1, check_val_every_n_epoch=1, limit_val_batches=None)
-    data = PromptDataModule(str(prompts), val_path=str(prompts), field="messages", apply_chat_template=True)
-    fit.fit(module, datamodule=data)
-    log = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv").dropna(subset=["val/exact"])
-    assert len(log) == 2  # before training and after the epoch
-    assert log["val/exact"].tolist() == [1.0, 1.0] and log["val/reward"].tolist() == [1.0, 1.0]
-    assert log["val/tool_call_rate"].tolist() == [0.75, 0.75]
-    assert module._val_turn_loop.engine.calls == [4, 3, 4, 3]  # two turns for the three rows that called
 
 
 class Echo(Environment):
