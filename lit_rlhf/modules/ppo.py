@@ -239,9 +239,11 @@ class PPOModule(L.LightningModule):
         """``sum(weight * score)`` over the reward components; each one's scores are kept for logging."""
         return self.scorer.reward_sum(batch, self.device, self.models)
 
-    def score_responses(self, gen: GenerationOutput, prompts: list[str], columns: dict[str, list]) -> Scores:
-        """Scores of a generation: the reward, then the missing-EOS penalty, then clipping (the scorer's)."""
-        return self.scorer(gen, prompts, columns)
+    def score_responses(self, gen: GenerationOutput, prompts: list[str], columns: dict[str, list], *turns) -> Scores:
+        """Scores of a generation: the reward, then the missing-EOS penalty, then clipping (the scorer's).
+        A multi-turn generation passes ``turns``: the final answers, the completions and the
+        environments' rewards (``turn_inputs``)."""
+        return self.scorer(gen, prompts, columns, *turns)
 
     def decode_responses(self, gen: GenerationOutput) -> list[str]:
         """Response texts: every response token the rows attend to (special tokens dropped)."""

@@ -42,7 +42,7 @@ def validation_step(module, batch: dict, batch_idx: int) -> None:
         )
         inputs = turn_inputs(trajectories, gen.sequences.device)
         texts = inputs[0]
-    module.val_reward.update(module.scorer(gen, prompts, columns, *inputs).scores)
+    module.val_reward.update(module.score_responses(gen, prompts, columns, *inputs).scores)
     module.log("val/reward", module.val_reward, on_epoch=True, prog_bar=True)
     if kl is not None:  # none in a reference-free run
         module.val_kl.update(kl)

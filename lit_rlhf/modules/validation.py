@@ -25,10 +25,16 @@ def sample_validation(
     """
     generator = torch.Generator(input_ids.device).manual_seed(validation_seed(batch_idx))
     gen = policy.actor.generate(input_ids, attention_mask, generation, generator)
+    return gen, kl_to_reference(policy, gen, generation)
+
+
+def kl_to_reference(policy: PolicySet, gen: GenerationOutput, generation: GenerationSettings) -> Tensor | None:
+    """Each response's ``sum log pi - log pi_ref`` over its sampled tokens ``[B]``, the policy's log-probs
+    the sampler's (None without a reference term)."""
     if not policy.has_reference:
-        return gen, None
+        return None
     ref = policy.reference_log_probs(gen.sequences, gen.attention_mask, gen.num_actions, generation.scoring_temperature)
-    return gen, torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
+    return torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
 
 
 @torch.no_grad()
@@ -49,7 +55,4 @@ def sample_validation_turns(
     prompt_ids = [t.trajectory.prompt_ids for t in trajectories]
     prompts, prompt_mask = left_padded(prompt_ids, policy.actor.pad_token_id, input_ids.device)
     gen = pack_samples(prompts, prompt_mask, [t.sample for t in trajectories], policy.actor.pad_token_id)
-    if not policy.has_reference:
-        return gen, trajectories, None
-    ref = policy.reference_log_probs(gen.sequences, gen.attention_mask, gen.num_actions, generation.scoring_temperature)
-    return gen, trajectories, torch.where(gen.loss_mask, gen.log_probs - ref, 0.0).sum(-1)
+    return gen, trajectories, kl_to_reference(policy, gen, generation)
