@@ -115,6 +115,27 @@ def select_rows(cache: StaticCache, rows: Tensor) -> None:
             layer.batch_size = len(rows)
 
 
+class CachedPrefix(NamedTuple):
+    """Keys and values already computed for the first tokens of every row of a generation
+    (``Actor.generate(prefix=...)``; the native engine builds it from earlier turns and shared prompts).
+
+    keys, values: one ``[B, H, C, D]`` tensor per layer, a row's cached tokens right-aligned (padding first).
+    mask: ``[B, C]`` 1 where a position holds a cached token. A row's cached tokens are its first ones,
+    at positions ``0 .. n - 1``: the prompt handed to ``generate`` is the rest of the row.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    mask: Tensor
+
+
+def row_cache(cache: StaticCache, row: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Row ``row``'s keys and values at ``positions`` of a static cache, as ``[L, H, n, D]`` each."""
+    layers = [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
+    keys = torch.stack([layer.keys[row, :, positions] for layer in layers])
+    return keys, torch.stack([layer.values[row, :, positions] for layer in layers])
+
+
 def takes_decode_mask(config) -> bool:
     """Whether decoding can hand the model a ready ``[B, 1, 1, cache]`` key mask: ``sdpa`` attention
     with no sliding-window layers (transformers then passes the mask through instead of building one
@@ -122,6 +143,12 @@ def takes_decode_mask(config) -> bool:
     if config._attn_implementation != "sdpa" or getattr(config, "sliding_window", None) is not None:
         return False
     return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+
+
+def reuses_cache(config) -> bool:
+    """Whether a generation can start from cached keys and values (:class:`CachedPrefix`): every layer
+    is full attention with ``sdpa`` (a sliding window or a recurrent layer would need its own state)."""
+    return takes_decode_mask(config)
 
 
 class Actor(nn.Module):
@@ -203,6 +230,8 @@ class Actor(nn.Module):
         on_token: Callable[[int, int], None] | None = None,
         compact: bool = True,
         stop_token_ids: Tensor | None = None,
+        prefix: CachedPrefix | None = None,
+        kept: list | None = None,
     ) -> GenerationOutput:
         """Sample responses for left-padded prompts ``input_ids [B, P]`` with a KV cache.
 
@@ -217,11 +246,31 @@ class Actor(nn.Module):
         whole batch, so compaction never changes a row's tokens (see :func:`sample_tokens`).
         ``generator`` (on the model's device) makes sampling independent of the global RNG;
         ``on_token(done, total)`` is told after each decoding step (a progress display).
+
+        ``prefix`` (models for which :func:`reuses_cache` holds): keys and values already computed for
+        each row's first tokens; ``input_ids`` are then the rest of each row, and only they are
+        prefilled. ``kept`` (a list): filled with each row's keys and values (``[L, H, n, D]`` each,
+        in batch order) for its cached and prompt tokens and all but the last of its sampled ones,
+        i.e. what a later generation that continues the row can take as its prefix.
         """
         # in the weights' dtype even under mixed precision (validation runs inside autocast): the
         # static cache holds one dtype, while autocast gives bf16 values and (after rotary) fp32 keys
         with torch.autocast(input_ids.device.type, enabled=False):
-            return self._generate(input_ids, attention_mask, settings, generator, on_token, compact, stop_token_ids)
+            return self._generate(
+                input_ids, attention_mask, settings, generator, on_token, compact, stop_token_ids, prefix, kept
+            )
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Keys and values ``[1, H, n, D]`` per layer of one row of tokens at positions ``0 .. n - 1``
+        (a prompt prefix that many rows share, computed once)."""
+        from transformers import DynamicCache
+
+        with torch.autocast(self.eos_token_ids.device.type, enabled=False):
+            cache = DynamicCache(config=self.model.config)
+            ids_tensor = torch.tensor([ids], device=self.eos_token_ids.device)
+            self.model(input_ids=ids_tensor, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
     def _generate(
         self,
@@ -232,8 +281,15 @@ class Actor(nn.Module):
         on_token: Callable[[int, int], None] | None,
         compact: bool,
         stop_token_ids: Tensor | None,
+        prefix: CachedPrefix | None,
+        kept: list | None,
     ) -> GenerationOutput:
-        eos_ids, (batch, prompt_len), device = self.eos_token_ids, input_ids.shape, input_ids.device
+        eos_ids, (batch, suffix_len), device = self.eos_token_ids, input_ids.shape, input_ids.device
+        cached = 0 if prefix is None else prefix.mask.shape[1]
+        prompt_len = cached + suffix_len  # cache positions before the response
+        prompt_mask = attention_mask.long()
+        if prefix is not None:
+            prompt_mask = torch.cat([prefix.mask.long(), prompt_mask], 1)
         if stop_token_ids is None and settings.stop_token_ids:
             stop_token_ids = torch.tensor([list(settings.stop_token_ids)] * batch, device=device)
         if stop_token_ids is not None:  # EOS ends every row; these end their own row
@@ -243,14 +299,17 @@ class Actor(nn.Module):
         # doubles when full, so attention never runs over a mostly empty cache
         room = min(max_new, RESPONSE_ROOM)
         cache = StaticCache(config=self.model.config, max_cache_len=prompt_len + room)
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, max_new)], dim=1)
-        positions = position_ids_from_mask(attention_mask)
+        if prefix is not None:
+            for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+                cache.update(keys, values, layer)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new)], dim=1)
+        positions = position_ids_from_mask(prompt_mask)
         logits = self.model(
             input_ids=input_ids,
             attention_mask=mask[:, :prompt_len],
-            position_ids=positions,
+            position_ids=positions[:, cached:],
             past_key_values=cache,
-            cache_position=torch.arange(prompt_len, device=device),
+            cache_position=torch.arange(cached, prompt_len, device=device),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -271,7 +330,17 @@ class Actor(nn.Module):
         key_mask = None  # the keys each row may attend to, as the model's 4D mask (see takes_decode_mask)
         if takes_decode_mask(self.model.config):
             key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new, dtype=torch.bool, device=device)
-            key_mask[:, 0, 0, :prompt_len] = attention_mask.bool()
+            key_mask[:, 0, 0, :prompt_len] = prompt_mask.bool()
+        kept_rows: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def keep(rows: Tensor) -> None:  # rows (indices into the cache's batch) about to leave it
+            if kept is None:
+                return
+            for row, sampled in zip(rows.tolist(), lengths[active[rows]].clamp_max(step + 1).tolist(), strict=True):
+                response = prompt_len + torch.arange(sampled - 1, device=device)
+                held = torch.cat([prompt_mask[active[row]].nonzero().squeeze(1), response])
+                kept_rows[int(active[row])] = row_cache(cache, row, held)
+
         steps = max_new
         for step in range(max_new):
             uniform = torch.rand(batch, generator=generator, device=device)[active]  # the whole batch's draw
@@ -293,13 +362,15 @@ class Actor(nn.Module):
             done = int(finished.sum()) if early else 0  # one host sync per step
             if step == max_new - 1 or (early and done == len(active)):
                 steps = step + 1
+                keep(torch.arange(len(active), device=device))
                 break
             if compact and done and done >= len(active) / 4:
-                keep = (~finished).nonzero().squeeze(1)
-                select_rows(cache, keep)
-                active, mask, next_position = active[keep], mask[keep], next_position[keep]
-                finished, token = finished[keep], token[keep]
-                key_mask = key_mask[keep] if key_mask is not None else None
+                keep(finished.nonzero().squeeze(1))
+                going = (~finished).nonzero().squeeze(1)
+                select_rows(cache, going)
+                active, mask, next_position = active[going], mask[going], next_position[going]
+                finished, token = finished[going], token[going]
+                key_mask = key_mask[going] if key_mask is not None else None
             length = prompt_len + step + 1
             if length == prompt_len + room:
                 room = min(max_new, 2 * room)
@@ -316,6 +387,8 @@ class Actor(nn.Module):
             ).logits[:, -1]
             next_position = next_position + 1
         responses = responses[:, :steps]
+        if kept is not None:
+            kept.extend(kept_rows[row] for row in range(batch))
         loss_mask = torch.arange(steps, device=device) < lengths.clamp_max(steps)[:, None]
         return GenerationOutput(
             sequences=torch.cat([input_ids, responses], dim=1),

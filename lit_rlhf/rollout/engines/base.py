@@ -11,8 +11,9 @@ name the type.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -98,6 +99,15 @@ class RolloutEngine(ABC):
     ) -> list[Sample]:
         """One :class:`Sample` per request, in the requests' order, sampled with ``generation``
         (``GenerationSettings``: temperature, top-k/p, ``max_new_tokens``, stop strings)."""
+
+    @contextlib.contextmanager
+    def prefix_cache(self) -> Iterator[None]:
+        """Within this context the weights do not change, and the engine may keep what it computed for
+        each row and reuse it for a later request whose prompt starts with that row's tokens (the turn
+        loop opens it around a batch's turns: each turn's prompt is the last one's, its sampled tokens
+        and an observation). What is sampled must not depend on it beyond float rounding. The default
+        keeps nothing (an engine with a prefix cache of its own, like vLLM's, needs nothing here)."""
+        yield
 
     def shutdown(self) -> None:
         """Stop the engine and free what it holds (nothing, unless an engine holds something)."""

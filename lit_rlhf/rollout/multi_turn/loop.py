@@ -146,6 +146,10 @@ class TurnLoop:
         return run_coroutine(lambda: self._run(messages, columns, prompt_ids, seeds, on_token))
 
     async def _run(self, messages, columns, prompt_ids, seeds, on_token) -> list[TrajectoryResult]:
+        with self.engine.prefix_cache():  # each turn continues the last one's rows
+            return await self._turns(messages, columns, prompt_ids, seeds, on_token)
+
+    async def _turns(self, messages, columns, prompt_ids, seeds, on_token) -> list[TrajectoryResult]:
         budget, settings = self.generation.max_new_tokens, self.settings
         envs = [self.make_environment() for _ in messages]
         starts = await asyncio.gather(*(_maybe(env.reset(**row)) for env, row in zip(envs, columns, strict=True)))
