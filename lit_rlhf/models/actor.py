@@ -21,7 +21,15 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
-from lit_rlhf.models.padding import pack_rows, packed_forward, unpack, valid_window
+from lit_rlhf.models.padding import (
+    after_cache,
+    pack_rows,
+    packed_forward,
+    shared_prefix_cache,
+    split_shared_prefix,
+    unpack,
+    valid_window,
+)
 from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.settings import GenerationSettings, LoadSettings
 
@@ -149,6 +157,13 @@ def reuses_cache(config) -> bool:
     """Whether a generation can start from cached keys and values (:class:`CachedPrefix`): every layer
     is full attention with ``sdpa`` (a sliding window or a recurrent layer would need its own state)."""
     return takes_decode_mask(config)
+
+
+def runs_shared_prefix(model: nn.Module) -> bool:
+    """Whether a scoring or training forward of ``model`` may run the rows' shared prefix once
+    (``lit_rlhf.models.padding.split_shared_prefix``): :func:`reuses_cache` holds and activation
+    checkpointing is off (it would not hand the prefix's keys and values on)."""
+    return reuses_cache(model.config) and not getattr(model, "is_activation_checkpointing", False)
 
 
 class Actor(nn.Module):
@@ -404,8 +419,18 @@ class Actor(nn.Module):
         Padding is skipped (``lit_rlhf.models.padding``): columns that are padding in every row are
         never computed, and with ``padding_free`` the rows are packed into one. Logits at positions
         that predict padding are zeros then; they are masked out by every loss.
+
+        Tokens that every row starts with (a system prompt, the tools' schemas, one prompt's group of
+        samples; at least ``padding.SHARED_PREFIX_MIN``) run once where :func:`runs_shared_prefix`
+        holds: their keys and values come from one forward of one row that every row attends to, and
+        the gradients of all rows flow back into it, so the result is the full forward's (within
+        float tolerance). With ``padding_free`` this is chosen only when it runs fewer tokens than
+        packing would.
         """
-        if self.padding_free:
+        split = None
+        if runs_shared_prefix(self.model):
+            split = split_shared_prefix(sequences, attention_mask, num_actions, packing=self.padding_free)
+        if self.padding_free and split is None:
             packed = pack_rows(sequences, attention_mask)
             predictors = packed.index[:, -num_actions - 1 : -1]  # the token before each action
             logits = packed_forward(
@@ -416,14 +441,20 @@ class Actor(nn.Module):
                 use_cache=False,
             ).logits[0]
             return unpack(logits, predictors)
+        past, offset = None, 0
+        if split is not None:
+            past, offset = shared_prefix_cache(self.model, split, sequences, logits_to_keep=1), split.length
+            sequences, attention_mask = split.sequences, split.attention_mask
         start, end = valid_window(attention_mask, num_actions)
         kept = num_actions - (sequences.shape[1] - end)
+        mask = attention_mask[:, start:end]
         out = self.model(
             input_ids=sequences[:, start:end],
-            attention_mask=attention_mask[:, start:end],
-            position_ids=position_ids_from_mask(attention_mask[:, start:end]),
+            attention_mask=after_cache(mask, offset),
+            position_ids=offset + position_ids_from_mask(mask),
+            past_key_values=past,
             logits_to_keep=kept + 1,
-            use_cache=False,
+            use_cache=past is not None,
         )
         return torch.nn.functional.pad(out.logits[:, :-1], (0, 0, 0, num_actions - kept))
 

@@ -47,6 +47,75 @@ def valid_window(attention_mask: Tensor, num_actions: int = 0) -> tuple[int, int
     return start, end
 
 
+def shared_prefix(sequences: Tensor, attention_mask: Tensor, num_actions: int) -> tuple[int, Tensor]:
+    """How many first tokens every row of a ``[B, T]`` batch shares (a system prompt, the tools'
+    schemas, the samples of one prompt), before the token that predicts the first action, and each
+    row's first valid column ``[B]``."""
+    starts = attention_mask.long().argmax(1)
+    room = sequences.shape[1] - num_actions - 1 - int(starts.max())  # the prefix ends before every row's predictor
+    if room <= 0 or sequences.shape[0] < 2:
+        return 0, starts
+    tokens = sequences.gather(1, starts[:, None] + torch.arange(room, device=sequences.device))
+    same = (tokens == tokens[:1]).all(0)
+    return int(same.long().cumprod(0).sum()), starts
+
+
+SHARED_PREFIX_MIN = 32
+"""a batch whose rows start with at least this many equal tokens runs them once (``split_shared_prefix``)"""
+
+
+class PrefixSplit(NamedTuple):
+    """A batch split into the first ``length`` tokens every row shares and each row's rest.
+
+    starts: each row's first valid column ``[B]``. sequences, attention_mask: ``[B, T - length]`` each
+    row without its shared tokens, still left-padded as before, so column ``c`` of the batch is
+    column ``c - length`` of the rest (the actions end where they did).
+    """
+
+    length: int
+    starts: Tensor
+    sequences: Tensor
+    attention_mask: Tensor
+
+
+def split_shared_prefix(
+    sequences: Tensor, attention_mask: Tensor, num_actions: int = 0, packing: bool = False
+) -> PrefixSplit | None:
+    """The batch's shared prefix and each row's rest, or None: fewer than ``SHARED_PREFIX_MIN`` shared
+    tokens, or (``packing``: the alternative is a padding-free forward) the prefix once plus the
+    rest's window would run more tokens than packing the valid tokens."""
+    length, starts = shared_prefix(sequences, attention_mask, num_actions)
+    if length < SHARED_PREFIX_MIN:
+        return None
+    columns = torch.arange(sequences.shape[1] - length, device=sequences.device)
+    after = columns[None, :] >= starts[:, None]
+    rest_mask = attention_mask[:, length:] * after
+    if packing:
+        start, end = valid_window(rest_mask, num_actions)
+        if length + len(sequences) * (end - start) >= int(attention_mask.sum()):
+            return None
+    return PrefixSplit(length, starts, sequences[:, length:].masked_fill(~after, 0), rest_mask)
+
+
+def shared_prefix_cache(module: nn.Module, split: PrefixSplit, sequences: Tensor, **kwargs: Any):
+    """The keys and values of the shared tokens, from one forward of ``module`` over one row, seen by
+    every row (in the autograd graph: the gradients of all rows flow back into that one forward)."""
+    from transformers import DynamicCache
+
+    first = int(split.starts[0])
+    cache = DynamicCache(config=module.config)
+    module(input_ids=sequences[:1, first : first + split.length], past_key_values=cache, use_cache=True, **kwargs)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(len(sequences), -1, -1, -1)
+        layer.values = layer.values.expand(len(sequences), -1, -1, -1)
+    return cache
+
+
+def after_cache(mask: Tensor, length: int) -> Tensor:
+    """``mask`` of a rest's window with the ``length`` cached shared tokens in front (what the model attends to)."""
+    return torch.cat([mask.new_ones(mask.shape[0], length), mask], 1) if length else mask
+
+
 class PackedRows(NamedTuple):
     """The valid tokens of a ``[B, T]`` batch as one row.
 

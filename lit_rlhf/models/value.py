@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from lit_rlhf.functional import last_valid_index
+from lit_rlhf.models.actor import runs_shared_prefix
 from lit_rlhf.models.loading import (
     check_model_path,
     disable_dropout,
@@ -17,7 +18,15 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
-from lit_rlhf.models.padding import pack_rows, packed_forward, unpack, valid_window
+from lit_rlhf.models.padding import (
+    after_cache,
+    pack_rows,
+    packed_forward,
+    shared_prefix_cache,
+    split_shared_prefix,
+    unpack,
+    valid_window,
+)
 from lit_rlhf.settings import LoadSettings
 
 HEAD_NAMES = ("score", "classifier")
@@ -86,17 +95,27 @@ class ValueModel(nn.Module):
         """
         inner = self._inner
         backbone = getattr(inner, inner.base_model_prefix)
-        if self.padding_free:
+        split = None
+        if runs_shared_prefix(self.model):  # the prefix ends before the first column read (see shared_prefix)
+            first_read = int(torch.where(columns >= 0, columns, sequences.shape[1]).min())
+            split = split_shared_prefix(sequences, attention_mask, sequences.shape[1] - first_read, self.padding_free)
+        if self.padding_free and split is None:
             packed = pack_rows(sequences, attention_mask)
             hidden = packed_forward(backbone, packed, attention_mask.sum(-1), use_cache=False).last_hidden_state[0]
             wanted = torch.where(columns >= 0, packed.index.gather(1, columns.clamp_min(0)), -1)
             return unpack(hidden[wanted[wanted >= 0]], wanted)
+        past, offset = None, 0
+        if split is not None:
+            past, offset = shared_prefix_cache(backbone, split, sequences), split.length
+            sequences, attention_mask, columns = split.sequences, split.attention_mask, columns - split.length
         start, end = valid_window(attention_mask)
+        mask = attention_mask[:, start:end]
         hidden = backbone(
             input_ids=sequences[:, start:end],
-            attention_mask=attention_mask[:, start:end],
-            position_ids=position_ids_from_mask(attention_mask[:, start:end]),
-            use_cache=False,
+            attention_mask=after_cache(mask, offset),
+            position_ids=offset + position_ids_from_mask(mask),
+            past_key_values=past,
+            use_cache=past is not None,
         ).last_hidden_state
         inside = (columns >= start) & (columns < end)
         index = (columns - start).clamp(0, end - start - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lit_rlhf.functional import log_probs_from_logits
-from lit_rlhf.models import Actor, ValueModel
-from lit_rlhf.models.padding import pack_rows, unpack, valid_window
+from lit_rlhf.models import Actor, ValueModel, padding
+from lit_rlhf.models.padding import SHARED_PREFIX_MIN, pack_rows, shared_prefix, unpack, valid_window
 
 
 def test_valid_window_drops_columns_that_are_padding_in_every_row():
@@ -79,6 +79,94 @@ def test_actor_log_probs_and_gradients_equal_the_unpadded_rows(tiny_paths, token
     plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
     plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
     plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+SHARED = "12+34=46 5+5=10 77+1=78 9+9=18 30+3=33 "  # 39 tokens every prompt starts with
+
+
+def shared_batch(tokenizer, num_actions=6):
+    """Prompts of different lengths that share their first 39 tokens, left-padded, with responses of
+    different lengths right-padded (a rollout with a system prompt or the tools' schemas)."""
+    enc = tokenizer([SHARED + t for t in ["1+2=", "40+", "3+", "99+1="]], return_tensors="pt", padding=True)
+    gen = torch.Generator().manual_seed(1)
+    responses = torch.randint(3, len(tokenizer), (4, num_actions), generator=gen)
+    loss_mask = torch.arange(num_actions) < torch.tensor([6, 2, 4, 5]).unsqueeze(1)
+    responses = torch.where(loss_mask, responses, tokenizer.pad_token_id)
+    return torch.cat([enc.input_ids, responses], 1), torch.cat([enc.attention_mask, loss_mask.long()], 1), loss_mask
+
+
+def test_shared_prefix_counts_the_first_tokens_of_every_row_up_to_the_first_actions_predictor(tokenizer):
+    sequences, attention_mask, loss_mask = shared_batch(tokenizer)
+    starts = attention_mask.argmax(1)
+    length, found = shared_prefix(sequences, attention_mask, loss_mask.shape[1])
+    assert length == len(tokenizer(SHARED)["input_ids"]) >= SHARED_PREFIX_MIN and torch.equal(found, starts)
+    assert shared_prefix(sequences[:1], attention_mask[:1], 6)[0] == 0, "one row shares nothing"
+    other = sequences.clone()
+    other[2, starts[2] + 5] = (other[2, starts[2] + 5] + 1) % len(tokenizer)
+    assert shared_prefix(other, attention_mask, 6)[0] == 5
+    # never past the token that predicts a row's first action: here the last prompt token of the longest prompt
+    assert shared_prefix(sequences, attention_mask, sequences.shape[1] - int(starts.max()) - 3)[0] == 2
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_shared_prompt_prefix_runs_once_with_the_log_probs_and_gradients_of_the_full_forward(
+    tiny_paths, tokenizer, padding_free
+):
+    actor = Actor.from_pretrained(tiny_paths["policy"], tokenizer)
+    sequences, attention_mask, loss_mask = shared_batch(tokenizer)
+    num_actions, prefix = loss_mask.shape[1], len(tokenizer(SHARED)["input_ids"])
+    widths = []
+    record = lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape))  # noqa: E731
+    hook = actor.model.register_forward_pre_hook(record, with_kwargs=True)
+    actor.padding_free = padding_free
+    log_probs = actor(sequences, attention_mask, num_actions)
+    hook.remove()
+    # the prefix once, then each row's rest (its left padding stays, the actions end where they did)
+    rest = int(attention_mask[:, :-num_actions].sum(1).max()) - prefix + num_actions
+    assert widths == [(1, prefix), (4, rest)], "packing would run more tokens than the shared prefix"
+    for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
+        n = int(loss_mask[row].sum())
+        want = log_probs_from_logits(actor.model(input_ids=tokens).logits[0, -n - 1 : -1], tokens[0, -n:])
+        torch.testing.assert_close(log_probs[row, loss_mask[row]], want, atol=1e-5, rtol=1e-5)
+    loss = torch.where(loss_mask, log_probs, 0.0).sum()
+    grads = torch.autograd.grad(loss, list(actor.parameters()))
+    plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
+    plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
+    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_critic_runs_a_shared_prompt_prefix_once_with_the_values_and_gradients_of_the_full_forward(
+    tiny_paths, tokenizer, padding_free
+):
+    critic = ValueModel.from_pretrained(tiny_paths["reward"])
+    sequences, attention_mask, loss_mask = shared_batch(tokenizer)
+    num_actions, prefix = loss_mask.shape[1], len(tokenizer(SHARED)["input_ids"])
+    widths = []
+    record = lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1])  # noqa: E731
+    backbone = critic.model.model
+    hook = backbone.register_forward_pre_hook(record, with_kwargs=True)
+    critic.padding_free = padding_free
+    values, scores = critic(sequences, attention_mask, num_actions), critic.score(sequences, attention_mask)
+    assert widths[0::2] == [prefix, prefix], "values and scores each ran the shared prefix once"
+    hook.remove()
+    critic.padding_free = False
+    for row, tokens in enumerate(alone(sequences, attention_mask, lambda t: t)):
+        n, ones = int(loss_mask[row].sum()), torch.ones_like(tokens)
+        torch.testing.assert_close(values[row, loss_mask[row]], critic(tokens, ones, n)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scores[row], critic.score(tokens, ones)[0], atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(torch.where(loss_mask, values, 0.0).sum(), list(critic.parameters()))
+    with_prefix = padding.SHARED_PREFIX_MIN
+    padding.SHARED_PREFIX_MIN = 10**9  # the plain padded forward
+    try:
+        plain = critic(sequences, attention_mask, num_actions)
+    finally:
+        padding.SHARED_PREFIX_MIN = with_prefix
+    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain, 0.0).sum(), list(critic.parameters()))
     for got, want in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
