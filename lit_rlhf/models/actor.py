@@ -162,8 +162,14 @@ def reuses_cache(config) -> bool:
 def runs_shared_prefix(model: nn.Module) -> bool:
     """Whether a scoring or training forward of ``model`` may run the rows' shared prefix once
     (``lit_rlhf.models.padding.split_shared_prefix``): :func:`reuses_cache` holds and activation
-    checkpointing is off (it would not hand the prefix's keys and values on)."""
-    return reuses_cache(model.config) and not getattr(model, "is_activation_checkpointing", False)
+    checkpointing is off (it would not hand the prefix's keys and values on) and the model is not
+    sharded (FSDP frees a layer's gathered weights after its forward, and the prefix's forward is a
+    second one in the same step)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if not reuses_cache(model.config) or getattr(model, "is_activation_checkpointing", False):
+        return False
+    return not any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 class Actor(nn.Module):

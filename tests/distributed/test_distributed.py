@@ -76,7 +76,8 @@ def test_fsdp2_export_loads_in_plain_transformers_with_the_sharded_log_probs(one
 def _worker_sequences():
     """The first two of the worker's fixed sequences (same seed, same draws)."""
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, 14, (8, 6), generator=g)
+    shared = torch.randint(3, 14, (1, 40), generator=g).expand(8, -1)
+    prompts = torch.cat([shared, torch.randint(3, 14, (8, 6), generator=g)], 1)
     responses = torch.randint(3, 14, (8, 5), generator=g)
     return torch.cat([prompts, responses], 1)[:2]
 

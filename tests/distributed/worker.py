@@ -52,10 +52,12 @@ def quiet_trainer(strategy_name: str, world: int, **stop) -> L.Trainer:
 
 
 def fixed_experience(module) -> Experience:
-    """8 experiences of different lengths, identical on every rank (seeded)."""
+    """8 experiences of different lengths, identical on every rank (seeded), whose prompts share their
+    first 40 tokens (a system prompt: the shared prefix runs once, ``lit_rlhf.models.padding``)."""
     actor, critic = module.actor, module.critic
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, 14, (ROWS, 6), generator=g)
+    shared = torch.randint(3, 14, (1, 40), generator=g).expand(ROWS, -1)
+    prompts = torch.cat([shared, torch.randint(3, 14, (ROWS, 6), generator=g)], 1)
     responses = torch.randint(3, 14, (ROWS, 5), generator=g)
     sequences = torch.cat([prompts, responses], 1)
     loss_mask = torch.arange(5) < torch.tensor([1, 5, 2, 4, 3, 5, 1, 2]).unsqueeze(1)
