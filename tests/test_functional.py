@@ -324,6 +324,37 @@ def test_truncated_importance_weights_and_weighted_policy_loss_by_hand():
         F.truncated_importance_weights(old, rollout, cap=0.5)
 
 
+def test_behaviour_weights_by_hand_per_token_and_per_sequence():
+    proximal = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.6, 0.5]]))
+    behaviour = torch.log(torch.tensor([[0.25, 0.4, 0.1], [0.6, 0.2, 0.5]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # per token: 2, 0.5, 9 -> 3 (capped); 0.5, 3, 1
+    close(F.behaviour_weights(proximal, behaviour, mask, 3.0), torch.tensor([[2.0, 0.5, 3.0], [0.5, 3.0, 1.0]]))
+    # per sequence: the product of the valid tokens' ratios, on every token: 2 * 0.5 = 1 (the masked 9 is not in
+    # it); 0.5 * 3 * 1 = 1.5, capped at 1.2
+    weights = F.behaviour_weights(proximal, behaviour, mask, 1.2, "sequence")
+    close(weights, torch.tensor([[1.0, 1.0, 1.0], [1.2, 1.2, 1.2]]))
+    assert not weights.requires_grad
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        F.behaviour_weights(proximal, behaviour, mask, 2.0, "row")
+    with pytest.raises(ValueError, match="cap"):
+        F.behaviour_weights(proximal, behaviour, mask, 0.5, "sequence")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_the_decoupled_loss_is_plain_ppo_when_the_behaviour_policy_is_the_proximal_one(level):
+    g = torch.Generator().manual_seed(3)
+    proximal, advantages = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    log_probs = (proximal + 0.3 * torch.randn(4, 6, generator=g)).requires_grad_()
+    weights = F.behaviour_weights(proximal, proximal.clone(), mask, 2.0, level)
+    assert torch.equal(weights, torch.ones(4, 6))
+    decoupled = F.policy_loss(log_probs, proximal, advantages, mask, 0.2, importance_weights=weights)
+    plain = F.policy_loss(log_probs, proximal, advantages, mask, 0.2)
+    assert torch.equal(decoupled, plain)  # exactly, not approximately
+    assert torch.equal(torch.autograd.grad(decoupled, log_probs)[0], torch.autograd.grad(plain, log_probs)[0])
+
+
 def test_policy_loss_rejects_dual_clip_below_one():
     with pytest.raises(ValueError, match="dual_clip"):
         F.policy_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.ones(1), dual_clip=0.9)

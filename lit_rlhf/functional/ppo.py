@@ -241,6 +241,27 @@ def truncated_importance_weights(old_log_probs: Tensor, rollout_log_probs: Tenso
     return torch.exp(old_log_probs.float() - rollout_log_probs.float()).clamp(max=cap).detach()
 
 
+def behaviour_weights(
+    proximal_log_probs: Tensor, behaviour_log_probs: Tensor, mask: Tensor, cap: float, level: str = "token"
+) -> Tensor:
+    """The decoupled PPO loss's truncated behaviour weights ``[B, T]``, no gradient.
+
+    The tokens were sampled by a behaviour policy μ (an engine's kernels, or an older policy version
+    in an asynchronous rollout); PPO's ratio is taken against the proximal policy π_prox (the
+    trainer's recomputed old log-probs). ``token``: ``min(π_prox / μ, cap)`` per token;
+    ``sequence``: one weight per row, ``min(exp(Σ_t mask · (log π_prox − log μ)), cap)``, on every
+    token of the row. With μ = π_prox every weight is exactly 1 (the loss is plain PPO's).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"behaviour weight level must be 'token' or 'sequence', got {level!r}")
+    if level == "token":
+        return truncated_importance_weights(proximal_log_probs, behaviour_log_probs, cap)
+    if cap < 1:
+        raise ValueError(f"behaviour weight cap must be >= 1, got {cap}")
+    log_ratio = torch.where(mask, proximal_log_probs.float() - behaviour_log_probs.float(), 0.0).sum(-1, keepdim=True)
+    return log_ratio.exp().clamp(max=cap).expand_as(proximal_log_probs).detach()
+
+
 def clip_fraction(
     log_probs: Tensor,
     old_log_probs: Tensor,

@@ -50,10 +50,11 @@ def check_ppo_settings(
             "to compare; training rollouts need temperature > 0 (use generation.val_temperature: 0 for greedy "
             "validation)"
         )
-    if algorithm.rollout_correction == "tis" and not rollout.recomputes_old_log_probs:
+    correction = algorithm.rollout_correction
+    if correction != "none" and not rollout.recomputes_old_log_probs:
         raise ValueError(
-            "algorithm.rollout_correction='tis' compares the trainer's old log-probs with the sampler's; set "
-            "rollout.recompute_old_log_probs: true (the default with an engine)"
+            f"algorithm.rollout_correction={correction!r} compares the trainer's old log-probs with the "
+            "sampler's; set rollout.recompute_old_log_probs: true (the default with an engine)"
         )
     if models is not None:
         rollout.engine.check_settings(models, generation)

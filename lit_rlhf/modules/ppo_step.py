@@ -35,9 +35,9 @@ def ppo_micro_step(
     )
     clip = (algorithm.clip_eps, algorithm.clip_eps_high)
     weights = None
-    if algorithm.rollout_correction == "tis":
-        cap = algorithm.rollout_correction_cap
-        weights = F.truncated_importance_weights(micro.old_log_probs, micro.rollout_log_probs, cap)
+    if algorithm.rollout_correction != "none":  # tis is the token level of the same weights
+        cap, level = algorithm.rollout_correction_cap, algorithm.rollout_correction_level
+        weights = F.behaviour_weights(micro.old_log_probs, micro.rollout_log_probs, mask, cap, level)
     loss = F.policy_loss(log_probs, micro.old_log_probs, micro.advantages, mask, *clip, algorithm.dual_clip, weights)
     mean_entropy = F.masked_mean(entropy, mask)
     stats = {
@@ -46,6 +46,9 @@ def ppo_micro_step(
         "policy/clip_fraction": F.clip_fraction(log_probs.detach(), micro.old_log_probs, mask, *clip),
         "policy/approx_kl": F.masked_mean(F.approx_kl(log_probs.detach(), micro.old_log_probs, "k3"), mask),
     }
+    if weights is not None:
+        stats["policy/behaviour_weight"] = F.masked_mean(weights, mask)
+        stats["policy/behaviour_weight_max"] = torch.where(mask, weights, 0.0).max()
     if algorithm.entropy_coef:
         loss = loss - algorithm.entropy_coef * mean_entropy
     if kl.penalty == "loss" and micro.ref_log_probs is not None:  # reference-free (kl.coef 0): no KL term

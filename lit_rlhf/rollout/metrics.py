@@ -60,19 +60,22 @@ def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, 
     """How far the sampler's log-probs are from the trainer's old ones (valid tokens of all ranks).
 
     ``rollout/logprob_abs_diff`` (mean, ``_max``) and the importance ratio ``exp(old - rollout)``
-    (``rollout/importance_ratio`` mean, ``_max``): what ``algorithm.rollout_correction: tis`` corrects.
+    (``rollout/importance_ratio`` mean, ``_max``): what ``algorithm.rollout_correction`` corrects; and
+    ``rollout/token_mult_prob_error``, the mean of ``exp|old - rollout|`` (1 when they agree).
     """
     mask = experience.loss_mask
     diff = (experience.old_log_probs - experience.rollout_log_probs).float()
     ratio = torch.where(mask, diff.exp(), 0.0)
     absolute = torch.where(mask, diff.abs(), 0.0)
-    sums = all_reduce(torch.stack([absolute.sum(), ratio.sum(), mask.sum().float()]))
+    multiplicative = torch.where(mask, absolute.exp(), 0.0)
+    sums = all_reduce(torch.stack([absolute.sum(), ratio.sum(), multiplicative.sum(), mask.sum().float()]))
     maxima = reduce_max(torch.stack([absolute.max(), ratio.max()]))
     return {
-        "rollout/logprob_abs_diff": sums[0] / sums[2],
+        "rollout/logprob_abs_diff": sums[0] / sums[3],
         "rollout/logprob_abs_diff_max": maxima[0],
-        "rollout/importance_ratio": sums[1] / sums[2],
+        "rollout/importance_ratio": sums[1] / sums[3],
         "rollout/importance_ratio_max": maxima[1],
+        "rollout/token_mult_prob_error": sums[2] / sums[3],
     }
 
 

@@ -171,11 +171,17 @@ class AlgorithmSettings:
     """subtracted from the score of responses cut at ``max_new_tokens`` (None = off)."""
     reward_clip: float | None = None
     """clamp scores to [-reward_clip, reward_clip] after the penalty (None = off)."""
-    rollout_correction: Literal["none", "tis"] = "none"
+    rollout_correction: Literal["none", "tis", "decoupled"] = "none"
     """``tis``: weight each token's policy loss by the truncated importance ratio between the trainer's
-    old log-probs and the rollout engine's (corrects their small mismatch; needs recomputed old log-probs)."""
+    old log-probs and the rollout engine's (corrects their small mismatch; needs recomputed old log-probs).
+    ``decoupled``: the decoupled PPO objective of asynchronous RL: the ratio is taken against the
+    proximal policy (the trainer's recomputed old log-probs) and each token's loss is weighted by the
+    truncated behaviour weight π_prox/μ, μ being the policy that sampled it (``functional.behaviour_weights``;
+    ``rollout_correction_level`` picks per token or per sequence; with μ = π_prox it is plain PPO)."""
     rollout_correction_cap: float = 2.0
-    """the TIS truncation: weights are at most this (>= 1)."""
+    """the truncation of the TIS and behaviour weights: they are at most this (>= 1)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """``decoupled``: one behaviour weight per token, or one per sequence (the product of its tokens' ratios)."""
 
     def __post_init__(self) -> None:
         valid = ("gae", *CRITIC_FREE)
@@ -203,7 +209,13 @@ class AlgorithmSettings:
             _check(self.missing_eos_penalty >= 0, "algorithm", "missing_eos_penalty", self.missing_eos_penalty, ">= 0")
         if self.reward_clip is not None:
             _check(self.reward_clip > 0, "algorithm", "reward_clip", self.reward_clip, "> 0")
-        _choice(self.rollout_correction, ("none", "tis"), "algorithm", "rollout_correction")
+        _choice(self.rollout_correction, ("none", "tis", "decoupled"), "algorithm", "rollout_correction")
+        _choice(self.rollout_correction_level, ("token", "sequence"), "algorithm", "rollout_correction_level")
+        if self.rollout_correction_level == "sequence" and self.rollout_correction != "decoupled":
+            raise ValueError(
+                "algorithm.rollout_correction_level='sequence' weights whole sequences of the decoupled loss; "
+                f"it needs algorithm.rollout_correction: decoupled (got {self.rollout_correction!r})"
+            )
         cap = self.rollout_correction_cap
         _check(cap >= 1, "algorithm", "rollout_correction_cap", cap, ">= 1")
         if self.advantage_estimator == "grpo" and self.whiten_advantages:

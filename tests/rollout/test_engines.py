@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import math
 import subprocess
 import sys
 import types
@@ -78,6 +79,23 @@ def test_an_engine_generates_with_pushed_weights_and_its_mismatch_is_measured(ti
     mask = last.loss_mask
     gap = last.old_log_probs[mask] - last.rollout_log_probs[mask]
     torch.testing.assert_close(gap, torch.full_like(gap, SHIFT), atol=1e-4, rtol=0)
+
+
+def test_the_decoupled_loss_weights_every_token_by_the_behaviour_ratio(tiny_assets, tmp_path):
+    """The engine's log-probs are the trainer's lowered by SHIFT, so each token's behaviour weight
+    π_prox/μ is exp(SHIFT) (below the cap)."""
+    module = small_module(
+        tiny_assets, rollout={"engine": ShiftedEngine()}, algorithm={"rollout_correction": "decoupled"}
+    )
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(module, datamodule=datamodule(tiny_assets))
+    metrics = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv")
+    steps = metrics.dropna(subset=["policy/behaviour_weight"])
+    assert sorted(set(steps["epoch"])) == [0, 1]
+    for key in ("policy/behaviour_weight", "policy/behaviour_weight_max"):  # every step: the same proximal policy
+        values = torch.tensor(steps[key].to_numpy())
+        torch.testing.assert_close(values, torch.full_like(values, math.exp(SHIFT)), atol=1e-3, rtol=0)
+    assert (metrics["rollout/token_mult_prob_error"].dropna() - math.exp(SHIFT)).abs().max() < 1e-3
 
 
 def test_the_same_seed_gives_the_same_rollout_through_an_engine(tiny_assets, tmp_path):
@@ -218,6 +236,7 @@ def test_mismatch_metrics_by_hand():
     ratios = torch.exp(torch.tensor([0.5, -1.0, 0.0]))
     assert metrics["rollout/importance_ratio"].item() == pytest.approx(ratios.mean().item())
     assert metrics["rollout/importance_ratio_max"].item() == pytest.approx(ratios.max().item())
+    assert metrics["rollout/token_mult_prob_error"].item() == pytest.approx(torch.tensor([0.5, 1.0, 0.0]).exp().mean())
 
 
 def test_engine_settings_round_trip_and_are_checked():
@@ -246,8 +265,11 @@ def test_what_an_engine_cannot_do_is_refused_before_models_load(tiny_assets):
             models={"actor_path": tiny_assets["policy"], "load_in_4bit": True, "lora": {"rank": 4}},
             rollout={"engine": VLLMEngine()},
         )
-    with pytest.raises(ValueError, match="recompute_old_log_probs"):
-        small_module(tiny_assets, algorithm={"rollout_correction": "tis"})
+    for correction in ("tis", "decoupled"):
+        with pytest.raises(ValueError, match="recompute_old_log_probs"):
+            small_module(tiny_assets, algorithm={"rollout_correction": correction})
+    with pytest.raises(ValueError, match="needs algorithm.rollout_correction: decoupled"):
+        small_module(tiny_assets, algorithm={"rollout_correction": "tis", "rollout_correction_level": "sequence"})
     with pytest.raises(ValueError, match="rollout_correction_cap"):
         small_module(tiny_assets, algorithm={"rollout_correction": "tis", "rollout_correction_cap": 0.5})
 
