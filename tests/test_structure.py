@@ -21,8 +21,9 @@ def test_rollout_and_rewards_never_reach_into_a_lightning_module():
     for name, text in sources("rollout", "rewards").items():
         assert "module: Any" not in text, name
         accesses = re.findall(r"pl_module\.\w+", text)
-        if name == "rollout/callback.py":  # the trigger: asks the module for a rollout, fills its buffer
-            assert set(accesses) <= {"pl_module.collect_rollout", "pl_module.buffer"}, accesses
+        if name == "rollout/callback.py":  # the trigger: asks the module for a rollout, fills its buffer (and
+            # on a failed fit calls the module's own teardown, which Lightning then skips)
+            assert set(accesses) <= {"pl_module.collect_rollout", "pl_module.buffer", "pl_module.teardown"}, accesses
         else:
             assert not accesses, (name, accesses)
         assert not re.search(r"^\s*(from|import) lit_rlhf\.modules", text, re.M), name  # arrows point one way

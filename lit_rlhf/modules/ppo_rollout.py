@@ -52,6 +52,9 @@ def collect(module, rollout_index: int) -> Rollout:
         start = time.perf_counter()  # the engine generates with the weights of the last optimizer step
         engine.sync_weights(module.actor)
         sync_s = None if engine.samples_with_actor else time.perf_counter() - start
+        checked = None
+        if not engine.samples_with_actor and module.rollout.weight_check_tolerance is not None:
+            checked = module.runner.check_weights(batch)  # raises when the engine's weights are not the actor's
         rollout = module.runner.collect(rollout_index, batch, progress)
     progress.training()
     metrics = module.runner.metrics(rollout)
@@ -73,6 +76,8 @@ def collect(module, rollout_index: int) -> Rollout:
     if sync_s is not None:
         metrics["perf/weight_sync_s"] = torch.tensor(sync_s)
         timing["weight_sync_s"] = sync_s
+    if checked is not None:
+        metrics["rollout/weight_check_logprob_diff"] = torch.tensor(checked)
     for key, value in metrics.items():
         # already reduced over ranks; sync_dist makes Lightning average identical values (no warning)
         module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in PROGRESS_BAR_METRICS, sync_dist=True)

@@ -22,3 +22,8 @@ class RolloutCallback(L.Callback):
         rollout = pl_module.collect_rollout(trainer.current_epoch)
         pl_module.buffer.fill(rollout.experience)
         self.last_timing = rollout.timing
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A fit that fails stops the engine it started (Lightning skips the module's ``teardown``
+        then, and a vLLM engine would keep its processes and its memory)."""
+        pl_module.teardown("fit")

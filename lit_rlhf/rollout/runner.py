@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.models.sharding import gathered
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
-from lit_rlhf.rollout.engines.base import RolloutEngine
+from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine
 from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
 from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, turn_metrics
@@ -160,6 +161,40 @@ class RolloutRunner:
         self._rewards_per_turn = rollout.multi_turn is not None and rollout.multi_turn.turn_rewards == "last"
         if rollout.multi_turn is not None:  # tools and environments load once, at the start
             self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
+
+    PROBE_TOKENS = 16
+
+    @torch.no_grad()
+    def check_weights(self, prompts: dict) -> float:
+        """After a weight push: the engine samples ``PROBE_TOKENS`` tokens after a fixed prompt (the
+        first prompt of the first rollout on this rank, with a fixed seed; no top-k/top-p, so both sides
+        read the same distribution) and the trainer scores them. Returns the mean |log-prob difference|
+        (the largest over ranks); above ``rollout.weight_check_tolerance`` it raises, on every rank."""
+        if getattr(self, "_probe_prompt", None) is None:
+            ids, mask = prompts["input_ids"][0], prompts["attention_mask"][0].bool()
+            self._probe_prompt = tuple(ids[mask].tolist())
+        settings = dataclasses.replace(
+            self.generation, max_new_tokens=self.PROBE_TOKENS, top_k=0, top_p=1.0, stop_at_eos=False, stop_strings=()
+        )
+        request = GenerationRequest(self._probe_prompt, self.seed, (), self.PROBE_TOKENS)
+        (sample,) = self.engine.generate([request], settings)
+        actor = self.models.actor
+        device = prompts["input_ids"].device
+        sequence = torch.tensor([[*self._probe_prompt, *sample.token_ids]], device=device)
+        with eval_mode(actor):
+            mine = actor(sequence, torch.ones_like(sequence), len(sample.token_ids), settings.scoring_temperature)
+        theirs = torch.tensor(sample.log_probs, device=device)
+        diff = self.reduce_max((mine[0].float() - theirs).abs().mean())
+        tolerance = self.rollout.weight_check_tolerance
+        if not bool(torch.isfinite(diff)) or float(diff) > tolerance:
+            raise RuntimeError(
+                f"after the weight push, the rollout engine's log-probs of a fixed probe differ from the trainer's "
+                f"by {float(diff):.4g} on average (> rollout.weight_check_tolerance {tolerance}): the engine is not "
+                f"sampling with the trained weights (a weight push that did not load, or a stale engine: "
+                f"{self.engine!r}). Stopped before training on its samples; raise the tolerance only if the "
+                "engine's kernels really differ this much"
+            )
+        return float(diff)
 
     def collect(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Rollout:
         """Rollout ``rollout_index`` from this rank's prompts (what ``PromptDataModule.rollout_prompts``

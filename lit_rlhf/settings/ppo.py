@@ -101,6 +101,11 @@ class RolloutSettings:
     every generated token (slow, but no extra memory)."""
     multi_turn: MultiTurnSettings | None = None
     """multi-turn rollouts with tools or an environment (absent: one response per prompt)."""
+    weight_check_tolerance: float | None = 0.5
+    """after every weight push to an engine that samples with weights of its own (vLLM), the engine
+    samples 16 tokens after a fixed prompt and the trainer scores them: a mean |log-prob difference|
+    above this stops the run (stale or unloaded weights never pass silently; kernel differences are
+    far smaller: ~1e-5 in fp32, ~1e-2 in bf16). None: no check."""
 
     def __post_init__(self) -> None:
         if self.multi_turn is not None:
@@ -125,6 +130,9 @@ class RolloutSettings:
         if self.score_micro_batch_tokens is not None:
             tokens = self.score_micro_batch_tokens
             _check(tokens >= 1, "rollout", "score_micro_batch_tokens", tokens, ">= 1 (or null)")
+        if self.weight_check_tolerance is not None:
+            tolerance = self.weight_check_tolerance
+            _check(tolerance > 0, "rollout", "weight_check_tolerance", tolerance, "> 0 (or null for no check)")
 
     @property
     def recomputes_old_log_probs(self) -> bool:

@@ -62,8 +62,9 @@ def test_an_engine_generates_with_pushed_weights_and_its_mismatch_is_measured(ti
     assert module.rollout.recomputes_old_log_probs  # the default with an engine
     fit = trainer(tmp_path, max_epochs=3)
     fit.fit(module, datamodule=datamodule(tiny_assets))
-    assert engine.calls == ["start"] + ["sync", "generate"] * 3 + ["shutdown"]
-    assert len(set(engine.seeds)) == 3
+    # after each push the probe (one row, the same seed every time), then the rollout
+    assert engine.calls == ["start"] + ["sync", "generate", "generate"] * 3 + ["shutdown"]
+    assert len(set(engine.seeds[0::2])) == 1 and len(set(engine.seeds[1::2])) == 3
     # the copy got the trained weights: the trainer's old log-probs are its sampler's within float error,
     # so the measured mismatch is the injected shift
     metrics = pd.read_csv(f"{fit.logger.log_dir}/metrics.csv")
@@ -75,6 +76,8 @@ def test_an_engine_generates_with_pushed_weights_and_its_mismatch_is_measured(ti
     ratio = metrics["rollout/importance_ratio_max"].dropna().to_numpy()
     assert abs(ratio[-1] - torch.exp(torch.tensor(SHIFT)).item()) < 1e-3
     assert (metrics["perf/weight_sync_s"].dropna() >= 0).all()
+    probe = torch.tensor(metrics["rollout/weight_check_logprob_diff"].dropna().to_numpy())
+    torch.testing.assert_close(probe, torch.full((3,), SHIFT, dtype=torch.float64), atol=1e-4, rtol=0)
     last = module.buffer.experience  # the last rollout: old log-probs are the trainer's, the engine's kept beside
     mask = last.loss_mask
     gap = last.old_log_probs[mask] - last.rollout_log_probs[mask]
@@ -96,6 +99,29 @@ def test_the_decoupled_loss_weights_every_token_by_the_behaviour_ratio(tiny_asse
         values = torch.tensor(steps[key].to_numpy())
         torch.testing.assert_close(values, torch.full_like(values, math.exp(SHIFT)), atol=1e-3, rtol=0)
     assert (metrics["rollout/token_mult_prob_error"].dropna() - math.exp(SHIFT)).abs().max() < 1e-3
+
+
+class StaleEngine(ShiftedEngine):
+    """Takes the actor's weights once, at the first push, and never again (a push that did not load)."""
+
+    def sync_weights(self, actor) -> None:
+        if "sync" not in self.calls:
+            super().sync_weights(actor)
+        else:
+            self.calls.append("sync")
+
+
+def test_an_engine_whose_weights_went_stale_stops_the_run_after_the_push(tiny_assets, tmp_path):
+    engine = StaleEngine()
+    fast = {"actor": {"optimizer": lambda p: torch.optim.AdamW(p, lr=0.05)}}  # the weights move far in one rollout
+    module = small_module(tiny_assets, rollout={"engine": engine}, optim=fast)
+    with pytest.raises(RuntimeError, match=r"differ from the trainer's by [0-9.]+ on average \(> rollout.weight_check"):
+        trainer(tmp_path, max_epochs=3).fit(module, datamodule=datamodule(tiny_assets))
+    # the first push loaded (the probe passed, the rollout trained); the second did not and was caught before
+    # its rollout was generated
+    assert engine.calls == ["start", "sync", "generate", "generate", "sync", "generate", "shutdown"]
+    with pytest.raises(ValueError, match="weight_check_tolerance"):
+        small_module(tiny_assets, rollout={"engine": ShiftedEngine(), "weight_check_tolerance": 0})
 
 
 def test_the_same_seed_gives_the_same_rollout_through_an_engine(tiny_assets, tmp_path):
@@ -221,6 +247,48 @@ def test_the_native_prefix_cache_prefills_only_new_tokens_and_samples_what_a_ful
     for mine, theirs in zip(first + second, again + second_plain, strict=True):
         assert mine.token_ids == theirs.token_ids and mine.finish_reason == theirs.finish_reason
         assert mine.log_probs == pytest.approx(theirs.log_probs, abs=1e-5)
+
+
+class SleepyLLM:
+    """Stands in for ``vllm.LLM`` with sleep mode: records the calls, refuses to generate while asleep."""
+
+    def __init__(self):
+        self.calls, self.asleep = [], False
+        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=64))
+
+    def sleep(self, level):
+        self.calls.append("sleep")
+        self.asleep = True
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+        self.asleep = False
+
+    def generate(self, prompts, params, use_tqdm=False):
+        assert not self.asleep, "generate on a sleeping engine: its weights are released"
+        self.calls.append("generate")
+        out = types.SimpleNamespace(
+            token_ids=[5, 2],
+            logprobs=[{5: types.SimpleNamespace(logprob=-0.1)}, {2: types.SimpleNamespace(logprob=-0.2)}],
+            finish_reason="stop",
+        )
+        return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+
+def test_a_sleeping_vllm_engine_wakes_for_every_generation_and_stays_awake_across_turns(monkeypatch):
+    engine = VLLMEngine()
+    engine.llm, engine.enable_sleep_mode, engine.eos_token_ids = SleepyLLM(), True, [2]
+    monkeypatch.setattr(engine, "sampling_params", lambda *args: None)
+    engine._sleep()  # as start() leaves it
+    request, settings = [GenerationRequest((1, 3), 0)], GenerationSettings(max_new_tokens=4)
+    assert engine.generate(request, settings)[0].token_ids == (5, 2)
+    engine.generate(request, settings)  # a second call (the rollout after the weight check) wakes it again
+    assert engine.llm.calls == ["sleep", "wake_up", "generate", "sleep", "wake_up", "generate", "sleep"]
+    engine.llm.calls.clear()
+    with engine.prefix_cache():  # a multi-turn rollout: awake for all its turns, asleep after
+        engine.generate(request, settings)
+        engine.generate(request, settings)
+    assert engine.llm.calls == ["wake_up", "generate", "generate", "sleep"]
 
 
 def test_mismatch_metrics_by_hand():

@@ -25,6 +25,7 @@ def test_a_ppo_fit_with_tools_logs_turns_and_writes_conversations_to_samples(kit
         generation={"max_new_tokens": 200},
         rollout={
             "engine": ScriptedEngine(tok),
+            "weight_check_tolerance": None,
             "rollout_batch_size": 4,
             "multi_turn": {"tools": [calculator], "max_turns": 3},
         },
@@ -58,7 +59,12 @@ def test_validation_of_a_multi_turn_run_runs_the_tools_and_scores_the_final_answ
         models={"actor_path": paths["policy"]},
         rewards=[RewardFunction(exact, name="exact")],
         generation={"max_new_tokens": 200, "n_samples_per_prompt": 2},
-        rollout={"engine": ScriptedEngine(tok), "rollout_batch_size": 4, "multi_turn": {"tools": [calculator]}},
+        rollout={
+            "engine": ScriptedEngine(tok),
+            "weight_check_tolerance": None,
+            "rollout_batch_size": 4,
+            "multi_turn": {"tools": [calculator]},
+        },
         algorithm={"advantage_estimator": "grpo", "mini_batch_size": 8, "micro_batch_size": 8},
         kl={"coef": 0.0},
         val_metrics={

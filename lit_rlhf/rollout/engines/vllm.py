@@ -22,6 +22,7 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,6 +110,8 @@ class VLLMEngine(RolloutEngine):
         self._signature: tuple = ()
         self._group: Any = None  # the engine's ranks (tensor parallelism): prompts are gathered over it
         self._group_rank = 0
+        self._asleep = False  # sleep mode: the engine's weights and KV cache are released
+        self._awake_calls = 0  # open prefix_cache() contexts: stay awake between their calls
 
     def init_args(self) -> dict:
         return {
@@ -226,9 +229,32 @@ class VLLMEngine(RolloutEngine):
             env.update(spawned_engine_gpu(device))
         with environment(env, remove=remove), quiet_chat_warmup():
             self.llm = vllm.LLM(**kwargs)
-        if self.enable_sleep_mode:
-            self.llm.sleep(level=1)
+        self._asleep = False
+        self._sleep()
         return True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def _sleep(self) -> None:
+        """With sleep mode, give the GPU memory back to training (unless a prefix_cache() context is open)."""
+        if self.enable_sleep_mode and not self._asleep and not self._awake_calls:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    @contextlib.contextmanager
+    def prefix_cache(self) -> Iterator[None]:
+        """vLLM caches prefixes itself; with sleep mode the engine stays awake for every call inside
+        (a multi-turn rollout's turns) and sleeps once at the end."""
+        self._awake_calls += 1
+        try:
+            yield
+        finally:
+            self._awake_calls -= 1
+            if self.llm is not None:
+                self._sleep()
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -237,8 +263,7 @@ class VLLMEngine(RolloutEngine):
         from safetensors.torch import save
 
         start = time.perf_counter()
-        if self.enable_sleep_mode:
-            self.llm.wake_up()
+        self._wake()
         limit, chunk, size, layer, pushed, total = self.push_chunk_mib * 2**20, {}, 0, None, 0, 0
         for name, tensor in policy_weights(actor.model):
             this_layer = _layer_of(name)
@@ -310,6 +335,7 @@ class VLLMEngine(RolloutEngine):
                 f"{generation.max_new_tokens} = {longest} > the engine's max_model_len {limit}; shorten the "
                 "prompts (data.init_args.max_prompt_len) or max_new_tokens"
             )
+        self._wake()  # asleep after the last call (a weight check, an earlier turn): wake it first
         rows = [(list(r.prompt_ids), r.seed % (2**31 - 1), tuple(r.stop_token_ids), r.max_new_tokens) for r in requests]
         first, mine = 0, len(rows)
         if self._group is not None:  # the engine's ranks generate all their rows together, same seeds
@@ -326,8 +352,7 @@ class VLLMEngine(RolloutEngine):
             if death is None:
                 raise
             raise death from error
-        if self.enable_sleep_mode:
-            self.llm.sleep(level=1)
+        self._sleep()
         rule = StopStrings(self.tokenizer, generation.stop_strings) if generation.stop_strings else None
         ends = set(self.eos_token_ids)
         samples = []
