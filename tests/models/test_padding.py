@@ -74,13 +74,7 @@ def test_actor_log_probs_and_gradients_equal_the_unpadded_rows(tiny_paths, token
     assert widths == [(1, valid)] if padding_free else widths == [(4, sequences.shape[1] - 2 - 3)]
 
     # gradients of a masked loss equal the plain padded forward's
-    loss = torch.where(loss_mask, log_probs, 0.0).sum()
-    grads = torch.autograd.grad(loss, list(actor.parameters()))
-    plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
-    plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
-    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
-    for got, want in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert_gradients_of_the_plain_forward(actor, sequences, attention_mask, loss_mask, log_probs)
 
 
 SHARED = "12+34=46 5+5=10 77+1=78 9+9=18 30+3=33 "  # 39 tokens every prompt starts with
@@ -130,13 +124,7 @@ def test_a_shared_prompt_prefix_runs_once_with_the_log_probs_and_gradients_of_th
         n = int(loss_mask[row].sum())
         want = log_probs_from_logits(actor.model(input_ids=tokens).logits[0, -n - 1 : -1], tokens[0, -n:])
         torch.testing.assert_close(log_probs[row, loss_mask[row]], want, atol=1e-5, rtol=1e-5)
-    loss = torch.where(loss_mask, log_probs, 0.0).sum()
-    grads = torch.autograd.grad(loss, list(actor.parameters()))
-    plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
-    plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
-    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
-    for got, want in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert_gradients_of_the_plain_forward(actor, sequences, attention_mask, loss_mask, log_probs)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -167,6 +155,17 @@ def test_a_critic_runs_a_shared_prompt_prefix_once_with_the_values_and_gradients
     finally:
         padding.SHARED_PREFIX_MIN = with_prefix
     plain_grads = torch.autograd.grad(torch.where(loss_mask, plain, 0.0).sum(), list(critic.parameters()))
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def assert_gradients_of_the_plain_forward(actor, sequences, attention_mask, loss_mask, log_probs):
+    """The gradients of a masked sum of ``log_probs`` equal those of the plain padded forward's."""
+    num_actions = loss_mask.shape[1]
+    grads = torch.autograd.grad(torch.where(loss_mask, log_probs, 0.0).sum(), list(actor.parameters()))
+    plain = actor.model(input_ids=sequences, attention_mask=attention_mask, position_ids=_positions(attention_mask))
+    plain_lp = log_probs_from_logits(plain.logits[:, -num_actions - 1 : -1], sequences[:, -num_actions:])
+    plain_grads = torch.autograd.grad(torch.where(loss_mask, plain_lp, 0.0).sum(), list(actor.parameters()))
     for got, want in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
