@@ -65,9 +65,10 @@ def test_the_budget_ends_a_trajectory_before_an_observation_that_does_not_fit(ki
     assert rollout.experience.loss_mask.shape[1] <= first_turn + 5
 
 
-def test_one_turn_without_tools_is_the_single_turn_rollout(tiny_assets):
+@pytest.mark.parametrize("shared", ["", "12+34=46 5+5=10 77+1=78 9+9=18 30+3=33 "])  # the second: 39 shared tokens
+def test_one_turn_without_tools_is_the_single_turn_rollout(tiny_assets, shared):
     tok = load_tokenizer(tiny_assets["policy"])
-    enc = tok(["12+34=", "5+5=", "77+1="], return_tensors="pt", padding=True)
+    enc = tok([shared + p for p in ["12+34=", "5+5=", "77+1="]], return_tensors="pt", padding=True)
     prompts = {
         "input_ids": enc.input_ids,
         "attention_mask": enc.attention_mask,

@@ -146,6 +146,8 @@ class TurnLoop:
         return run_coroutine(lambda: self._run(messages, columns, prompt_ids, seeds, on_token))
 
     async def _run(self, messages, columns, prompt_ids, seeds, on_token) -> list[TrajectoryResult]:
+        if self.settings.max_turns == 1:  # exactly the single-turn rollout's one generate call
+            return await self._turns(messages, columns, prompt_ids, seeds, on_token)
         with self.engine.prefix_cache():  # each turn continues the last one's rows
             return await self._turns(messages, columns, prompt_ids, seeds, on_token)
 
