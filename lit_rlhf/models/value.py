@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from lit_rlhf.functional import last_valid_index
-from lit_rlhf.models.actor import runs_shared_prefix
+from lit_rlhf.models.decoding import runs_shared_prefix
 from lit_rlhf.models.loading import (
     check_model_path,
     disable_dropout,

@@ -15,7 +15,6 @@ from peft import LoraConfig, get_peft_model
 from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.models.sharding import policy_weights
 from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample, VLLMEngine
-from lit_rlhf.rollout.engines.base import GenerationRequest
 from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
 from lit_rlhf.rollout.engines.vllm import _layer_of
 from lit_rlhf.rollout.engines.vllm_launch import shard_group
@@ -207,88 +206,6 @@ def test_the_native_engine_samples_what_the_actor_samples(tiny_assets):
     assert torch.equal(packed.log_probs, direct.log_probs) and torch.equal(packed.finished, direct.finished)
     assert not engine.recomputes_old_log_probs and engine.samples_with_actor
     assert RolloutSettings(engine="native").engine == NativeEngine()
-
-
-def test_the_native_prefix_cache_prefills_only_new_tokens_and_samples_what_a_full_prefill_samples(tiny_assets):
-    """Inside ``prefix_cache()``: a shared prompt prefix is prefilled once, a request that continues a
-    row of the last call prefills only its new tokens, and the tokens are those of an engine without it."""
-    tok = load_tokenizer(tiny_assets["policy"])
-    actor = Actor.from_pretrained(tiny_assets["policy"], tok)
-    ids = lambda text: tuple(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    shared, stop = ids("12+34=46 5+5=10 77+1=78 9+9=18 30+3=33 "), ids("=")
-    assert len(shared) >= NativeEngine.shared_prefix_min
-    requests = [GenerationRequest(shared + ids(t), 11 + i, stop) for i, t in enumerate(["1+2=", "40+", "3+", "99+1"])]
-    settings = GenerationSettings(max_new_tokens=12, temperature=1.0)
-    cached, plain = NativeEngine(), NativeEngine()
-    cached.start(actor, "cpu"), plain.start(actor, "cpu")
-    prefilled = []  # (tokens prefilled, tokens already cached) per call
-    generate = actor.generate
-
-    def spy(input_ids, *args, prefix=None, **kwargs):
-        prefilled.append((input_ids.shape[1], 0 if prefix is None else prefix.mask.shape[1]))
-        return generate(input_ids, *args, prefix=prefix, **kwargs)
-
-    actor.generate = spy
-    with cached.prefix_cache():
-        first, again = cached.generate(requests, settings), plain.generate(requests, settings)
-        longest = max(len(r.prompt_ids) for r in requests)
-        assert prefilled == [(longest - len(shared), len(shared)), (longest, 0)]
-        assert [s.finish_reason for s in first].count("stop") >= 2
-        observation = ids(" 5+6=")
-        continued = [
-            GenerationRequest(r.prompt_ids + s.token_ids + observation, r.seed + 1, stop)
-            for r, s in zip(requests, first, strict=True)
-            if s.finish_reason == "stop"
-        ]
-        second, second_plain = cached.generate(continued, settings), plain.generate(continued, settings)
-    # the second call prefills each row's last sampled token and the observation, nothing before them
-    assert prefilled[2] == (1 + len(observation), max(len(r.prompt_ids) for r in continued) - 1 - len(observation))
-    assert cached._kept is None, "the kept keys and values are freed with the context"
-    for mine, theirs in zip(first + second, again + second_plain, strict=True):
-        assert mine.token_ids == theirs.token_ids and mine.finish_reason == theirs.finish_reason
-        assert mine.log_probs == pytest.approx(theirs.log_probs, abs=1e-5)
-
-
-class SleepyLLM:
-    """Stands in for ``vllm.LLM`` with sleep mode: records the calls, refuses to generate while asleep."""
-
-    def __init__(self):
-        self.calls, self.asleep = [], False
-        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=64))
-
-    def sleep(self, level):
-        self.calls.append("sleep")
-        self.asleep = True
-
-    def wake_up(self):
-        self.calls.append("wake_up")
-        self.asleep = False
-
-    def generate(self, prompts, params, use_tqdm=False):
-        assert not self.asleep, "generate on a sleeping engine: its weights are released"
-        self.calls.append("generate")
-        out = types.SimpleNamespace(
-            token_ids=[5, 2],
-            logprobs=[{5: types.SimpleNamespace(logprob=-0.1)}, {2: types.SimpleNamespace(logprob=-0.2)}],
-            finish_reason="stop",
-        )
-        return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
-
-
-def test_a_sleeping_vllm_engine_wakes_for_every_generation_and_stays_awake_across_turns(monkeypatch):
-    engine = VLLMEngine()
-    engine.llm, engine.enable_sleep_mode, engine.eos_token_ids = SleepyLLM(), True, [2]
-    monkeypatch.setattr(engine, "sampling_params", lambda *args: None)
-    engine._sleep()  # as start() leaves it
-    request, settings = [GenerationRequest((1, 3), 0)], GenerationSettings(max_new_tokens=4)
-    assert engine.generate(request, settings)[0].token_ids == (5, 2)
-    engine.generate(request, settings)  # a second call (the rollout after the weight check) wakes it again
-    assert engine.llm.calls == ["sleep", "wake_up", "generate", "sleep", "wake_up", "generate", "sleep"]
-    engine.llm.calls.clear()
-    with engine.prefix_cache():  # a multi-turn rollout: awake for all its turns, asleep after
-        engine.generate(request, settings)
-        engine.generate(request, settings)
-    assert engine.llm.calls == ["wake_up", "generate", "generate", "sleep"]
 
 
 def test_mismatch_metrics_by_hand():

@@ -10,17 +10,7 @@ from lit_rlhf.rollout.multi_turn.environment import Environment, Step, ToolEnvir
 from lit_rlhf.rollout.multi_turn.tokens import TemplateError, Trajectory
 from lit_rlhf.rollout.multi_turn.tools import HermesToolParser, Toolbox, ToolCall, tool_schema
 from lit_rlhf.tasks import chat_tokenizer
-
-
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression of integers.
-
-    Args:
-        expression: the expression, e.g. "123 * 45".
-    """
-    if not set(expression) <= set("0123456789+-*/ ()"):
-        raise ValueError(f"not arithmetic: {expression!r}")
-    return str(eval(expression))
+from tests.rollout.scripted import calculator
 
 
 async def slow_echo(text: str) -> str:

@@ -58,8 +58,8 @@ class NativeEngine(RolloutEngine):
         call (its prompt starts with that row's prompt and sampled tokens) prefills only the new tokens,
         and rows of one call that share a long prompt prefix (a system prompt, the tools' schemas, a
         group of samples of one prompt) prefill it once. Kept only for models whose every layer is
-        full attention with ``sdpa`` (``lit_rlhf.models.actor.reuses_cache``); freed on leaving."""
-        from lit_rlhf.models.actor import reuses_cache
+        full attention with ``sdpa`` (``lit_rlhf.models.decoding.reuses_cache``); freed on leaving."""
+        from lit_rlhf.models.decoding import reuses_cache
 
         outer = self._kept
         if self.actor is not None and reuses_cache(self.actor.model.config):
@@ -119,7 +119,7 @@ class NativeEngine(RolloutEngine):
     def _prefix(self, requests: Sequence[GenerationRequest]) -> tuple[Any, list[int]]:
         """The cached prefix of every row (the kept keys and values of a row it continues, else a
         prompt prefix it shares with other rows of this call) and how many of its tokens it covers."""
-        from lit_rlhf.models.actor import CachedPrefix
+        from lit_rlhf.models.decoding import CachedPrefix
 
         kept, found = self._kept or {}, []
         lengths = sorted({len(ids) for ids in kept}, reverse=True)
