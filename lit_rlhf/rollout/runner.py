@@ -158,6 +158,7 @@ class RolloutRunner:
         self.kl_coef, self.seed, self.rank = kl_coef, seed, rank
         self.all_reduce, self.reduce_max = all_reduce, reduce_max
         self.turn_loop = None
+        self._probe_prompt: tuple[int, ...] | None = None  # the weight check's fixed prompt (check_weights)
         self._rewards_per_turn = rollout.multi_turn is not None and rollout.multi_turn.turn_rewards == "last"
         if rollout.multi_turn is not None:  # tools and environments load once, at the start
             self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
@@ -170,7 +171,7 @@ class RolloutRunner:
         first prompt of the first rollout on this rank, with a fixed seed; no top-k/top-p, so both sides
         read the same distribution) and the trainer scores them. Returns the mean |log-prob difference|
         (the largest over ranks); above ``rollout.weight_check_tolerance`` it raises, on every rank."""
-        if getattr(self, "_probe_prompt", None) is None:
+        if self._probe_prompt is None:
             ids, mask = prompts["input_ids"][0], prompts["attention_mask"][0].bool()
             self._probe_prompt = tuple(ids[mask].tolist())
         settings = dataclasses.replace(
