@@ -12,6 +12,12 @@ def rollout_seed(seed: int, rollout: int, rank: int) -> int:
     return seed * 1_000_003 + rollout * 1_009 + rank
 
 
+def stream_seed(seed: int, rank: int) -> int:
+    """The first row seed of ``rank``'s prompt stream in asynchronous rollouts: the sample ``i`` of the
+    prompt at stream position ``p`` is seeded ``+ p * n_samples_per_prompt + i`` (ranks 2**40 apart)."""
+    return (seed * 1_000_003 + 1) * 2**20 + rank * 2**40
+
+
 def buffer_order_seed(seed: int, rollout: int) -> int:
     """The shuffled mini-batch order of rollout ``rollout``'s experience buffer."""
     return seed * 1_000_003 + rollout

@@ -156,16 +156,17 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("PromptDataModule needs tokenizer_path, or a LightningModule with a tokenizer")
         return module.tokenizer
 
-    def collate(self, records: list[PromptRecord]) -> dict:
+    def collate(self, records: list[PromptRecord], count: bool = True) -> dict:
         """A batch: left-padded ``input_ids``/``attention_mask``, the rendered ``prompts`` and ``columns``.
 
         ``columns`` has every field of the data files, a :class:`MissingColumn` where a row lacks
         one, and with the chat template ``prompt_messages`` (each row's turns before rendering).
-        Over-long prompts keep their last ``max_prompt_len`` tokens (counted in ``num_truncated``).
+        Over-long prompts keep their last ``max_prompt_len`` tokens (counted in ``num_truncated``, and
+        unless ``count`` is false in the run's total).
         """
         max_len = self.hparams.max_prompt_len
         cut = sum(len(r.ids) > max_len for r in records)
-        if cut:
+        if cut and count:
             self.truncated += cut
             log.info("%d prompts longer than max_prompt_len=%d were left-truncated", cut, max_len)
         ids = [r.ids[-max_len:] for r in records]
@@ -205,6 +206,26 @@ class PromptDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(prompt_order_seed(self.hparams.seed, epoch)))
         start = slot * per_rollout + rank * batch_size
         return self.collate([self.train_prompts[i] for i in order[start : start + batch_size].tolist()])
+
+    def stream_prompts(self, positions: list[int], rank: int = 0, world_size: int = 1, count: bool = True) -> dict:
+        """The prompts at ``positions`` of this rank's prompt stream (a :meth:`collate` batch), for
+        asynchronous rollouts, which take new prompts as groups finish rather than a fixed slice per rollout.
+
+        The stream walks the shuffled prompts pass after pass (each pass reshuffled, seeded, every prompt
+        once per pass); rank ``r`` takes every ``world_size``-th prompt from ``r``, so the ranks never
+        share one. ``count``: add over-long prompts to the run's truncation count (false for a batch
+        collated again).
+        """
+        n = len(self.train_prompts)
+        orders: dict[int, list[int]] = {}
+        records = []
+        for position in positions:
+            epoch, slot = divmod(position * world_size + rank, n)
+            if epoch not in orders:
+                generator = torch.Generator().manual_seed(prompt_order_seed(self.hparams.seed, epoch))
+                orders[epoch] = torch.randperm(n, generator=generator).tolist()
+            records.append(self.train_prompts[orders[epoch][slot]])
+        return self.collate(records, count)
 
     def train_dataloader(self) -> DataLoader:
         """PPO trains on its experience buffer, not on prompts: the module's loader is used."""

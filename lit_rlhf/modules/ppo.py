@@ -158,10 +158,12 @@ class PPOModule(L.LightningModule):
         self.actor = self.critic = self.reference = None
         self.policy: PolicySet | None = None  # the model set (configure_model): actor, reference, critic
         self.runner: RolloutRunner | None = None  # built at fit start, once the models are in place
+        self.resumed_in_flight: dict | None = None  # a checkpoint's in-flight rollout rows, until the runner takes them
         self._val_turn_loop = None  # a multi-turn run's validation loop, built on first use
         self._started_engine = False
         self.run_dir = "."  # set in setup(): lit-rlhf's <root>/version_<N>
         self.last_rollout: LastRollout | None = None  # set by the RolloutCallback, read by the sample logger
+        self._generation_ended: float | None = None  # when the last asynchronous rollout's generation ended
         self.val_reward, self.val_kl = MeanMetric(), MeanMetric()
         self.val_metric_means = nn.ModuleDict({fn.name: MeanMetric() for fn in self.val_metric_fns})
 
@@ -265,6 +267,7 @@ class PPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Build the rollout runner and start this rank's engine (the models are loaded by now)."""
         self.runner = build_runner(self, run_seed())
+        self.runner.load_in_flight_state(self.resumed_in_flight)  # a resumed asynchronous run's rows
         self._started_engine = self.rollout.engine.start(self.actor, self.device)
 
     def teardown(self, stage: str) -> None:

@@ -17,6 +17,7 @@ from lit_rlhf.modules.outputs import replaced_directory
 from lit_rlhf.rewards import RewardModel
 
 REWARD_PREFIX = "rewards."  # reward models: frozen, reloaded from their paths
+IN_FLIGHT_KEY = "rollout_in_flight"  # the asynchronous rollouts' rows in flight, one entry per rank
 
 
 def run_seed() -> int:
@@ -48,6 +49,9 @@ def save_extras(module, checkpoint: dict) -> None:
     if not is_sharded(module.actor.model):
         drop_frozen(checkpoint["state_dict"], frozen_prefixes(module))
     checkpoint["kl_controller"] = module.kl_controller.state_dict()
+    in_flight = in_flight_states(module)
+    if in_flight is not None:
+        checkpoint[IN_FLIGHT_KEY] = in_flight
     checkpoint["rng_states"] = rng_states()
     for logger in module.loggers:
         if isinstance(logger, WandbLogger):
@@ -68,6 +72,32 @@ def load_extras(module, checkpoint: dict) -> None:
         module.kl_controller.load_state_dict(checkpoint["kl_controller"])
     if "rng_states" in checkpoint:
         set_rng_states(checkpoint["rng_states"])
+    if IN_FLIGHT_KEY in checkpoint:  # the runner is built at fit start and takes it then
+        rank = trainer.global_rank if trainer is not None else 0
+        states = checkpoint[IN_FLIGHT_KEY]
+        if trainer is not None and len(states) != trainer.world_size:
+            raise RuntimeError(
+                f"the checkpoint holds the in-flight rollout rows of {len(states)} ranks, this run has "
+                f"{trainer.world_size}: an asynchronous run resumes on as many ranks as it was saved from"
+            )
+        module.resumed_in_flight = states[rank]
+
+
+def in_flight_states(module) -> list | None:
+    """Every rank's in-flight asynchronous rollout rows (``RolloutRunner.in_flight_state``), gathered, or
+    None in a synchronous run. Called on every rank (each holds its own rows)."""
+    runner = module.runner
+    if runner is None or runner.carry_over is None:
+        return None
+    state = runner.in_flight_state()
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list = [None] * trainer.world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
 def frozen_prefixes(module) -> tuple[str, ...]:

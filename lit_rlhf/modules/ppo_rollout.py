@@ -41,11 +41,20 @@ def collect(module, rollout_index: int) -> Rollout:
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "rollout_prompts"):
         raise RuntimeError("PPO needs a PromptDataModule (data: in the config) to draw rollout prompts from")
-    batch = datamodule.rollout_prompts(
-        rollout_index, module.rollout.rollout_batch_size, trainer.global_rank, trainer.world_size
-    )
-    device = module.device
-    batch = {**batch, "input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    device, rank, world = module.device, trainer.global_rank, trainer.world_size
+    asynchronous = module.rollout.is_asynchronous
+
+    def on_device(batch: dict) -> dict:
+        on = {name: batch[name].to(device) for name in ("input_ids", "attention_mask")}
+        return {**batch, **on}
+
+    def prompts_at(positions: list[int], count: bool = True) -> dict:  # this rank's prompt stream
+        return on_device(datamodule.stream_prompts(positions, rank, world, count))
+
+    if asynchronous:
+        batch = prompts_at([0], count=False)  # the weight check's fixed prompt
+    else:
+        batch = on_device(datamodule.rollout_prompts(rollout_index, module.rollout.rollout_batch_size, rank, world))
     progress = PhaseProgress(trainer)
     engine = module.rollout.engine
     with fsdp1_full_params(trainer):
@@ -55,9 +64,15 @@ def collect(module, rollout_index: int) -> Rollout:
         checked = None
         if not engine.samples_with_actor and module.rollout.weight_check_tolerance is not None:
             checked = module.runner.check_weights(batch)  # raises when the engine's weights are not the actor's
-        rollout = module.runner.collect(rollout_index, batch, progress)
+        generation_start = time.perf_counter()
+        carried = None
+        if asynchronous:
+            rollout, carried = module.runner.collect_async(rollout_index, prompts_at, progress)
+            batch = carried.prompts
+        else:
+            rollout = module.runner.collect(rollout_index, batch, progress)
     progress.training()
-    metrics = module.runner.metrics(rollout)
+    metrics = module.runner.metrics(rollout, carried)
     metrics["rollout/kl_coef"] = torch.tensor(module.kl_controller.value)
     if "rollout/kl" in metrics:  # a reference-free run has no KL (and kl.coef stays 0)
         module.kl_controller.update(float(metrics["rollout/kl"]), len(rollout.experience) * trainer.world_size)
@@ -78,6 +93,12 @@ def collect(module, rollout_index: int) -> Rollout:
         timing["weight_sync_s"] = sync_s
     if checked is not None:
         metrics["rollout/weight_check_logprob_diff"] = torch.tensor(checked)
+    if asynchronous:  # colocated: the trainer waits while the engine generates, and the engine while it trains
+        last_end = module._generation_ended
+        metrics["perf/trainer_idle_s"] = torch.tensor(timing["generation_s"])
+        metrics["perf/generator_idle_s"] = torch.tensor(0.0 if last_end is None else generation_start - last_end)
+        metrics["perf/decode_steps"] = torch.tensor(carried.counts["decode_steps"])
+        module._generation_ended = generation_start + timing["generation_s"]
     for key, value in metrics.items():
         # already reduced over ranks; sync_dist makes Lightning average identical values (no warning)
         module.log(key, value, on_step=False, on_epoch=True, prog_bar=key in PROGRESS_BAR_METRICS, sync_dist=True)

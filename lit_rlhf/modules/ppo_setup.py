@@ -56,6 +56,8 @@ def check_ppo_settings(
             f"algorithm.rollout_correction={correction!r} compares the trainer's old log-probs with the "
             "sampler's; set rollout.recompute_old_log_probs: true (the default with an engine)"
         )
+    if rollout.is_asynchronous:
+        check_asynchronous(rollout, algorithm)
     if models is not None:
         rollout.engine.check_settings(models, generation)
     multi_turn = rollout.multi_turn
@@ -74,6 +76,27 @@ def check_ppo_settings(
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"two reward components are named {duplicates}; give them distinct names (name: ...)")
+
+
+def check_asynchronous(rollout: RolloutSettings, algorithm: AlgorithmSettings) -> None:
+    """Asynchronous rollouts train tokens of older policies: only with the decoupled loss, recomputed
+    proximal log-probs, and (for now) single-turn rollouts."""
+    if algorithm.rollout_correction != "decoupled":
+        raise ValueError(
+            f"rollout.asynchronous.max_staleness={rollout.asynchronous.max_staleness} trains tokens sampled by "
+            "older policies, which plain PPO on stale data does not correct (it collapses); set "
+            f"algorithm.rollout_correction: decoupled (got {algorithm.rollout_correction!r}), or max_staleness: 0"
+        )
+    if rollout.recompute_old_log_probs is False:
+        raise ValueError(
+            "rollout.asynchronous needs the trainer's own old log-probs (the decoupled loss's proximal policy): "
+            "leave rollout.recompute_old_log_probs null (or true)"
+        )
+    if rollout.multi_turn is not None:
+        raise ValueError(
+            "rollout.asynchronous with rollout.multi_turn is not supported yet: carried-over rows are single-turn "
+            "responses; drop one of the two groups"
+        )
 
 
 def critic_path(models: PPOModelSettings, rewards: Sequence[RewardComponent]) -> str:

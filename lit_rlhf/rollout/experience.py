@@ -36,6 +36,9 @@ class Experience:
         scores: ``[B]`` fp32. Sequence reward after normalisation, clipping and the missing-EOS penalty.
         kl: ``[B, A]`` fp32. Per-token KL estimate to the reference (the configured estimator).
         rollout_id: ``[B]`` long. Which rollout (epoch) produced each row.
+        versions: ``[B, A]`` long. The policy version that sampled each response token: the rollout
+            whose weights sampled it (``rollout_id`` everywhere in a synchronous run; older for the
+            tokens an asynchronous rollout carried over). Meaningful where ``loss_mask`` is set.
     """
 
     sequences: Tensor
@@ -51,6 +54,7 @@ class Experience:
     scores: Tensor
     kl: Tensor
     rollout_id: Tensor
+    versions: Tensor | None = None
 
     def __len__(self) -> int:
         return self.sequences.shape[0]

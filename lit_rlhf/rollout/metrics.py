@@ -79,6 +79,28 @@ def mismatch_metrics(experience: Experience, all_reduce: AllReduce = no_reduce, 
     }
 
 
+def staleness_metrics(
+    experience: Experience,
+    carry: dict[str, float],
+    all_reduce: AllReduce = no_reduce,
+    reduce_max: AllReduce = no_reduce,
+) -> dict[str, Tensor]:
+    """An asynchronous rollout's staleness (``rollout/staleness_mean``, ``_max``: versions between each
+    trained token's sampler and the policy it trains, over all ranks) and its rows carried over to the next
+    rollout and dropped (``rollout/carried_over_rows``, ``rollout/dropped_rows``: sums over ranks)."""
+    mask = experience.loss_mask
+    device = mask.device
+    staleness = torch.where(mask, experience.rollout_id[:, None] - experience.versions, 0).float()
+    counts = [carry["carried_over_rows"], carry["dropped_rows"]]
+    sums = all_reduce(torch.stack([staleness.sum(), mask.sum().float(), *torch.tensor(counts, device=device)]))
+    return {
+        "rollout/staleness_mean": sums[0] / sums[1].clamp_min(1),
+        "rollout/staleness_max": reduce_max(staleness.max()),
+        "rollout/carried_over_rows": sums[2],
+        "rollout/dropped_rows": sums[3],
+    }
+
+
 def turn_metrics(
     experience: Experience,
     trajectories: list,

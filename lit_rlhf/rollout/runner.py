@@ -16,18 +16,22 @@ from lit_rlhf.models import GenerationOutput
 from lit_rlhf.models.padding import length_groups
 from lit_rlhf.models.policy_set import PolicySet
 from lit_rlhf.models.sharding import gathered
+from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
+from lit_rlhf.rollout.carry_over import CarryOver, InFlight
 from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine
 from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
-from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, turn_metrics
+from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, staleness_metrics, turn_metrics
 from lit_rlhf.rollout.multi_turn.loop import TrajectoryResult, TurnLoop, conversations, turn_bonus, turn_inputs
-from lit_rlhf.seeds import rollout_seed
+from lit_rlhf.seeds import rollout_seed, stream_seed
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
 
 # (generation, prompt texts per row, dataset columns per row) -> scores: a RewardScorer
 ScoreFn = Callable[[GenerationOutput, list[str], dict[str, list]], Scores]
+# (stream positions, count=True) -> a PromptDataModule batch of those prompts (count: the truncation counter)
+PromptsAt = Callable[..., dict]
 # (phase, done, total): a progress display
 Progress = Callable[[str, int, int], None]
 
@@ -51,6 +55,12 @@ class Sampled(NamedTuple):
     columns: dict[str, list]
     generation_s: float
     trajectories: list[TrajectoryResult] | None = None
+    versions: Tensor | None = None
+    """``[B, A]`` each response token's policy version (None: all ``rollout``'s, a synchronous rollout)."""
+    carry: dict[str, float] | None = None
+    """an asynchronous rollout's ``dropped_rows``, ``carried_over_rows`` and ``decode_steps``."""
+    prompt_batch: dict | None = None
+    """an asynchronous rollout's prompts (a ``PromptDataModule`` batch, one row per trained group)."""
 
 
 class Rollout(NamedTuple):
@@ -61,6 +71,14 @@ class Rollout(NamedTuple):
     reward_parts: dict[str, Tensor]
     timing: dict[str, float]
     trajectories: list[TrajectoryResult] | None = None
+
+
+class Carried(NamedTuple):
+    """What an asynchronous rollout adds to its ``Rollout``: ``counts`` (``dropped_rows``,
+    ``carried_over_rows``, ``decode_steps``) and ``prompts``, the batch of the trained groups' prompts."""
+
+    counts: dict[str, float]
+    prompts: dict
 
 
 @contextlib.contextmanager
@@ -162,6 +180,20 @@ class RolloutRunner:
         self._rewards_per_turn = rollout.multi_turn is not None and rollout.multi_turn.turn_rewards == "last"
         if rollout.multi_turn is not None:  # tools and environments load once, at the start
             self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
+        self.carry_over: CarryOver | None = None
+        if rollout.is_asynchronous:
+            stops = None
+            if generation.stop_strings:
+                stops = StopStrings(models.tokenizer, generation.stop_strings).first_stop
+            self.carry_over = CarryOver(
+                rollout.asynchronous,
+                rollout.rollout_batch_size,
+                generation.n_samples_per_prompt,
+                stream_seed(seed, rank),
+                stops,
+            )
+        # the in-flight state before and after the latest asynchronous rollout (for checkpoints)
+        self._async_states: dict | None = None
 
     PROBE_TOKENS = 16
 
@@ -196,6 +228,89 @@ class RolloutRunner:
                 "engine's kernels really differ this much"
             )
         return float(diff)
+
+    def collect_async(
+        self, rollout_index: int, prompts_at: PromptsAt, progress: Progress = no_progress
+    ) -> tuple[Rollout, Carried]:
+        """An asynchronous rollout (``rollout.asynchronous``): ``sample_async`` then ``score``."""
+        sampled = self.sample_async(rollout_index, prompts_at, progress)
+        return self.score(sampled, progress), Carried(sampled.carry, sampled.prompt_batch)
+
+    @torch.no_grad()
+    def sample_async(self, rollout_index: int, prompts_at: PromptsAt, progress: Progress = no_progress) -> Sampled:
+        """Decode the groups in flight and new ones from this rank's prompt stream (``prompts_at(positions)``:
+        a ``PromptDataModule.stream_prompts`` batch) until ``rollout_batch_size`` groups are complete
+        (``lit_rlhf.rollout.carry_over``); the trained groups' rows come back packed, a prompt's samples
+        contiguous, with every token's policy version. Unfinished rows stay in flight."""
+        carry, actor = self.carry_over, self.models.actor
+        if carry is None:
+            raise RuntimeError("sample_async needs rollout.asynchronous with max_staleness > 0")
+        self._restore_in_flight(rollout_index)
+        before = carry.state.state_dict()
+
+        def prompt_ids(positions: list[int]) -> list[list[int]]:
+            batch = prompts_at(positions)
+            rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(-1).tolist(), strict=True)
+            return [ids[len(ids) - n :] for ids, n in rows]
+
+        on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
+        start = time.perf_counter()
+        gather = self.rollout.gather_for_generation and self.engine.samples_with_actor
+        with eval_mode(actor), gathered(actor.model, gather):
+            outcome = carry.run(rollout_index, self.engine, self.generation, prompt_ids, on_token)
+        generation_s = time.perf_counter() - start
+        self._async_states = {"rollout": rollout_index, "before": before, "after": carry.state.state_dict()}
+        n, device = self.generation.n_samples_per_prompt, self._device()
+        batch = prompts_at([group.position for group in outcome.trained], count=False)
+        rows = [row for group in outcome.trained for row in group.rows]
+        input_ids, attention_mask = left_padded([row.prompt_ids for row in rows], actor.pad_token_id, device)
+        gen = pack_samples(input_ids, attention_mask, [row.sample() for row in rows], actor.pad_token_id)
+        versions = torch.full(gen.loss_mask.shape, rollout_index, dtype=torch.long)
+        for i, row in enumerate(rows):
+            versions[i, : len(row.versions)] = torch.tensor(row.versions, dtype=torch.long)
+        texts = repeat_rows(batch["prompts"], n)
+        columns = {name: repeat_rows(values, n) for name, values in batch["columns"].items()}
+        counts = {
+            "dropped_rows": float(outcome.dropped_rows),
+            "carried_over_rows": float(outcome.carried_rows),
+            "decode_steps": float(outcome.decode_steps),
+        }
+        return Sampled(rollout_index, gen, texts, columns, generation_s, None, versions.to(device), counts, batch)
+
+    def in_flight_state(self) -> dict | None:
+        """The asynchronous rollouts' state for a checkpoint: the rows in flight before and after the latest
+        rollout (plain numbers and lists; None in a synchronous run)."""
+        if self.carry_over is None:
+            return None
+        if self._async_states is None:
+            state = self.carry_over.state.state_dict()
+            return {"rollout": -1, "before": state, "after": state}
+        return self._async_states
+
+    def load_in_flight_state(self, state: dict | None) -> None:
+        """Restore :meth:`in_flight_state` (from a checkpoint); the next rollout picks the state it starts from."""
+        if self.carry_over is not None and state is not None:
+            self._async_states = {**state, "pending": True}
+
+    def _restore_in_flight(self, rollout_index: int) -> None:
+        """After a resume: rollout ``k`` reruns from the state before it, rollout ``k + 1`` goes on from
+        the one after."""
+        states = self._async_states
+        if states is None or not states.get("pending"):
+            return
+        self._async_states = {key: value for key, value in states.items() if key != "pending"}
+        if rollout_index == states["rollout"]:
+            self.carry_over.state = InFlight.from_state(states["before"])
+        elif rollout_index == states["rollout"] + 1:
+            self.carry_over.state = InFlight.from_state(states["after"])
+        else:
+            raise RuntimeError(
+                f"the checkpoint's in-flight rows are those of rollout {states['rollout']}, but the run resumes at "
+                f"rollout {rollout_index}: resume from the checkpoint written with them"
+            )
+
+    def _device(self) -> torch.device:
+        return self.models.actor.eos_token_ids.device
 
     def collect(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Rollout:
         """Rollout ``rollout_index`` from this rank's prompts (what ``PromptDataModule.rollout_prompts``
@@ -312,6 +427,9 @@ class RolloutRunner:
             scores=scores,
             kl=token_kl,
             rollout_id=torch.full_like(scores, rollout_id, dtype=torch.long),
+            versions=sampled.versions
+            if sampled.versions is not None
+            else torch.full(gen.loss_mask.shape, rollout_id, dtype=torch.long, device=gen.loss_mask.device),
         )
         timing = {
             "generation_s": sampled.generation_s,
@@ -321,13 +439,16 @@ class RolloutRunner:
         }
         return Rollout(experience, reward_parts, timing, sampled.trajectories)
 
-    def metrics(self, rollout: Rollout) -> dict[str, Tensor]:
-        """The rollout's reward, KL, length and EOS statistics over all ranks, and with a recomputing
-        engine the sampler-trainer mismatch (``rollout/logprob_abs_diff``, ``rollout/importance_ratio``)."""
+    def metrics(self, rollout: Rollout, carried: Carried | None = None) -> dict[str, Tensor]:
+        """The rollout's reward, KL, length and EOS statistics over all ranks, with a recomputing
+        engine the sampler-trainer mismatch (``rollout/logprob_abs_diff``, ``rollout/importance_ratio``),
+        and for an asynchronous rollout its staleness and carried-over and dropped rows."""
         eos = self.models.actor.eos_token_ids
         metrics = rollout_metrics(rollout.experience, rollout.reward_parts, eos, self.all_reduce)
         if self.rollout.recomputes_old_log_probs:
             metrics.update(mismatch_metrics(rollout.experience, self.all_reduce, self.reduce_max))
+        if carried is not None:
+            metrics.update(staleness_metrics(rollout.experience, carried.counts, self.all_reduce, self.reduce_max))
         if rollout.trajectories is not None:
             names = self.turn_loop.tool_names
             metrics.update(

@@ -5,7 +5,8 @@ checks ranges and the interactions between fields of the same group and raises `
 naming the field. Checks that span groups live in the module that owns the groups
 (``lit_rlhf.modules.ppo_setup.check_ppo_settings``). Nothing here imports Lightning or
 transformers, so every layer of the package can receive a group directly. One file per kind of
-group: ``loading`` (models), ``ppo`` (generation, rollout, algorithm, KL), ``optim``, ``dpo``;
+group: ``loading`` (models), ``ppo`` (generation, rollout, algorithm, KL),
+``multi_turn`` and ``asynchronous`` (rollout subgroups), ``optim``, ``dpo``;
 import them from here.
 
 YAML: ``model.init_args.<group>.<field>``; CLI: ``--model.init_args.<group>.<field>``. From Python a
@@ -13,6 +14,7 @@ group can be given as an instance or as a plain ``dict`` of its fields (:func:`a
 """
 
 from lit_rlhf.plain_data import as_group, import_object, save_settings, to_plain
+from lit_rlhf.settings.asynchronous import AsyncSettings
 from lit_rlhf.settings.common import (
     CRITIC_FREE,
     GROUP_ESTIMATORS,
@@ -41,6 +43,7 @@ __all__ = [
     "GROUP_ESTIMATORS",
     "AdvantageEstimator",
     "AlgorithmSettings",
+    "AsyncSettings",
     "AttnImplementation",
     "DPOModelSettings",
     "DPOSettings",

@@ -9,6 +9,7 @@ from typing import Literal
 
 from lit_rlhf.plain_data import as_group, import_object
 from lit_rlhf.rollout.engines.base import RolloutEngine
+from lit_rlhf.settings.asynchronous import AsyncSettings
 from lit_rlhf.settings.common import CRITIC_FREE, AdvantageEstimator, KLEstimator, _check, _choice
 from lit_rlhf.settings.multi_turn import MultiTurnSettings
 
@@ -106,10 +107,15 @@ class RolloutSettings:
     samples 16 tokens after a fixed prompt and the trainer scores them: a mean |log-prob difference|
     above this stops the run (stale or unloaded weights never pass silently; kernel differences are
     far smaller: ~1e-5 in fp32, ~1e-2 in bf16). None: no check."""
+    asynchronous: AsyncSettings | None = None
+    """partial rollouts with carry-over and bounded staleness (absent, or ``max_staleness: 0``: synchronous
+    rollouts, bit for bit)."""
 
     def __post_init__(self) -> None:
         if self.multi_turn is not None:
             object.__setattr__(self, "multi_turn", as_group(MultiTurnSettings, self.multi_turn))
+        if self.asynchronous is not None:
+            object.__setattr__(self, "asynchronous", as_group(AsyncSettings, self.asynchronous))
         if isinstance(self.engine, Mapping):  # {class_path, init_args}, as in checkpoints
             engine = import_object(self.engine["class_path"], "rollout.engine")(**self.engine.get("init_args", {}))
             object.__setattr__(self, "engine", engine)
@@ -135,8 +141,16 @@ class RolloutSettings:
             _check(tolerance > 0, "rollout", "weight_check_tolerance", tolerance, "> 0 (or null for no check)")
 
     @property
+    def is_asynchronous(self) -> bool:
+        """Whether rollouts carry rows over and may train stale tokens (``asynchronous.max_staleness > 0``)."""
+        return self.asynchronous is not None and self.asynchronous.active
+
+    @property
     def recomputes_old_log_probs(self) -> bool:
-        """``recompute_old_log_probs`` resolved: by default as the engine says (not for the native sampler)."""
+        """``recompute_old_log_probs`` resolved: by default as the engine says (not for the native sampler);
+        always in an asynchronous run (the proximal policy of the decoupled loss is the current one)."""
+        if self.is_asynchronous:
+            return True
         if self.recompute_old_log_probs is None:
             return self.engine.recomputes_old_log_probs
         return self.recompute_old_log_probs

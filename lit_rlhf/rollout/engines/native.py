@@ -55,7 +55,8 @@ class NativeEngine(RolloutEngine):
     @contextlib.contextmanager
     def prefix_cache(self) -> Iterator[None]:
         """Keep each row's keys and values between calls: a request that continues a row of the last
-        call (its prompt starts with that row's prompt and sampled tokens) prefills only the new tokens,
+        call (its prompt starts with that row's prompt and sampled tokens: a next turn, or an asynchronous
+        rollout's next segment of a row stopped at its budget) prefills only the new tokens,
         and rows of one call that share a long prompt prefix (a system prompt, the tools' schemas, a
         group of samples of one prompt) prefill it once. Kept only for models whose every layer is
         full attention with ``sdpa`` (``lit_rlhf.models.decoding.reuses_cache``); freed on leaving."""
@@ -108,11 +109,11 @@ class NativeEngine(RolloutEngine):
             s if len(s.token_ids) <= n else Sample(s.token_ids[:n], s.log_probs[:n], "length")
             for s, n in zip(unpack_samples(gen), budgets, strict=True)
         ]
-        if kept is not None:  # what a next turn can continue: rows that ended by themselves
+        if kept is not None:  # what a next call can continue: a next turn, or a row stopped at its budget
             self._kept = {
                 r.prompt_ids + s.token_ids[:-1]: kv
                 for r, s, kv in zip(requests, samples, kept, strict=True)
-                if s.finish_reason == "stop" and kv[0].shape[2] == len(r.prompt_ids) + len(s.token_ids) - 1
+                if s.token_ids and kv[0].shape[2] == len(r.prompt_ids) + len(s.token_ids) - 1
             }
         return samples
 
