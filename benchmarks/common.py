@@ -62,12 +62,20 @@ class TokenPrompts(PromptDataModule):
 
     def rollout_prompts(self, rollout: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
         start = (rollout * batch_size * world_size + rank * batch_size) % (len(self.ids) - batch_size + 1)
-        input_ids = torch.tensor(self.ids[start : start + batch_size])
+        return self.batch(self.ids[start : start + batch_size])
+
+    def stream_prompts(self, positions: list[int], rank: int = 0, world_size: int = 1, count: bool = True) -> dict:
+        """Asynchronous rollouts' prompt stream: the prompts in file order, over and over."""
+        return self.batch([self.ids[(p * world_size + rank) % len(self.ids)] for p in positions])
+
+    @staticmethod
+    def batch(ids: list[list[int]]) -> dict:
+        input_ids = torch.tensor(ids)
         return {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "num_truncated": torch.tensor(0),
-            "prompts": [""] * batch_size,  # the rewards here read responses only
+            "prompts": [""] * len(ids),  # the rewards here read responses only
             "columns": {},
         }
 

@@ -39,10 +39,32 @@ sys.path.insert(0, str(REPO))  # the repository: lit_rlhf and benchmarks
 from benchmarks.common import TIMED, WARMUP, IterationTimer, TokenPrompts, cpu_trainer, matmul_gflops, model_folders  # noqa: E402,E501
 from lit_rlhf import PPOModule  # noqa: E402
 from lit_rlhf.rewards import RewardModel  # noqa: E402
+from lit_rlhf.rollout import NativeEngine  # noqa: E402
+
+
+class CountingEngine(NativeEngine):
+    """The native engine, counting the rows still decoding at every decode step of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_per_step: list[int] = []
+        self.calls = 0
+
+    def generate(self, requests, generation, on_token=None):
+        samples = super().generate(requests, generation, on_token)
+        lengths = [len(s.token_ids) for s in samples]
+        self.calls += 1
+        self.live_per_step += [sum(n > step for n in lengths) for step in range(max(lengths, default=0))]
+        return samples
 
 
 def build_module(
-    paths: dict[str, str], engine, score_tokens: int | None, micro_tokens: int | None, padding_free: bool = True
+    paths: dict[str, str],
+    engine,
+    score_tokens: int | None,
+    micro_tokens: int | None,
+    padding_free: bool = True,
+    asynchronous: dict | None = None,
 ) -> PPOModule:
     return PPOModule(
         models={"actor_path": paths["policy"], "padding_free": padding_free},
@@ -60,6 +82,7 @@ def build_module(
             "score_micro_batch_size": 64,
             "score_micro_batch_tokens": score_tokens,
             "engine": engine,
+            "asynchronous": asynchronous,
         },
         algorithm={
             "advantage_estimator": "gae",
@@ -71,6 +94,7 @@ def build_module(
             "value_clip_eps": 0.2,
             "gamma": 1.0,
             "lam": 0.95,
+            "rollout_correction": "decoupled" if asynchronous else "none",
         },
         kl={"estimator": "k1", "coef": 0.05},
         optim={
@@ -98,6 +122,11 @@ def main() -> None:
     parser.add_argument(
         "--padding-free", action=argparse.BooleanOptionalAction, default=True, help="models.padding_free"
     )
+    parser.add_argument(
+        "--max-staleness", type=int, default=0, help="rollout.asynchronous.max_staleness (0: synchronous)"
+    )
+    parser.add_argument("--segment-tokens", type=int, default=16, help="rollout.asynchronous.segment_tokens")
+    parser.add_argument("--over-provision", type=int, default=None, help="rollout.asynchronous.over_provision")
     args = parser.parse_args()
     for need in ("tokenizer", "policy", "reward", "prompts.jsonl"):
         if not (args.assets / need).exists():
@@ -109,9 +138,16 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     matmul_before = matmul_gflops()
     with tempfile.TemporaryDirectory() as tmp:
-        engine = vllm_engine() if args.engine == "vllm" else "native"
+        engine = vllm_engine() if args.engine == "vllm" else CountingEngine()
         folders = model_folders(args.assets, Path(tmp))
-        module = build_module(folders, engine, args.score_tokens, args.micro_tokens, args.padding_free)
+        asynchronous = None
+        if args.max_staleness:
+            asynchronous = {
+                "max_staleness": args.max_staleness,
+                "segment_tokens": args.segment_tokens,
+                "over_provision": args.over_provision,
+            }
+        module = build_module(folders, engine, args.score_tokens, args.micro_tokens, args.padding_free, asynchronous)
         timer = IterationTimer()
         cpu_trainer(WARMUP + TIMED, [timer], tmp).fit(
             module, datamodule=TokenPrompts(str(args.assets / "prompts.jsonl"))
@@ -124,6 +160,9 @@ def main() -> None:
     median = statistics.median(timed)
     tokens = [sum(x) for x in lengths]
     name = "lit_rlhf_w2" if args.engine == "native" else "lit_rlhf_vllm_w2"
+    if args.max_staleness:
+        name += "_async"
+    live = getattr(engine, "live_per_step", [])
     result = {
         "benchmark": name,
         "iter_seconds_timed": [round(t, 4) for t in timed],
@@ -141,10 +180,15 @@ def main() -> None:
         "useful_gflop_per_iter": [round(f["total"] / 1e9, 1) for f in useful[WARMUP:]],
         "useful_flops_per_iter_median": statistics.median(f["total"] for f in useful[WARMUP:]),
         **ratios,
+        # the native engine's decode steps over the whole run (warm-up included) and how many carried < 8 rows
+        "decode_steps": len(live),
+        "decode_steps_under_8_rows_share": round(sum(n < 8 for n in live) / max(len(live), 1), 3),
+        "engine_calls": getattr(engine, "calls", None),
         "settings": {"engine": args.engine, "score_micro_batch_tokens": args.score_tokens},
         "versions": {"torch": torch.__version__, "lightning": L.__version__},
     }
     result["settings"].update(micro_batch_tokens=args.micro_tokens, padding_free=args.padding_free)
+    result["settings"]["asynchronous"] = asynchronous
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"median {median:.3f} s/iter  ({', '.join(f'{t:.3f}' for t in timed)})")
@@ -152,6 +196,7 @@ def main() -> None:
     print(f"lengths {result['response_lengths']}  longest {result['longest_row_per_iter']}")
     rates = f"{matmul_before['median']}/{matmul_after['median']}"
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB; matmul {rates} GFLOP/s")
+    print(f"decode steps {len(live)}, share with < 8 live rows {result['decode_steps_under_8_rows_share']}")
     print(f"useful GFLOP {result['useful_gflop_per_iter']}; to the useful bound {ratios['ratio_to_useful_bound']:.2f}x")
 
 

@@ -117,7 +117,7 @@ class GracefulStop(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.saving_mid_epoch and pl_module.buffer.experience is not None:
-            experience = {name: value.cpu() for name, value in vars(pl_module.buffer.experience).items()}
+            experience = {k: None if v is None else v.cpu() for k, v in vars(pl_module.buffer.experience).items()}
             batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             checkpoint[EXPERIENCE_KEY] = {"experience": experience, "batches_done": batches_done}
 

@@ -19,6 +19,28 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillMidRollout(L.Callback):
+    """SIGKILL this process in rollout ``epoch``, right after the engine's ``call``-th generate call of that
+    rollout returns (an asynchronous rollout calls it once per segment: a preemption mid-generation)."""
+
+    def __init__(self, epoch: int, call: int = 2) -> None:
+        self.epoch, self.call = epoch, call
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        engine, calls = pl_module.rollout.engine, [0]
+        generate = engine.generate
+
+        def killing(*args, **kwargs):
+            samples = generate(*args, **kwargs)
+            if trainer.current_epoch == self.epoch:
+                calls[0] += 1
+                if calls[0] == self.call:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return samples
+
+        engine.generate = killing
+
+
 class KillDuringSave(L.Callback):
     """SIGKILL this process half-way through writing checkpoint number ``save`` (1-based)."""
 

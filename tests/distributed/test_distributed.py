@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -141,3 +142,66 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
     assert "reward/mean" in metrics and ",2," in metrics, "the resumed run trained epoch 2"
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "actor")
     assert exported.config.vocab_size > 0
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_asynchronous_rollouts_on_two_processes_keep_each_ranks_rows_through_a_resume(tiny_assets, tmp_path, strategy):
+    """Each rank carries its own rows over (its own prompt stream), the checkpoint holds both ranks'
+    in-flight rows, and the resumed run goes on from them within the staleness bound."""
+    root = tmp_path / "run"
+    override = {
+        "trainer": {
+            "devices": 2,
+            "max_epochs": 2,
+            "default_root_dir": str(root),
+            "enable_progress_bar": False,
+            "check_val_every_n_epoch": 100,
+            "strategy": "ddp"
+            if strategy == "ddp"
+            else {
+                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+            },
+        },
+        "model": {
+            "init_args": {
+                "models": {"actor_path": tiny_assets["policy"]},
+                "rewards": [
+                    {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"]}}
+                ],
+                "generation": {"max_new_tokens": 12},
+                "rollout": {
+                    "rollout_batch_size": 16,
+                    "score_micro_batch_size": 16,
+                    "asynchronous": {"max_staleness": 1, "over_provision": 8, "segment_tokens": 3},
+                },
+                "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8, "rollout_correction": "decoupled"},
+                "val_before_train": False,
+            }
+        },
+        "data": {
+            "init_args": {"path": tiny_assets["prompts"], "val_path": tiny_assets["val_prompts"], "val_batch_size": 32}
+        },
+    }
+    root.mkdir(parents=True)
+    (root / "override.yaml").write_text(yaml.safe_dump(override))
+    base = [
+        os.path.join(ROOT, "train.py"),
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "ppo_tiny.yaml"),
+        "--config",
+        str(root / "override.yaml"),
+    ]
+    launch(base, tmp_path, processes=1)
+    run_dir = root / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if strategy == "ddp":
+        states = torch.load(last, weights_only=False)["rollout_in_flight"]
+        assert len(states) == 2 and all(s["rollout"] == 1 for s in states)
+        rows = [(r, g["position"]) for r, s in enumerate(states) for g in s["after"]["groups"]]
+        assert rows and {r for r, _ in rows} == {0, 1}, "both ranks carried rows over"
+    launch([*base, "--trainer.max_epochs", "3", "--ckpt_path", str(last)], tmp_path, processes=1)
+    frame = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["rollout/staleness_max"])
+    assert sorted(frame.epoch.tolist()) == [0, 1, 2]
+    assert (frame["rollout/staleness_max"] <= 1).all() and frame["rollout/carried_over_rows"].gt(0).any()
