@@ -5,6 +5,7 @@ them, and a resumed run neither repeats nor skips a prompt."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -181,7 +182,7 @@ def test_a_run_killed_mid_rollout_resumes_without_repeating_or_skipping_a_prompt
         "data": {"init_args": {"path": tiny_assets["prompts"], "val_path": tiny_assets["val_prompts"]}},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "ppo_tiny.yaml")))
+    config = yaml.safe_load(Path(ROOT, "configs", "ppo_tiny.yaml").read_text())
     callbacks = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" in c["class_path"]]
     kill = {"class_path": "tests.faults.KillMidRollout", "init_args": {"epoch": 2, "call": 2}}
     base = ["--config", os.path.join(ROOT, "configs", "ppo_tiny.yaml"), "--config", str(tmp_path / "override.yaml")]
