@@ -160,24 +160,21 @@ class CarryOver:
         dropped = self.admit(rollout, prompt_ids)
         steps, max_new = 0, generation.max_new_tokens
         with engine.prefix_cache():  # the weights do not change within one rollout
+            first = True
             while not self.enough(rollout):
                 live = [row for g in self.state.groups for row in g.rows if row.finish_reason is None]
                 if not live:
                     break
-                budget = self.settings.segment_tokens
-                requests = [
-                    GenerationRequest(
-                        tuple(row.prompt_ids + row.token_ids),
-                        row.seed + SEED_STRIDE * len(row.token_ids),
-                        tuple(generation.stop_token_ids),
-                        min(budget, max_new - len(row.token_ids)),
-                    )
-                    for row in live
-                ]
-                samples = engine.generate(requests, generation, on_token)
-                steps += max((len(s.token_ids) for s in samples), default=0)
-                for row, sample in zip(live, samples, strict=True):
-                    self._extend(row, sample, rollout, max_new)
+                # the rows resumed from the last rollout prefill their kept tokens again (new weights): apart
+                # from the new prompts, so that a padded prefill does not pad every new prompt to their length
+                resumed = [row for row in live if row.token_ids] if first else []
+                calls = [resumed, [row for row in live if not row.token_ids]] if resumed else [live]
+                for rows in (call for call in calls if call):
+                    samples = engine.generate(self._requests(rows, generation), generation, on_token)
+                    steps += max((len(s.token_ids) for s in samples), default=0)
+                    for row, sample in zip(rows, samples, strict=True):
+                        self._extend(row, sample, rollout, max_new)
+                first = False
         trained = self._take(rollout)
         if not self.settings.carry_over:  # unfinished rows are not kept: their groups go
             unfinished = [g for g in self.state.groups if not g.complete]
@@ -185,6 +182,19 @@ class CarryOver:
             self.state.groups = [g for g in self.state.groups if g.complete]
         carried = sum(len(g.rows) for g in self.state.groups)
         return Outcome(trained, dropped, carried, steps)
+
+    def _requests(self, rows: list[Row], generation: GenerationSettings) -> list[GenerationRequest]:
+        """Each row's next segment: its prompt and kept tokens, a seed of its own, at most ``segment_tokens``."""
+        budget, max_new = self.settings.segment_tokens, generation.max_new_tokens
+        return [
+            GenerationRequest(
+                tuple(row.prompt_ids + row.token_ids),
+                row.seed + SEED_STRIDE * len(row.token_ids),
+                tuple(generation.stop_token_ids),
+                min(budget, max_new - len(row.token_ids)),
+            )
+            for row in rows
+        ]
 
     def _extend(self, row: Row, sample: Sample, version: int, max_new: int) -> None:
         """Append a segment's tokens to its row; the row ends at a stop, at ``max_new`` tokens, or at a

@@ -15,7 +15,7 @@ from torch import Tensor
 from lit_rlhf.models import GenerationOutput
 from lit_rlhf.models.padding import length_groups
 from lit_rlhf.models.policy_set import PolicySet
-from lit_rlhf.models.sharding import gathered
+from lit_rlhf.models.sharding import gathered, is_sharded
 from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
@@ -309,6 +309,18 @@ class RolloutRunner:
                 f"rollout {rollout_index}: resume from the checkpoint written with them"
             )
 
+    def _stale_rows(self, sampled: Sampled) -> Tensor | None:
+        """The rows of an asynchronous rollout whose old log-probs need a trainer forward (those with a
+        token of an older policy), or None for all of them. Only where the engine's own log-probs are the
+        trainer's (the native sampler, unless ``rollout.recompute_old_log_probs`` asks for all) and the
+        actor is not sharded (every rank then runs the same forwards)."""
+        if sampled.versions is None or self.rollout.recompute_old_log_probs is not None:
+            return None
+        if self.engine.recomputes_old_log_probs or is_sharded(self.models.actor.model):
+            return None
+        older = (sampled.versions < sampled.rollout) & sampled.generation.loss_mask
+        return older.any(-1).nonzero().squeeze(1)
+
     def _device(self) -> torch.device:
         return self.models.actor.eos_token_ids.device
 
@@ -377,7 +389,14 @@ class RolloutRunner:
                 done[0] += 1
                 progress("scoring", done[0], forwards)
 
-            if recompute:
+            stale = self._stale_rows(sampled) if recompute else None
+            if stale is not None:  # only rows with older tokens: the sampler's log-probs are the trainer's
+                old_log_probs = gen.log_probs.clone()
+                if len(stale):
+                    groups = [stale[g] for g in scoring_groups(gen.attention_mask[stale].sum(-1), self.rollout)]
+                    recomputed = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, groups)
+                    old_log_probs[torch.cat(groups).sort().values] = recomputed
+            elif recompute:
                 old_log_probs = in_micro_batches(lambda s, m: actor(s, m, num_actions, temperature), gen, micro, tick)
             else:  # the sampler's own log-probs: the same weights and temperature, one forward pass fewer
                 old_log_probs = gen.log_probs

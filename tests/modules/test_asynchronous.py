@@ -44,9 +44,21 @@ def test_max_staleness_0_is_the_synchronous_run_bit_for_bit(make, tmp_path):
     assert off.runner.carry_over is None
 
 
+class TrainerLogProbs(L.Callback):
+    """The actor's log-probs of the rollout's experience, before the rollout's first update."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            exp = module.buffer.experience
+            with torch.no_grad():
+                module.actor.eval()
+                self.forward = module.actor(exp.sequences, exp.attention_mask, exp.num_actions, 1.0)
+                module.actor.train()
+
+
 def test_asynchronous_rollouts_train_stale_tokens_within_the_bound_and_log_them(make, tmp_path):
-    module = make(**ASYNC)
-    t = fit(tmp_path, module, 4)
+    module, probe = make(**ASYNC), TrainerLogProbs()
+    t = fit(tmp_path, module, 4, callbacks=[probe])
     exp = module.buffer.experience
     assert len(exp) == 16
     staleness = (exp.rollout_id[:, None] - exp.versions)[exp.loss_mask]
@@ -61,8 +73,16 @@ def test_asynchronous_rollouts_train_stale_tokens_within_the_bound_and_log_them(
     assert logged["rollout/staleness_max"].max() == 1, "some carried-over tokens were trained a version late"
     # the decoupled loss's proximal policy is the trainer's own forward, not the stale sampler's
     stale = exp.loss_mask & (exp.versions < exp.rollout_id[:, None])
-    if bool(stale.any()):
-        assert not torch.allclose(exp.old_log_probs[stale], exp.rollout_log_probs[stale])
+    assert bool(stale.any())
+    assert not torch.allclose(exp.old_log_probs[stale], exp.rollout_log_probs[stale])
+    # rows sampled wholly by the current weights keep the native sampler's log-probs (no second forward)
+    fresh = ~stale.any(-1)
+    assert bool(fresh.any()) and torch.equal(exp.old_log_probs[fresh], exp.rollout_log_probs[fresh])
+    forward = probe.forward  # the trainer's log-probs before the last rollout's first update
+    rows = stale.any(-1)
+    torch.testing.assert_close(
+        torch.where(exp.loss_mask, forward, 0)[rows], torch.where(exp.loss_mask, exp.old_log_probs, 0)[rows]
+    )
     assert "policy/behaviour_weight" in metrics(t).columns
 
 

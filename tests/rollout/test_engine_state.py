@@ -1,14 +1,16 @@
 """What engines keep between calls: the native engine's prefix cache across turns and shared prompts,
 and a sleeping vLLM engine's wake-ups."""
 
+import contextlib
 import types
 
 import pytest
 
 from lit_rlhf.models import Actor, load_tokenizer
 from lit_rlhf.rollout import NativeEngine, VLLMEngine
+from lit_rlhf.rollout.carry_over import CarryOver
 from lit_rlhf.rollout.engines.base import GenerationRequest
-from lit_rlhf.settings import GenerationSettings
+from lit_rlhf.settings import AsyncSettings, GenerationSettings
 
 
 def test_the_native_prefix_cache_prefills_only_new_tokens_and_samples_what_a_full_prefill_samples(tiny_assets):
@@ -91,3 +93,43 @@ def test_a_sleeping_vllm_engine_wakes_for_every_generation_and_stays_awake_acros
         engine.generate(request, settings)
         engine.generate(request, settings)
     assert engine.llm.calls == ["wake_up", "generate", "generate", "sleep"]
+
+
+class NoPrefixCache(NativeEngine):
+    """The native engine with its prefix cache turned off: every call prefills every prompt."""
+
+    def prefix_cache(self):
+        return contextlib.nullcontext()
+
+
+def test_native_rows_stopped_at_a_segment_resume_from_their_kept_keys_and_values(tiny_assets):
+    """An asynchronous rollout's segments: each continued row prefills only its last sampled token, and
+    the rows sample exactly what an engine that prefills everything again samples."""
+    tok = load_tokenizer(tiny_assets["policy"])
+    actor = Actor.from_pretrained(tiny_assets["policy"], tok)
+    prompt = [tuple(tok(t, add_special_tokens=False)["input_ids"]) for t in ("12+34=", "5+5=", "77+1=", "9+")]
+    settings = AsyncSettings(max_staleness=1, over_provision=0, segment_tokens=3)
+    generation = GenerationSettings(
+        max_new_tokens=12, n_samples_per_prompt=2, suppress_token_ids=(tok.eos_token_id,)
+    )  # no EOS: every row runs 12 tokens, 4 segments
+    prefilled, generate = [], actor.generate
+
+    def spy(input_ids, *args, prefix=None, **kwargs):
+        prefilled.append((input_ids.shape[1], 0 if prefix is None else prefix.mask.shape[1]))
+        return generate(input_ids, *args, prefix=prefix, **kwargs)
+
+    actor.generate = spy
+    outcomes = []
+    for engine in (NativeEngine(), NoPrefixCache()):
+        engine.start(actor, "cpu")
+        carry = CarryOver(settings, rollout_batch_size=4, n_samples=2, base_seed=7)
+        outcomes.append(carry.run(0, engine, generation, lambda positions: [list(prompt[p]) for p in positions]))
+    cached, plain = outcomes
+    calls = len(prefilled) // 2
+    assert calls == 4  # 12 tokens in segments of 3
+    assert all(width == 1 and held > 0 for width, held in prefilled[1:calls]), prefilled
+    assert all(held == 0 for _, held in prefilled[calls:])
+    for a, b in zip(cached.trained, plain.trained, strict=True):
+        for x, y in zip(a.rows, b.rows, strict=True):
+            assert x.token_ids == y.token_ids and len(x.token_ids) == 12
+            assert x.log_probs == pytest.approx(y.log_probs, abs=1e-5)

@@ -110,11 +110,13 @@ class NativeEngine(RolloutEngine):
             for s, n in zip(unpack_samples(gen), budgets, strict=True)
         ]
         if kept is not None:  # what a next call can continue: a next turn, or a row stopped at its budget
-            self._kept = {
-                r.prompt_ids + s.token_ids[:-1]: kv
+            for request, n in zip(requests, cached, strict=True):  # a continued row's old entry is used up
+                self._kept.pop(request.prompt_ids[:n], None)
+            self._kept.update(
+                (r.prompt_ids + s.token_ids[:-1], kv)
                 for r, s, kv in zip(requests, samples, kept, strict=True)
                 if s.token_ids and kv[0].shape[2] == len(r.prompt_ids) + len(s.token_ids) - 1
-            }
+            )
         return samples
 
     def _prefix(self, requests: Sequence[GenerationRequest]) -> tuple[Any, list[int]]:
