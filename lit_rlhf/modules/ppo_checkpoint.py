@@ -87,9 +87,9 @@ def in_flight_states(module) -> list | None:
     """Every rank's in-flight asynchronous rollout rows (``RolloutRunner.in_flight_state``), gathered, or
     None in a synchronous run. Called on every rank (each holds its own rows)."""
     runner = module.runner
-    if runner is None or runner.carry_over is None:
+    state = None if runner is None else runner.in_flight_state()
+    if state is None:
         return None
-    state = runner.in_flight_state()
     trainer = module._trainer
     if trainer is None or trainer.world_size == 1:
         return [state]

@@ -51,26 +51,39 @@ def collect(module, rollout_index: int) -> Rollout:
     def prompts_at(positions: list[int], count: bool = True) -> dict:  # this rank's prompt stream
         return on_device(datamodule.stream_prompts(positions, rank, world, count))
 
-    if asynchronous:
-        batch = prompts_at([0], count=False)  # the weight check's fixed prompt
-    else:
-        batch = on_device(datamodule.rollout_prompts(rollout_index, module.rollout.rollout_batch_size, rank, world))
-    progress = PhaseProgress(trainer)
+    def slice_of(rollout: int) -> dict:  # this rank's prompts of rollout ``rollout`` (a synchronous run's)
+        return on_device(datamodule.rollout_prompts(rollout, module.rollout.rollout_batch_size, rank, world))
+
     engine = module.rollout.engine
-    with fsdp1_full_params(trainer):
-        start = time.perf_counter()  # the engine generates with the weights of the last optimizer step
+    ahead = asynchronous and getattr(engine, "generates_ahead", False)  # one step off-policy
+    # carry-over draws its prompts from the stream as groups finish (its first one is the weight check's)
+    batch = prompts_at([0], count=False) if asynchronous and not ahead else slice_of(rollout_index)
+    progress = PhaseProgress(trainer)
+    pushed: dict[str, float] = {}
+
+    def push() -> None:  # the engine gets the weights of the last optimizer step, then the weight check
+        start = time.perf_counter()
         engine.sync_weights(module.actor)
-        sync_s = None if engine.samples_with_actor else time.perf_counter() - start
-        checked = None
-        if not engine.samples_with_actor and module.rollout.weight_check_tolerance is not None:
-            checked = module.runner.check_weights(batch)  # raises when the engine's weights are not the actor's
-        generation_start = time.perf_counter()
+        if not engine.samples_with_actor:
+            pushed["sync_s"] = time.perf_counter() - start
+            if module.rollout.weight_check_tolerance is not None:  # raises when the engine's weights are stale
+                pushed["checked"] = module.runner.check_weights(batch)
+
+    with fsdp1_full_params(trainer):
         carried = None
-        if asynchronous:
+        if ahead:
+            rollout, carried = module.runner.collect_ahead(
+                rollout_index, batch, slice_of(rollout_index + 1), push, progress
+            )
+        else:
+            push()
+        generation_start = time.perf_counter()
+        if asynchronous and not ahead:
             rollout, carried = module.runner.collect_async(rollout_index, prompts_at, progress)
             batch = carried.prompts
-        else:
+        elif not ahead:
             rollout = module.runner.collect(rollout_index, batch, progress)
+    sync_s, checked = pushed.get("sync_s"), pushed.get("checked")
     progress.training()
     metrics = module.runner.metrics(rollout, carried)
     metrics["rollout/kl_coef"] = torch.tensor(module.kl_controller.value)
@@ -93,7 +106,10 @@ def collect(module, rollout_index: int) -> Rollout:
         timing["weight_sync_s"] = sync_s
     if checked is not None:
         metrics["rollout/weight_check_logprob_diff"] = torch.tensor(checked)
-    if asynchronous:  # colocated: the trainer waits while the engine generates, and the engine while it trains
+    if ahead:  # the trainer waited for the engine's samples; the engine for the trainer's next submission
+        metrics["perf/trainer_idle_s"] = torch.tensor(carried.counts["trainer_idle_s"])
+        metrics["perf/generator_idle_s"] = torch.tensor(carried.counts["generator_idle_s"])
+    elif asynchronous:  # colocated: the trainer waits while the engine generates, and the engine while it trains
         last_end = module._generation_ended
         metrics["perf/trainer_idle_s"] = torch.tensor(timing["generation_s"])
         metrics["perf/generator_idle_s"] = torch.tensor(0.0 if last_end is None else generation_start - last_end)

@@ -92,6 +92,11 @@ def check_asynchronous(rollout: RolloutSettings, algorithm: AlgorithmSettings) -
             "rollout.asynchronous needs the trainer's own old log-probs (the decoupled loss's proximal policy): "
             "leave rollout.recompute_old_log_probs null (or true)"
         )
+    if getattr(rollout.engine, "generates_ahead", False) and rollout.asynchronous.carry_over:
+        raise ValueError(
+            f"rollout.engine {rollout.engine!r} generates whole rollouts one step ahead on its own devices; "
+            "carry-over of partial rows is for a colocated engine: set rollout.asynchronous.carry_over: false"
+        )
     if rollout.multi_turn is not None:
         raise ValueError(
             "rollout.asynchronous with rollout.multi_turn is not supported yet: carried-over rows are single-turn "

@@ -16,6 +16,7 @@ _EXPORTS = {
     "Sample": "lit_rlhf.rollout.engines.base",
     "NativeEngine": "lit_rlhf.rollout.engines.native",
     "VLLMEngine": "lit_rlhf.rollout.engines.vllm",
+    "SeparateEngine": "lit_rlhf.rollout.engines.separate",
     "Environment": "lit_rlhf.rollout.multi_turn.environment",
     "Step": "lit_rlhf.rollout.multi_turn.environment",
     "ToolEnvironment": "lit_rlhf.rollout.multi_turn.environment",

@@ -20,7 +20,7 @@ from lit_rlhf.models.stop_strings import StopStrings
 from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
 from lit_rlhf.rollout.carry_over import CarryOver, InFlight
-from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine
+from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine, Sample
 from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
 from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, staleness_metrics, turn_metrics
@@ -181,7 +181,7 @@ class RolloutRunner:
         if rollout.multi_turn is not None:  # tools and environments load once, at the start
             self.turn_loop = TurnLoop(rollout.multi_turn, engine, models.tokenizer, generation)
         self.carry_over: CarryOver | None = None
-        if rollout.is_asynchronous:
+        if rollout.is_asynchronous and not getattr(engine, "generates_ahead", False):
             stops = None
             if generation.stop_strings:
                 stops = StopStrings(models.tokenizer, generation.stop_strings).first_stop
@@ -194,6 +194,9 @@ class RolloutRunner:
             )
         # the in-flight state before and after the latest asynchronous rollout (for checkpoints)
         self._async_states: dict | None = None
+        # an engine that generates ahead: the rollout submitted (or collected) ahead and its weights' version
+        self._ahead: dict | None = None
+        self._last_submit: float | None = None
 
     PROBE_TOKENS = 16
 
@@ -277,9 +280,82 @@ class RolloutRunner:
         }
         return Sampled(rollout_index, gen, texts, columns, generation_s, None, versions.to(device), counts, batch)
 
+    @torch.no_grad()
+    def collect_ahead(
+        self,
+        rollout_index: int,
+        prompts: dict,
+        next_prompts: dict,
+        push: Callable[[], None],
+        progress: Progress = no_progress,
+    ) -> tuple[Rollout, Carried]:
+        """One step off-policy with an engine that generates ahead (``SeparateEngine``): rollout ``k``'s
+        samples were submitted during rollout ``k - 1`` with the weights pushed then (version ``k - 1``);
+        they are collected, the current weights are pushed (``push``: the push and its weight check), and
+        rollout ``k + 1`` is submitted before rollout ``k`` is scored, so the engine generates while the
+        trainer scores and trains. The first rollout (and one after a resume without its samples) is
+        generated after the push, with version ``k``."""
+        engine, ahead = self.engine, self._ahead
+        start = time.perf_counter()
+        pushed = False
+        if ahead is not None and ahead["rollout"] == rollout_index:
+            if "samples" in ahead:  # collected already (a checkpoint was written meanwhile)
+                samples, generation_s = [Sample(*s) for s in ahead["samples"]], ahead["generation_s"]
+            else:
+                samples, _, generation_s = engine.collect()
+            version = ahead["version"]
+        else:
+            push()
+            pushed, version = True, rollout_index
+            engine.submit(self._requests(rollout_index, prompts), self.generation)
+            samples, _, generation_s = engine.collect()
+        waited = time.perf_counter() - start
+        if not pushed:
+            push()
+        now = time.perf_counter()
+        generator_idle = 0.0
+        if self._last_submit is not None and ahead is not None and ahead["rollout"] == rollout_index:
+            generator_idle = max(0.0, now - self._last_submit - generation_s)
+        engine.submit(self._requests(rollout_index + 1, next_prompts), self.generation)
+        self._ahead, self._last_submit = {"rollout": rollout_index + 1, "version": rollout_index}, now
+        n, actor = self.generation.n_samples_per_prompt, self.models.actor
+        input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
+        attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
+        gen = pack_samples(input_ids, attention_mask, samples, actor.pad_token_id)
+        versions = torch.full(gen.loss_mask.shape, version, dtype=torch.long, device=gen.loss_mask.device)
+        texts = repeat_rows(prompts["prompts"], n)
+        columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
+        counts = {
+            "dropped_rows": 0.0,
+            "carried_over_rows": 0.0,
+            "trainer_idle_s": waited if not pushed else generation_s,
+            "generator_idle_s": generator_idle,
+        }
+        sampled = Sampled(rollout_index, gen, texts, columns, generation_s, None, versions, counts, prompts)
+        return self.score(sampled, progress), Carried(counts, prompts)
+
+    def _requests(self, rollout_index: int, prompts: dict) -> list[GenerationRequest]:
+        """One request per sample of ``prompts`` for rollout ``rollout_index``, seeded as ``sample`` seeds them."""
+        n = self.generation.n_samples_per_prompt
+        input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
+        attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
+        first = rollout_seed(self.seed, rollout_index, self.rank)
+        seeds = [first + i for i in range(len(input_ids))]
+        return requests_from_prompts(input_ids, attention_mask, seeds, self.generation.stop_token_ids)
+
     def in_flight_state(self) -> dict | None:
         """The asynchronous rollouts' state for a checkpoint: the rows in flight before and after the latest
-        rollout (plain numbers and lists; None in a synchronous run)."""
+        rollout, or with an engine that generates ahead the next rollout's samples (collected now, kept
+        for that rollout); plain numbers and lists; None in a synchronous run."""
+        if self._ahead is not None:
+            if "samples" not in self._ahead:
+                samples, _, generation_s = self.engine.collect()
+                self._ahead = {
+                    **self._ahead,
+                    "samples": [(s.token_ids, s.log_probs, s.finish_reason, s.loss_mask) for s in samples],
+                    "generation_s": generation_s,
+                }
+            return {"ahead": self._ahead}
         if self.carry_over is None:
             return None
         if self._async_states is None:
@@ -289,7 +365,9 @@ class RolloutRunner:
 
     def load_in_flight_state(self, state: dict | None) -> None:
         """Restore :meth:`in_flight_state` (from a checkpoint); the next rollout picks the state it starts from."""
-        if self.carry_over is not None and state is not None:
+        if state is not None and "ahead" in state:
+            self._ahead = state["ahead"]
+        elif self.carry_over is not None and state is not None:
             self._async_states = {**state, "pending": True}
 
     def _restore_in_flight(self, rollout_index: int) -> None:

@@ -11,6 +11,7 @@ _EXPORTS = {
     "Sample": "lit_rlhf.rollout.engines.base",
     "NativeEngine": "lit_rlhf.rollout.engines.native",
     "VLLMEngine": "lit_rlhf.rollout.engines.vllm",
+    "SeparateEngine": "lit_rlhf.rollout.engines.separate",
     "pack_samples": "lit_rlhf.rollout.engines.packing",
     "requests_from_prompts": "lit_rlhf.rollout.engines.packing",
 }

@@ -1,0 +1,148 @@
+"""SeparateEngine: an engine in a process of its own, weights pushed over a gloo group in buckets."""
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from lit_rlhf.models import Actor, load_tokenizer
+from lit_rlhf.rollout import NativeEngine, SeparateEngine
+from lit_rlhf.rollout.engines.packing import requests_from_prompts
+from lit_rlhf.settings import GenerationSettings
+from tests.helpers import SevensPPO, datamodule, fit, small_module, trainer
+
+
+@pytest.fixture
+def actor(tiny_assets):
+    tok = load_tokenizer(tiny_assets["policy"])
+    return Actor.from_pretrained(tiny_assets["policy"], tok)
+
+
+def requests(actor):
+    enc = actor.tokenizer(["12+34=", "5+5=", "77+1=", "9+9="], return_tensors="pt", padding=True)
+    return requests_from_prompts(enc.input_ids, enc.attention_mask, [3, 4, 5, 6])
+
+
+def test_the_separate_process_samples_what_the_pushed_weights_sample_here(actor):
+    settings = GenerationSettings(max_new_tokens=8)
+    here = NativeEngine()
+    here.start(actor, "cpu")
+    engine = SeparateEngine(bucket_mib=0)  # one tensor per bucket: many buckets
+    try:
+        assert engine.start(actor, "cpu")
+        engine.sync_weights(actor)
+        assert engine.pushes == 1 and engine.last_push["buckets"] == len(list(actor.model.parameters()))
+        first, expected = engine.generate(requests(actor), settings), here.generate(requests(actor), settings)
+        for a, b in zip(first, expected, strict=True):
+            assert a.token_ids == b.token_ids and a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
+        with torch.no_grad():  # the trainer's weights move; the engine keeps the old ones until a push
+            for p in actor.model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        engine.submit(requests(actor), settings)
+        stale, version, _ = engine.collect()
+        assert version == 1 and [s.token_ids for s in stale] == [s.token_ids for s in first]
+        engine.sync_weights(actor)
+        fresh, version = engine.generate(requests(actor), settings), engine.pushes
+        assert version == 2
+        moved = here.generate(requests(actor), settings)
+        assert [s.token_ids for s in fresh] == [s.token_ids for s in moved] != [s.token_ids for s in first]
+    finally:
+        engine.shutdown()
+    assert engine.process is None
+
+
+def test_a_push_during_a_generation_in_flight_is_refused(actor):
+    engine = SeparateEngine()
+    try:
+        engine.start(actor, "cpu")
+        engine.sync_weights(actor)
+        engine.submit(requests(actor), GenerationSettings(max_new_tokens=4))
+        with pytest.raises(RuntimeError, match="collect"):
+            engine.sync_weights(actor)
+        samples, _, _ = engine.collect()
+        assert len(samples) == 4
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def make(tiny_assets):
+    def build(**overrides):
+        module = small_module(tiny_assets, SevensPPO, **overrides)
+        module.assets = tiny_assets
+        return module
+
+    return build
+
+
+AHEAD = {
+    "generation": {"max_new_tokens": 6, "n_samples_per_prompt": 2},
+    "rollout": {"rollout_batch_size": 8, "score_micro_batch_size": 16},
+    "algorithm": {"advantage_estimator": "grpo", "mini_batch_size": 16, "micro_batch_size": 16},
+    "kl": {"coef": 0.0},
+}
+
+
+def ahead_module(make, asynchronous=True):
+    groups = {name: dict(fields) for name, fields in AHEAD.items()}
+    groups["rollout"]["engine"] = SeparateEngine()
+    if asynchronous:
+        groups["rollout"]["asynchronous"] = {"max_staleness": 1, "carry_over": False}
+        groups["algorithm"]["rollout_correction"] = "decoupled"
+    return make(**groups)
+
+
+class Rollouts(L.Callback):
+    """Each rollout's experience, as the buffer holds it before training."""
+
+    def __init__(self):
+        self.experiences = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            self.experiences.append(module.buffer.experience)
+
+
+def test_one_step_off_policy_generation_trains_each_rollout_on_the_previous_weights(make, tmp_path):
+    seen = Rollouts()
+    module = ahead_module(make)
+    t = fit(tmp_path, module, 3, callbacks=[seen])
+    logged = pd.read_csv(f"{t.logger.log_dir}/metrics.csv").dropna(subset=["rollout/staleness_max"])
+    assert logged["rollout/staleness_max"].tolist() == [0.0, 1.0, 1.0]
+    data = datamodule(module.assets)
+    data.trainer = t
+    data.setup("fit")
+    for k, exp in enumerate(seen.experiences):
+        assert (exp.versions[exp.loss_mask] == max(k - 1, 0)).all(), "rollout k was sampled by version k - 1"
+        prompts = data.rollout_prompts(k, 8)["input_ids"].repeat_interleave(2, dim=0)
+        assert torch.equal(exp.sequences[:, : prompts.shape[1]], prompts), "rollout k's own prompts, each once"
+        assert int(exp.loss_mask.sum(-1).min()) >= 1
+    assert module.rollout.engine.process is None, "the engine's process is stopped at the end of fit"
+    # the first rollout is the synchronous run's (the same weights sampled it)
+    sync_seen = Rollouts()
+    fit(tmp_path / "sync", ahead_module(make, asynchronous=False), 1, callbacks=[sync_seen])
+    assert torch.equal(sync_seen.experiences[0].sequences, seen.experiences[0].sequences)
+
+
+def test_a_resumed_run_takes_the_samples_generated_ahead_from_its_checkpoint(make, tmp_path):
+    full = ahead_module(make)
+    fit(tmp_path / "full", full, 3)
+    first = ahead_module(make)
+    t = fit(tmp_path / "first", first, 2)
+    ckpt = tmp_path / "after2.ckpt"
+    t.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["rollout_in_flight"][0]["ahead"]
+    assert saved["rollout"] == 2 and saved["version"] == 1 and len(saved["samples"]) == 16
+    resumed = ahead_module(make)
+    trainer(tmp_path / "resumed", 3).fit(resumed, datamodule=datamodule(resumed.assets), ckpt_path=str(ckpt))
+    assert torch.equal(full.buffer.experience.sequences, resumed.buffer.experience.sequences)
+    for (name, a), (_, b) in zip(full.actor.state_dict().items(), resumed.actor.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_carry_over_with_an_engine_that_generates_ahead_is_refused(make):
+    groups = {name: dict(fields) for name, fields in AHEAD.items()}
+    groups["rollout"].update(engine=SeparateEngine(), asynchronous={"max_staleness": 1})
+    groups["algorithm"]["rollout_correction"] = "decoupled"
+    with pytest.raises(ValueError, match="carry_over: false"):
+        make(**groups)
