@@ -72,7 +72,7 @@ def load_extras(module, checkpoint: dict) -> None:
         module.kl_controller.load_state_dict(checkpoint["kl_controller"])
     if "rng_states" in checkpoint:
         set_rng_states(checkpoint["rng_states"])
-    if IN_FLIGHT_KEY in checkpoint:  # the runner is built at fit start and takes it then
+    if IN_FLIGHT_KEY in checkpoint:  # the runner takes it at fit start, or now if it is built already
         rank = trainer.global_rank if trainer is not None else 0
         states = checkpoint[IN_FLIGHT_KEY]
         if trainer is not None and len(states) != trainer.world_size:
@@ -81,6 +81,8 @@ def load_extras(module, checkpoint: dict) -> None:
                 f"{trainer.world_size}: an asynchronous run resumes on as many ranks as it was saved from"
             )
         module.resumed_in_flight = states[rank]
+        if module.runner is not None:  # FSDP2 (ModelParallelStrategy) restores after on_fit_start built it
+            module.runner.load_in_flight_state(states[rank])
 
 
 def in_flight_states(module) -> list | None:

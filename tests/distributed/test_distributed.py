@@ -89,16 +89,16 @@ def test_whitening_and_rollout_statistics_reduce_across_ranks(tmp_path):
     assert result["whiten_max_diff"] < 1e-5 and result["metrics_max_diff"] < 1e-5, result
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strategy):
-    root = tmp_path / "run"
+def two_process_run(tiny_assets, root, strategy: str, val_every: int, init_args: dict) -> list[str]:
+    """``train.py fit`` arguments for a 2-process run of ``configs/ppo_tiny.yaml`` on the tiny assets in
+    ``root`` (``strategy``: ddp or fsdp2, ``init_args`` on top of the policy and reward model)."""
     override = {
         "trainer": {
             "devices": 2,
             "max_epochs": 2,
             "default_root_dir": str(root),
             "enable_progress_bar": False,
-            "check_val_every_n_epoch": 1,
+            "check_val_every_n_epoch": val_every,
             "strategy": "ddp"
             if strategy == "ddp"
             else {
@@ -112,8 +112,7 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
                 "rewards": [
                     {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"]}}
                 ],
-                "rollout": {"rollout_batch_size": 32, "score_micro_batch_size": 32},
-                "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8},
+                **init_args,
             }
         },
         "data": {
@@ -122,7 +121,7 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
     }
     root.mkdir(parents=True)
     (root / "override.yaml").write_text(yaml.safe_dump(override))
-    base = [
+    return [
         os.path.join(ROOT, "train.py"),
         "fit",
         "--config",
@@ -130,6 +129,16 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
         "--config",
         str(root / "override.yaml"),
     ]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strategy):
+    root = tmp_path / "run"
+    init_args = {
+        "rollout": {"rollout_batch_size": 32, "score_micro_batch_size": 32},
+        "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8},
+    }
+    base = two_process_run(tiny_assets, root, strategy, 1, init_args)
     launch(base, tmp_path, processes=1)  # Lightning starts the second process itself
     # both ranks agreed on one run folder (the second inherits the first one's choice)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0"]
@@ -144,55 +153,28 @@ def test_cli_fit_resume_and_export_on_two_processes(tiny_assets, tmp_path, strat
     assert exported.config.vocab_size > 0
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_asynchronous_rollouts_on_two_processes_keep_each_ranks_rows_through_a_resume(tiny_assets, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, engine", [("ddp", "native"), ("fsdp2", "native"), ("fsdp2", "separate")])
+def test_asynchronous_rollouts_on_two_processes_keep_each_ranks_rows_through_a_resume(
+    tiny_assets, tmp_path, strategy, engine
+):
     """Each rank carries its own rows over (its own prompt stream), the checkpoint holds both ranks'
-    in-flight rows, and the resumed run goes on from them within the staleness bound."""
+    in-flight rows, and the resumed run goes on from them within the staleness bound; with a
+    ``SeparateEngine`` per rank (FSDP2: the shards gathered for its push), one rollout ahead."""
     root = tmp_path / "run"
-    override = {
-        "trainer": {
-            "devices": 2,
-            "max_epochs": 2,
-            "default_root_dir": str(root),
-            "enable_progress_bar": False,
-            "check_val_every_n_epoch": 100,
-            "strategy": "ddp"
-            if strategy == "ddp"
-            else {
-                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
-            },
+    init_args = {
+        "generation": {"max_new_tokens": 12},
+        "rollout": {
+            "rollout_batch_size": 16,
+            "score_micro_batch_size": 16,
+            "asynchronous": {"max_staleness": 1, "over_provision": 8, "segment_tokens": 3},
         },
-        "model": {
-            "init_args": {
-                "models": {"actor_path": tiny_assets["policy"]},
-                "rewards": [
-                    {"class_path": "lit_rlhf.rewards.RewardModel", "init_args": {"path": tiny_assets["reward"]}}
-                ],
-                "generation": {"max_new_tokens": 12},
-                "rollout": {
-                    "rollout_batch_size": 16,
-                    "score_micro_batch_size": 16,
-                    "asynchronous": {"max_staleness": 1, "over_provision": 8, "segment_tokens": 3},
-                },
-                "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8, "rollout_correction": "decoupled"},
-                "val_before_train": False,
-            }
-        },
-        "data": {
-            "init_args": {"path": tiny_assets["prompts"], "val_path": tiny_assets["val_prompts"], "val_batch_size": 32}
-        },
+        "algorithm": {"mini_batch_size": 16, "micro_batch_size": 8, "rollout_correction": "decoupled"},
+        "val_before_train": False,
     }
-    root.mkdir(parents=True)
-    (root / "override.yaml").write_text(yaml.safe_dump(override))
-    base = [
-        os.path.join(ROOT, "train.py"),
-        "fit",
-        "--config",
-        os.path.join(ROOT, "configs", "ppo_tiny.yaml"),
-        "--config",
-        str(root / "override.yaml"),
-    ]
+    if engine == "separate":
+        init_args["rollout"]["engine"] = {"class_path": "lit_rlhf.rollout.SeparateEngine"}
+        init_args["rollout"]["asynchronous"] = {"max_staleness": 1, "carry_over": False}
+    base = two_process_run(tiny_assets, root, strategy, 100, init_args)
     launch(base, tmp_path, processes=1)
     run_dir = root / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -202,6 +184,10 @@ def test_asynchronous_rollouts_on_two_processes_keep_each_ranks_rows_through_a_r
         rows = [(r, g["position"]) for r, s in enumerate(states) for g in s["after"]["groups"]]
         assert rows and {r for r, _ in rows} == {0, 1}, "both ranks carried rows over"
     launch([*base, "--trainer.max_epochs", "3", "--ckpt_path", str(last)], tmp_path, processes=1)
-    frame = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["rollout/staleness_max"])
-    assert sorted(frame.epoch.tolist()) == [0, 1, 2]
-    assert (frame["rollout/staleness_max"] <= 1).all() and frame["rollout/carried_over_rows"].gt(0).any()
+    frame = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["rollout/staleness_max"]).sort_values("epoch")
+    assert frame.epoch.tolist() == [0, 1, 2]
+    if engine == "separate":  # rollout k was generated with the weights of rollout k - 1
+        assert frame["rollout/staleness_max"].tolist() == [0.0, 1.0, 1.0]
+    else:  # the rows carried over into the checkpoint are due in rollout 2: trained there, a version late
+        assert (frame["rollout/staleness_max"] <= 1).all() and frame["rollout/carried_over_rows"].gt(0).any()
+        assert frame["rollout/staleness_max"].tolist()[-1] == 1.0, "the resumed run went on from the saved rows"

@@ -51,3 +51,31 @@ def test_carried_over_rows_resume_in_the_engine_and_the_policy_still_learns(engi
     assert (exp.old_log_probs[fresh] - exp.rollout_log_probs[fresh]).abs().max() < 1e-3
     lengths = exp.loss_mask.sum(-1)
     assert int(lengths.max()) <= 4 and int(lengths.min()) >= 1
+
+
+@pytest.mark.slow
+def test_a_vllm_engine_in_a_process_of_its_own_samples_what_the_colocated_one_samples(engine, demo_assets):
+    """SeparateEngine hosting a VLLMEngine: weights pushed over gloo to its process, which pushes them to
+    its engine; the same requests sample the same tokens as the colocated engine."""
+    from lit_rlhf.models import Actor, load_tokenizer
+    from lit_rlhf.rollout import SeparateEngine
+    from lit_rlhf.rollout.engines.packing import requests_from_prompts
+    from lit_rlhf.settings import GenerationSettings
+
+    tok = load_tokenizer(demo_assets["sft"])
+    actor = Actor.from_pretrained(demo_assets["sft"], tok)
+    enc = tok(["12+34=", "50-25=", "07+08=", "99-98="], return_tensors="pt", padding=True)
+    requests = requests_from_prompts(enc.input_ids, enc.attention_mask, [1, 2, 3, 4])
+    settings = GenerationSettings(max_new_tokens=4)
+    separate = SeparateEngine(
+        engine="lit_rlhf.rollout.engines.vllm.VLLMEngine", engine_args={"kv_cache_gib": 0.25, "max_num_seqs": 8}
+    )
+    try:
+        separate.start(actor, "cpu")
+        separate.sync_weights(actor)
+        engine.sync_weights(actor)
+        theirs, mine = separate.generate(requests, settings), engine.generate(requests, settings)
+    finally:
+        separate.shutdown()
+    for a, b in zip(theirs, mine, strict=True):
+        assert a.token_ids == b.token_ids and a.log_probs == pytest.approx(b.log_probs, abs=1e-4)

@@ -95,16 +95,22 @@ class SeparateEngine(RolloutEngine):
             return False
         from lit_rlhf.models.sharding import hf_model
 
+        # the architecture and the tokenizer only (an FSDP2 actor is sharded by now): the weights arrive
+        # with the first push, before anything is sampled
         self._model_dir = tempfile.TemporaryDirectory(prefix="lit-rlhf-engine-")
         path = self._model_dir.name
-        hf_model(actor.model).save_pretrained(path)
+        model = hf_model(actor.model)
+        model.config.save_pretrained(path)
         if getattr(actor, "tokenizer", None) is not None:
             actor.tokenizer.save_pretrained(path)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        ids = ([int(i) for i in actor.eos_token_ids.tolist()], int(actor.pad_token_id), dtype)
         context = torch.multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         port = free_port()
-        args = (child, path, self.engine, self.engine_args, self.device, port, self.backend)
-        self.process = context.Process(target=serve, args=args, daemon=True)
+        args = (child, path, ids, self.engine, self.engine_args, self.device, port, self.backend)
+        # not a daemon: an engine such as vLLM starts processes of its own; the process ends when the pipe closes
+        self.process = context.Process(target=serve, args=args)
         self.process.start()
         self.group = weight_group(port, 0, self.backend)
         self._reply("started")
@@ -189,16 +195,23 @@ class SeparateEngine(RolloutEngine):
             self._model_dir = None
 
 
-def serve(conn, path: str, engine_path: str, engine_args: dict, device: str, port: int, backend: str) -> None:
-    """The engine's process: load the actor from ``path``, start the engine, then serve the trainer's
-    messages in order (a weight bucket, a generation, stop)."""
+def serve(
+    conn, path: str, ids: tuple, engine_path: str, engine_args: dict, device: str, port: int, backend: str
+) -> None:
+    """The engine's process: build the actor from the architecture in ``path`` (``ids``: its EOS ids, pad
+    id and dtype), start the engine, then serve the trainer's messages in order (weight buckets and
+    their commit, a generation, stop)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         from lit_rlhf.models import Actor, load_tokenizer
         from lit_rlhf.plain_data import import_object
 
-        tokenizer = load_tokenizer(path)
-        actor = Actor.from_pretrained(path, tokenizer).to(device)
+        eos_ids, pad_id, dtype = ids
+        tokenizer = load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+        actor = Actor(model, eos_ids, pad_id, tokenizer=tokenizer).to(device)
         actor.eval()
         engine = import_object(engine_path, "rollout.engine.init_args.engine")(**engine_args)
         engine.start(actor, device)
@@ -211,7 +224,11 @@ def serve(conn, path: str, engine_path: str, engine_args: dict, device: str, por
         conn.send(("error", traceback.format_exc()))
         return
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the trainer is gone
+            engine.shutdown()
+            return
         try:
             if message[0] == "stop":
                 engine.shutdown()
