@@ -81,10 +81,10 @@ def test_a_signal_to_the_command_stops_every_process_and_frees_the_port(sig):
         children = psutil.Process(process.pid).children(recursive=True)
         assert children, "LitServe serves from child processes (inference worker, uvicorn, manager)"
         process.send_signal(sig)  # to the parent only, as `kill <pid>` does
-        deadline = time.time() + 10
+        deadline = time.time() + 30  # a liveness bound: the suite's other worker may hold both cores
         while time.time() < deadline and not refuses(port):
             time.sleep(0.1)
-        assert refuses(port), f"port {port} still accepts connections 10 s after {sig.name}"
+        assert refuses(port), f"port {port} still accepts connections 30 s after {sig.name}"
         _, alive = psutil.wait_procs(children, timeout=max(deadline - time.time(), 1))
         assert not alive, f"children still running after {sig.name}: {[(p.pid, p.name()) for p in alive]}"
         assert process.wait(timeout=5) is not None
