@@ -16,7 +16,7 @@ for seed in $SEEDS; do
     extra=()
     [ "$mode" = async ] && extra=("${ASYNC[@]}")
     root="$OUT/$mode-$seed"
-    rm -rf "$root"
+    rm -rf "$root"; mkdir -p "$OUT"
     "$PY" train.py fit --config configs/grpo_tiny.yaml --seed_everything "$seed" --trainer.logger false \
       --trainer.default_root_dir "$root" --trainer.enable_progress_bar false \
       --model.init_args.val_before_train true "${extra[@]}" > "$root.log" 2>&1
