@@ -72,9 +72,7 @@ def collect(module, rollout_index: int) -> Rollout:
     with fsdp1_full_params(trainer):
         carried = None
         if ahead:
-            rollout, carried = module.runner.collect_ahead(
-                rollout_index, batch, slice_of(rollout_index + 1), push, progress
-            )
+            rollout, carried = module.runner.collect_ahead(rollout_index, slice_of, push, progress)
         else:
             push()
         generation_start = time.perf_counter()

@@ -194,8 +194,8 @@ class RolloutRunner:
             )
         # the in-flight state before and after the latest asynchronous rollout (for checkpoints)
         self._async_states: dict | None = None
-        # an engine that generates ahead: the rollout submitted (or collected) ahead and its weights' version
-        self._ahead: dict | None = None
+        # an engine that generates ahead: the rollouts submitted (or collected) ahead and their weights' versions
+        self._ahead: list[dict] | None = None
         self._last_submit: float | None = None
 
     PROBE_TOKENS = 16
@@ -284,40 +284,50 @@ class RolloutRunner:
     def collect_ahead(
         self,
         rollout_index: int,
-        prompts: dict,
-        next_prompts: dict,
+        prompts_of: Callable[[int], dict],
         push: Callable[[], None],
         progress: Progress = no_progress,
     ) -> tuple[Rollout, Carried]:
-        """One step off-policy with an engine that generates ahead (``SeparateEngine``): rollout ``k``'s
-        samples were submitted during rollout ``k - 1`` with the weights pushed then (version ``k - 1``);
-        they are collected, the current weights are pushed (``push``: the push and its weight check), and
-        rollout ``k + 1`` is submitted before rollout ``k`` is scored, so the engine generates while the
-        trainer scores and trains. The first rollout (and one after a resume without its samples) is
-        generated after the push, with version ``k``."""
+        """Rollouts generated ahead by an engine of its own (``SeparateEngine``), η =
+        ``asynchronous.max_staleness`` of them: rollout ``k``'s samples were submitted during rollout
+        ``k - η`` (or later) with the weights pushed then; they are collected, the current weights are
+        pushed (``push``: the push and its weight check), and the rollouts up to ``k + η`` are submitted
+        before rollout ``k`` is scored, so the engine generates while the trainer scores and trains.
+        ``prompts_of(j)``: this rank's prompts of rollout ``j``. The first rollout (and one after a resume
+        without its samples) is generated after the push, with version ``k``."""
         engine, ahead = self.engine, self._ahead
         start = time.perf_counter()
         pushed = False
-        if ahead is not None and ahead["rollout"] == rollout_index:
-            if "samples" in ahead:  # collected already (a checkpoint was written meanwhile)
-                samples, generation_s = [Sample(*s) for s in ahead["samples"]], ahead["generation_s"]
+        if ahead and ahead[0]["rollout"] == rollout_index:
+            entry = ahead.pop(0)
+            if "samples" in entry:  # collected already (a checkpoint was written meanwhile)
+                samples, generation_s = [Sample(*s) for s in entry["samples"]], entry["generation_s"]
             else:
                 samples, _, generation_s = engine.collect()
-            version = ahead["version"]
+            version = entry["version"]
         else:
+            if ahead:
+                raise RuntimeError(
+                    f"rollout {rollout_index}: the rollouts generated ahead start at {ahead[0]['rollout']}"
+                )
             push()
             pushed, version = True, rollout_index
-            engine.submit(self._requests(rollout_index, prompts), self.generation)
+            engine.submit(self._requests(rollout_index, prompts_of(rollout_index)), self.generation)
             samples, _, generation_s = engine.collect()
         waited = time.perf_counter() - start
         if not pushed:
             push()
         now = time.perf_counter()
         generator_idle = 0.0
-        if self._last_submit is not None and ahead is not None and ahead["rollout"] == rollout_index:
+        if self._last_submit is not None and not pushed:
             generator_idle = max(0.0, now - self._last_submit - generation_s)
-        engine.submit(self._requests(rollout_index + 1, next_prompts), self.generation)
-        self._ahead, self._last_submit = {"rollout": rollout_index + 1, "version": rollout_index}, now
+        ahead = list(ahead or [])
+        last = ahead[-1]["rollout"] if ahead else rollout_index
+        for j in range(last + 1, rollout_index + self.rollout.asynchronous.max_staleness + 1):
+            engine.submit(self._requests(j, prompts_of(j)), self.generation)
+            ahead.append({"rollout": j, "version": rollout_index})
+        self._ahead, self._last_submit = ahead, now
+        prompts = prompts_of(rollout_index)
         n, actor = self.generation.n_samples_per_prompt, self.models.actor
         input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
         attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
@@ -328,7 +338,7 @@ class RolloutRunner:
         counts = {
             "dropped_rows": 0.0,
             "carried_over_rows": 0.0,
-            "trainer_idle_s": waited if not pushed else generation_s,
+            "trainer_idle_s": generation_s if pushed else waited,
             "generator_idle_s": generator_idle,
         }
         sampled = Sampled(rollout_index, gen, texts, columns, generation_s, None, versions, counts, prompts)
@@ -348,13 +358,11 @@ class RolloutRunner:
         rollout, or with an engine that generates ahead the next rollout's samples (collected now, kept
         for that rollout); plain numbers and lists; None in a synchronous run."""
         if self._ahead is not None:
-            if "samples" not in self._ahead:
-                samples, _, generation_s = self.engine.collect()
-                self._ahead = {
-                    **self._ahead,
-                    "samples": [(s.token_ids, s.log_probs, s.finish_reason, s.loss_mask) for s in samples],
-                    "generation_s": generation_s,
-                }
+            for i, entry in enumerate(self._ahead):  # in submission order, as the engine returns them
+                if "samples" not in entry:
+                    samples, _, generation_s = self.engine.collect()
+                    kept = [(s.token_ids, s.log_probs, s.finish_reason, s.loss_mask) for s in samples]
+                    self._ahead[i] = {**entry, "samples": kept, "generation_s": generation_s}
             return {"ahead": self._ahead}
         if self.carry_over is None:
             return None
@@ -366,7 +374,7 @@ class RolloutRunner:
     def load_in_flight_state(self, state: dict | None) -> None:
         """Restore :meth:`in_flight_state` (from a checkpoint); the next rollout picks the state it starts from."""
         if state is not None and "ahead" in state:
-            self._ahead = state["ahead"]
+            self._ahead = list(state["ahead"])
         elif self.carry_over is not None and state is not None:
             self._async_states = {**state, "pending": True}
 

@@ -51,16 +51,28 @@ def test_the_separate_process_samples_what_the_pushed_weights_sample_here(actor)
     assert engine.process is None
 
 
-def test_a_push_during_a_generation_in_flight_is_refused(actor):
+def test_generations_queued_before_a_push_sample_with_the_weights_they_were_submitted_under(actor):
+    settings = GenerationSettings(max_new_tokens=6)
+    here = NativeEngine()
+    here.start(actor, "cpu")
     engine = SeparateEngine()
     try:
         engine.start(actor, "cpu")
         engine.sync_weights(actor)
-        engine.submit(requests(actor), GenerationSettings(max_new_tokens=4))
-        with pytest.raises(RuntimeError, match="collect"):
-            engine.sync_weights(actor)
-        samples, _, _ = engine.collect()
-        assert len(samples) == 4
+        before = here.generate(requests(actor), settings)
+        engine.submit(requests(actor), settings)  # still queued or running when the next push comes
+        with torch.no_grad():
+            for p in actor.model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        engine.sync_weights(actor)
+        engine.submit(requests(actor), settings)
+        after = here.generate(requests(actor), settings)
+        (first, v1, _), (second, v2, _) = engine.collect(), engine.collect()
+        assert (v1, v2) == (1, 2) and engine.in_flight == 0
+        assert [s.token_ids for s in first] == [s.token_ids for s in before]
+        assert [s.token_ids for s in second] == [s.token_ids for s in after] != [s.token_ids for s in before]
+        with pytest.raises(RuntimeError, match="without a submitted generation"):
+            engine.collect()
     finally:
         engine.shutdown()
 
@@ -83,11 +95,11 @@ AHEAD = {
 }
 
 
-def ahead_module(make, asynchronous=True):
+def ahead_module(make, asynchronous=True, staleness=1):
     groups = {name: dict(fields) for name, fields in AHEAD.items()}
     groups["rollout"]["engine"] = SeparateEngine()
     if asynchronous:
-        groups["rollout"]["asynchronous"] = {"max_staleness": 1, "carry_over": False}
+        groups["rollout"]["asynchronous"] = {"max_staleness": staleness, "carry_over": False}
         groups["algorithm"]["rollout_correction"] = "decoupled"
     return make(**groups)
 
@@ -131,13 +143,24 @@ def test_a_resumed_run_takes_the_samples_generated_ahead_from_its_checkpoint(mak
     t = fit(tmp_path / "first", first, 2)
     ckpt = tmp_path / "after2.ckpt"
     t.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)["rollout_in_flight"][0]["ahead"]
+    (saved,) = torch.load(ckpt, weights_only=False)["rollout_in_flight"][0]["ahead"]
     assert saved["rollout"] == 2 and saved["version"] == 1 and len(saved["samples"]) == 16
     resumed = ahead_module(make)
     trainer(tmp_path / "resumed", 3).fit(resumed, datamodule=datamodule(resumed.assets), ckpt_path=str(ckpt))
     assert torch.equal(full.buffer.experience.sequences, resumed.buffer.experience.sequences)
     for (name, a), (_, b) in zip(full.actor.state_dict().items(), resumed.actor.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_max_staleness_2_keeps_two_rollouts_submitted_ahead(make, tmp_path):
+    seen = Rollouts()
+    module = ahead_module(make, staleness=2)
+    t = fit(tmp_path, module, 4, callbacks=[seen])
+    logged = pd.read_csv(f"{t.logger.log_dir}/metrics.csv").dropna(subset=["rollout/staleness_max"])
+    # rollouts 1 and 2 were submitted with rollout 0's weights, rollout 3 with rollout 1's
+    assert logged["rollout/staleness_max"].tolist() == [0.0, 1.0, 2.0, 2.0]
+    versions = [int(exp.versions[exp.loss_mask].unique().item()) for exp in seen.experiences]
+    assert versions == [0, 0, 0, 1]
 
 
 def test_carry_over_with_an_engine_that_generates_ahead_is_refused(make):

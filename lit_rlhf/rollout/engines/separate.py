@@ -8,13 +8,15 @@ talks to it over a pipe. A generation can be submitted and collected later (``su
 so with ``rollout.asynchronous`` the engine generates rollout k+1 while the trainer trains on rollout
 k: one step off-policy, every token's version accounted for.
 
-The engine in the process (``engine``, the native sampler by default) finishes a generation before it
-loads new weights: a push waits for the generation in flight, and nothing is ever sampled with half
-a push.
+The process serves its messages in order: a generation submitted before a push is sampled entirely
+with the weights it was submitted under (the engine finishes it before it loads the push), one
+submitted after with the new ones; nothing is ever sampled with half a push. With ``max_staleness`` η
+the trainer keeps η rollouts submitted ahead.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import os
@@ -54,7 +56,7 @@ class SeparateEngine(RolloutEngine):
     gloo) in buckets of at most ``bucket_mib`` MiB.
 
     ``rollout.engine: {class_path: lit_rlhf.rollout.SeparateEngine, init_args: {device: cuda:1}}``; with
-    ``rollout.asynchronous`` (``max_staleness >= 1``, ``carry_over: false``) it generates one rollout ahead.
+    ``rollout.asynchronous`` (``max_staleness`` η >= 1, ``carry_over: false``) it generates η rollouts ahead.
     """
 
     recomputes_old_log_probs = True
@@ -74,7 +76,8 @@ class SeparateEngine(RolloutEngine):
         self.bucket_mib = bucket_mib
         self.process = self.conn = self.group = None
         self.pushes = 0  # weight versions pushed (the engine's version)
-        self.in_flight = False  # a submitted generation not collected yet
+        self.in_flight = 0  # submitted generations not collected yet (the process serves them in order)
+        self._done: collections.deque = collections.deque()  # finished ones read while waiting for a push
         self.last_push: dict[str, float] = {}
         self._model_dir: tempfile.TemporaryDirectory | None = None
 
@@ -117,11 +120,10 @@ class SeparateEngine(RolloutEngine):
         return True
 
     def sync_weights(self, actor: Any) -> None:
-        """Push the actor's weights in buckets (waits for a generation in flight to end first)."""
+        """Push the actor's weights in buckets. The process serves messages in order: generations submitted
+        before the push are sampled with the weights they were submitted under, later ones with these."""
         from lit_rlhf.models.sharding import policy_weights
 
-        if self.in_flight:
-            raise RuntimeError("SeparateEngine.sync_weights with a generation in flight: collect() it first")
         start, limit = time.perf_counter(), self.bucket_mib * 2**20
         device = torch.device(self.device) if self.backend == "nccl" else torch.device("cpu")
         buckets: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -149,19 +151,17 @@ class SeparateEngine(RolloutEngine):
         self.group.send([flat], 1, 0).wait()
 
     def submit(self, requests: list[GenerationRequest], generation: Any) -> None:
-        """Start generating ``requests`` in the engine's process; :meth:`collect` returns the samples."""
-        if self.in_flight:
-            raise RuntimeError("SeparateEngine.submit with a generation in flight: collect() it first")
+        """Queue ``requests`` for the engine's process; :meth:`collect` returns the samples, first in first out."""
         self.conn.send(("generate", list(requests), generation))
-        self.in_flight = True
+        self.in_flight += 1
 
     def collect(self) -> tuple[list[Sample], int, float]:
         """The submitted generation's samples, the weight version (pushes) that sampled them, and the
         seconds the engine spent generating them."""
         if not self.in_flight:
             raise RuntimeError("SeparateEngine.collect without a submitted generation")
-        self.in_flight = False
-        samples, version, seconds = self._reply("samples")
+        self.in_flight -= 1
+        samples, version, seconds = self._done.popleft() if self._done else self._reply("samples")
         return samples, version, seconds
 
     def generate(
@@ -171,15 +171,20 @@ class SeparateEngine(RolloutEngine):
         return self.collect()[0]
 
     def _reply(self, kind: str):
-        try:
-            message = self.conn.recv()
-        except EOFError as error:
-            code = self.process.exitcode if self.process is not None else None
-            raise RuntimeError(f"the SeparateEngine process ended unexpectedly (exit code {code})") from error
-        if message[0] == "error":
-            raise RuntimeError(f"the SeparateEngine process failed:\n{message[1]}")
-        assert message[0] == kind, (message[0], kind)
-        return message[1] if len(message) == 2 else message[1:]
+        """The process's next message of ``kind``; finished generations that come first are kept for collect."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except EOFError as error:
+                code = self.process.exitcode if self.process is not None else None
+                raise RuntimeError(f"the SeparateEngine process ended unexpectedly (exit code {code})") from error
+            if message[0] == "error":
+                raise RuntimeError(f"the SeparateEngine process failed:\n{message[1]}")
+            if message[0] == kind:
+                return message[1] if len(message) == 2 else message[1:]
+            if message[0] != "samples":
+                raise RuntimeError(f"the SeparateEngine process answered {message[0]!r} where {kind!r} was due")
+            self._done.append(message[1:])
 
     def shutdown(self) -> None:
         if self.process is not None:
@@ -189,7 +194,8 @@ class SeparateEngine(RolloutEngine):
             if self.process.is_alive():
                 self.process.kill()
         self.process = self.conn = self.group = None
-        self.in_flight = False
+        self.in_flight = 0
+        self._done.clear()
         if self._model_dir is not None:
             self._model_dir.cleanup()
             self._model_dir = None
