@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,84 +14,29 @@ from torch import Tensor
 from lit_rlhf.models import GenerationOutput
 from lit_rlhf.models.padding import length_groups
 from lit_rlhf.models.policy_set import PolicySet
-from lit_rlhf.models.sharding import gathered, is_sharded
+from lit_rlhf.models.sharding import gathered
 from lit_rlhf.models.stop_strings import StopStrings
-from lit_rlhf.rewards.scorer import Scores
 from lit_rlhf.rollout.advantages import AllReduce, compute_advantages, no_reduce
-from lit_rlhf.rollout.carry_over import CarryOver, InFlight
-from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine, Sample
+from lit_rlhf.rollout.asynchronous import AsynchronousRollouts
+from lit_rlhf.rollout.batches import (  # noqa: F401  (Sampled, Rollout, ... are importable from here too)
+    Carried,
+    Progress,
+    PromptsAt,
+    Rollout,
+    Sampled,
+    ScoreFn,
+    eval_mode,
+    no_progress,
+    repeat_rows,
+)
+from lit_rlhf.rollout.carry_over import CarryOver
+from lit_rlhf.rollout.engines.base import GenerationRequest, RolloutEngine
 from lit_rlhf.rollout.engines.packing import left_padded, pack_samples, requests_from_prompts
 from lit_rlhf.rollout.experience import Experience
 from lit_rlhf.rollout.metrics import mismatch_metrics, rollout_metrics, staleness_metrics, turn_metrics
-from lit_rlhf.rollout.multi_turn.loop import TrajectoryResult, TurnLoop, conversations, turn_bonus, turn_inputs
+from lit_rlhf.rollout.multi_turn.loop import TurnLoop, conversations, turn_bonus, turn_inputs
 from lit_rlhf.seeds import rollout_seed, stream_seed
 from lit_rlhf.settings import AlgorithmSettings, GenerationSettings, KLSettings, RolloutSettings
-
-# (generation, prompt texts per row, dataset columns per row) -> scores: a RewardScorer
-ScoreFn = Callable[[GenerationOutput, list[str], dict[str, list]], Scores]
-# (stream positions, count=True) -> a PromptDataModule batch of those prompts (count: the truncation counter)
-PromptsAt = Callable[..., dict]
-# (phase, done, total): a progress display
-Progress = Callable[[str, int, int], None]
-
-
-def no_progress(phase: str, done: int, total: int) -> None:
-    """Report nothing."""
-
-
-class Sampled(NamedTuple):
-    """What ``RolloutRunner.sample`` returns: the responses of one rollout, not yet scored.
-
-    rollout: the rollout's index. generation: the packed samples, one row per response (a prompt's
-    samples contiguous). prompts, columns: each row's prompt text and dataset columns.
-    generation_s: seconds spent sampling (and, multi-turn, waiting for tools and environments).
-    trajectories: a multi-turn rollout's trajectories, one per row (None: single-turn).
-    """
-
-    rollout: int
-    generation: GenerationOutput
-    prompts: list[str]
-    columns: dict[str, list]
-    generation_s: float
-    trajectories: list[TrajectoryResult] | None = None
-    versions: Tensor | None = None
-    """``[B, A]`` each response token's policy version (None: all ``rollout``'s, a synchronous rollout)."""
-    carry: dict[str, float] | None = None
-    """an asynchronous rollout's ``dropped_rows``, ``carried_over_rows`` and ``decode_steps``."""
-    prompt_batch: dict | None = None
-    """an asynchronous rollout's prompts (a ``PromptDataModule`` batch, one row per trained group)."""
-
-
-class Rollout(NamedTuple):
-    """A scored rollout: its experience, each reward part ``[B]`` and the phases' seconds; a multi-turn
-    rollout's trajectories (conversations, turns, tool calls) too."""
-
-    experience: Experience
-    reward_parts: dict[str, Tensor]
-    timing: dict[str, float]
-    trajectories: list[TrajectoryResult] | None = None
-
-
-class Carried(NamedTuple):
-    """What an asynchronous rollout adds to its ``Rollout``: ``counts`` (``dropped_rows``,
-    ``carried_over_rows``, ``decode_steps``) and ``prompts``, the batch of the trained groups' prompts."""
-
-    counts: dict[str, float]
-    prompts: dict
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module | None):
-    """Put modules in eval mode (no dropout, no grad-only behaviour), restoring their modes after."""
-    live = [m for m in modules if m is not None]
-    modes = [m.training for m in live]
-    for m in live:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(live, modes, strict=True):
-            m.train(mode)
 
 
 def in_micro_batches(
@@ -118,11 +62,6 @@ def scoring_groups(lengths: Tensor, rollout: RolloutSettings, reduce_max: AllRed
     return length_groups(lengths, size, tokens, count) if count != len(groups) else groups
 
 
-def repeat_rows(values: list, times: int) -> list:
-    """Each entry ``times`` times in a row (a prompt's samples stay contiguous)."""
-    return [value for value in values for _ in range(times)]
-
-
 def check_finite(rollout_id: int, loss_mask: Tensor, **tensors: Tensor) -> None:
     """Stop before training on non-finite log-probs or values (one host sync for all of them).
 
@@ -138,7 +77,7 @@ def check_finite(rollout_id: int, loss_mask: Tensor, **tensors: Tensor) -> None:
         )
 
 
-class RolloutRunner:
+class RolloutRunner(AsynchronousRollouts):
     """Makes rollout ``k`` of one rank: a pure function of ``k``, the run's seed, the rank and the weights.
 
     Built by the module from its settings groups, its models, its engine and its reward scorer.
@@ -231,184 +170,6 @@ class RolloutRunner:
                 "engine's kernels really differ this much"
             )
         return float(diff)
-
-    def collect_async(
-        self, rollout_index: int, prompts_at: PromptsAt, progress: Progress = no_progress
-    ) -> tuple[Rollout, Carried]:
-        """An asynchronous rollout (``rollout.asynchronous``): ``sample_async`` then ``score``."""
-        sampled = self.sample_async(rollout_index, prompts_at, progress)
-        return self.score(sampled, progress), Carried(sampled.carry, sampled.prompt_batch)
-
-    @torch.no_grad()
-    def sample_async(self, rollout_index: int, prompts_at: PromptsAt, progress: Progress = no_progress) -> Sampled:
-        """Decode the groups in flight and new ones from this rank's prompt stream (``prompts_at(positions)``:
-        a ``PromptDataModule.stream_prompts`` batch) until ``rollout_batch_size`` groups are complete
-        (``lit_rlhf.rollout.carry_over``); the trained groups' rows come back packed, a prompt's samples
-        contiguous, with every token's policy version. Unfinished rows stay in flight."""
-        carry, actor = self.carry_over, self.models.actor
-        if carry is None:
-            raise RuntimeError("sample_async needs rollout.asynchronous with max_staleness > 0")
-        self._restore_in_flight(rollout_index)
-        before = carry.state.state_dict()
-
-        def prompt_ids(positions: list[int]) -> list[list[int]]:
-            batch = prompts_at(positions)
-            rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(-1).tolist(), strict=True)
-            return [ids[len(ids) - n :] for ids, n in rows]
-
-        on_token = lambda done, total: progress("generating", done, total)  # noqa: E731
-        start = time.perf_counter()
-        gather = self.rollout.gather_for_generation and self.engine.samples_with_actor
-        with eval_mode(actor), gathered(actor.model, gather):
-            outcome = carry.run(rollout_index, self.engine, self.generation, prompt_ids, on_token)
-        generation_s = time.perf_counter() - start
-        self._async_states = {"rollout": rollout_index, "before": before, "after": carry.state.state_dict()}
-        n, device = self.generation.n_samples_per_prompt, self._device()
-        batch = prompts_at([group.position for group in outcome.trained], count=False)
-        rows = [row for group in outcome.trained for row in group.rows]
-        input_ids, attention_mask = left_padded([row.prompt_ids for row in rows], actor.pad_token_id, device)
-        gen = pack_samples(input_ids, attention_mask, [row.sample() for row in rows], actor.pad_token_id)
-        versions = torch.full(gen.loss_mask.shape, rollout_index, dtype=torch.long)
-        for i, row in enumerate(rows):
-            versions[i, : len(row.versions)] = torch.tensor(row.versions, dtype=torch.long)
-        texts = repeat_rows(batch["prompts"], n)
-        columns = {name: repeat_rows(values, n) for name, values in batch["columns"].items()}
-        counts = {
-            "dropped_rows": float(outcome.dropped_rows),
-            "carried_over_rows": float(outcome.carried_rows),
-            "decode_steps": float(outcome.decode_steps),
-        }
-        return Sampled(rollout_index, gen, texts, columns, generation_s, None, versions.to(device), counts, batch)
-
-    @torch.no_grad()
-    def collect_ahead(
-        self,
-        rollout_index: int,
-        prompts_of: Callable[[int], dict],
-        push: Callable[[], None],
-        progress: Progress = no_progress,
-    ) -> tuple[Rollout, Carried]:
-        """Rollouts generated ahead by an engine of its own (``SeparateEngine``), η =
-        ``asynchronous.max_staleness`` of them: rollout ``k``'s samples were submitted during rollout
-        ``k - η`` (or later) with the weights pushed then; they are collected, the current weights are
-        pushed (``push``: the push and its weight check), and the rollouts up to ``k + η`` are submitted
-        before rollout ``k`` is scored, so the engine generates while the trainer scores and trains.
-        ``prompts_of(j)``: this rank's prompts of rollout ``j``. The first rollout (and one after a resume
-        without its samples) is generated after the push, with version ``k``."""
-        engine, ahead = self.engine, self._ahead
-        start = time.perf_counter()
-        pushed = False
-        if ahead and ahead[0]["rollout"] == rollout_index:
-            entry = ahead.pop(0)
-            if "samples" in entry:  # collected already (a checkpoint was written meanwhile)
-                samples, generation_s = [Sample(*s) for s in entry["samples"]], entry["generation_s"]
-            else:
-                samples, _, generation_s = engine.collect()
-            version = entry["version"]
-        else:
-            if ahead:
-                raise RuntimeError(
-                    f"rollout {rollout_index}: the rollouts generated ahead start at {ahead[0]['rollout']}"
-                )
-            push()
-            pushed, version = True, rollout_index
-            engine.submit(self._requests(rollout_index, prompts_of(rollout_index)), self.generation)
-            samples, _, generation_s = engine.collect()
-        waited = time.perf_counter() - start
-        if not pushed:
-            push()
-        now = time.perf_counter()
-        generator_idle = 0.0
-        if self._last_submit is not None and not pushed:
-            generator_idle = max(0.0, now - self._last_submit - generation_s)
-        ahead = list(ahead or [])
-        last = ahead[-1]["rollout"] if ahead else rollout_index
-        for j in range(last + 1, rollout_index + self.rollout.asynchronous.max_staleness + 1):
-            engine.submit(self._requests(j, prompts_of(j)), self.generation)
-            ahead.append({"rollout": j, "version": rollout_index})
-        self._ahead, self._last_submit = ahead, now
-        prompts = prompts_of(rollout_index)
-        n, actor = self.generation.n_samples_per_prompt, self.models.actor
-        input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
-        attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
-        gen = pack_samples(input_ids, attention_mask, samples, actor.pad_token_id)
-        versions = torch.full(gen.loss_mask.shape, version, dtype=torch.long, device=gen.loss_mask.device)
-        texts = repeat_rows(prompts["prompts"], n)
-        columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
-        counts = {
-            "dropped_rows": 0.0,
-            "carried_over_rows": 0.0,
-            "trainer_idle_s": generation_s if pushed else waited,
-            "generator_idle_s": generator_idle,
-        }
-        sampled = Sampled(rollout_index, gen, texts, columns, generation_s, None, versions, counts, prompts)
-        return self.score(sampled, progress), Carried(counts, prompts)
-
-    def _requests(self, rollout_index: int, prompts: dict) -> list[GenerationRequest]:
-        """One request per sample of ``prompts`` for rollout ``rollout_index``, seeded as ``sample`` seeds them."""
-        n = self.generation.n_samples_per_prompt
-        input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
-        attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
-        first = rollout_seed(self.seed, rollout_index, self.rank)
-        seeds = [first + i for i in range(len(input_ids))]
-        return requests_from_prompts(input_ids, attention_mask, seeds, self.generation.stop_token_ids)
-
-    def in_flight_state(self) -> dict | None:
-        """The asynchronous rollouts' state for a checkpoint: the rows in flight before and after the latest
-        rollout, or with an engine that generates ahead the next rollout's samples (collected now, kept
-        for that rollout); plain numbers and lists; None in a synchronous run."""
-        if self._ahead is not None:
-            for i, entry in enumerate(self._ahead):  # in submission order, as the engine returns them
-                if "samples" not in entry:
-                    samples, _, generation_s = self.engine.collect()
-                    kept = [(s.token_ids, s.log_probs, s.finish_reason, s.loss_mask) for s in samples]
-                    self._ahead[i] = {**entry, "samples": kept, "generation_s": generation_s}
-            return {"ahead": self._ahead}
-        if self.carry_over is None:
-            return None
-        if self._async_states is None:
-            state = self.carry_over.state.state_dict()
-            return {"rollout": -1, "before": state, "after": state}
-        return self._async_states
-
-    def load_in_flight_state(self, state: dict | None) -> None:
-        """Restore :meth:`in_flight_state` (from a checkpoint); the next rollout picks the state it starts from."""
-        if state is not None and "ahead" in state:
-            self._ahead = list(state["ahead"])
-        elif self.carry_over is not None and state is not None:
-            self._async_states = {**state, "pending": True}
-
-    def _restore_in_flight(self, rollout_index: int) -> None:
-        """After a resume: rollout ``k`` reruns from the state before it, rollout ``k + 1`` goes on from
-        the one after."""
-        states = self._async_states
-        if states is None or not states.get("pending"):
-            return
-        self._async_states = {key: value for key, value in states.items() if key != "pending"}
-        if rollout_index == states["rollout"]:
-            self.carry_over.state = InFlight.from_state(states["before"])
-        elif rollout_index == states["rollout"] + 1:
-            self.carry_over.state = InFlight.from_state(states["after"])
-        else:
-            raise RuntimeError(
-                f"the checkpoint's in-flight rows are those of rollout {states['rollout']}, but the run resumes at "
-                f"rollout {rollout_index}: resume from the checkpoint written with them"
-            )
-
-    def _stale_rows(self, sampled: Sampled) -> Tensor | None:
-        """The rows of an asynchronous rollout whose old log-probs need a trainer forward (those with a
-        token of an older policy), or None for all of them. Only where the engine's own log-probs are the
-        trainer's (the native sampler, unless ``rollout.recompute_old_log_probs`` asks for all) and the
-        actor is not sharded (every rank then runs the same forwards)."""
-        if sampled.versions is None or self.rollout.recompute_old_log_probs is not None:
-            return None
-        if self.engine.recomputes_old_log_probs or is_sharded(self.models.actor.model):
-            return None
-        older = (sampled.versions < sampled.rollout) & sampled.generation.loss_mask
-        return older.any(-1).nonzero().squeeze(1)
-
-    def _device(self) -> torch.device:
-        return self.models.actor.eos_token_ids.device
 
     def collect(self, rollout_index: int, prompts: dict, progress: Progress = no_progress) -> Rollout:
         """Rollout ``rollout_index`` from this rank's prompts (what ``PromptDataModule.rollout_prompts``
