@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import lightning as L
+
+from lit_rlhf.rollout import NativeEngine
 
 
 class KillAt(L.Callback):
@@ -82,3 +85,19 @@ def full_disk_at_save(monkeypatch, save: int = 2) -> None:
         return f
 
     monkeypatch.setattr(checkpoints, "open", open_partial, raising=False)
+
+
+class SlowEngine(NativeEngine):
+    """The native sampler, ``step_s`` seconds slower per decoding step: a generation long enough for a
+    weight push to arrive while it decodes."""
+
+    def __init__(self, step_s: float = 0.1) -> None:
+        super().__init__()
+        self.step_s = step_s
+
+    def generate(self, requests, generation, on_token=None):
+        def slow(done: int, total: int) -> bool | None:
+            time.sleep(self.step_s)
+            return on_token(done, total) if on_token is not None else None
+
+        return super().generate(requests, generation, slow)

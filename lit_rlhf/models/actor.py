@@ -158,7 +158,7 @@ class Actor(nn.Module):
         attention_mask: Tensor,
         settings: GenerationSettings,
         generator: torch.Generator | None = None,
-        on_token: Callable[[int, int], None] | None = None,
+        on_token: Callable[[int, int], bool | None] | None = None,
         compact: bool = True,
         stop_token_ids: Tensor | None = None,
         prefix: CachedPrefix | None = None,
@@ -176,7 +176,8 @@ class Actor(nn.Module):
         when decoding stops at EOS). Sampling draws one uniform number per row and step for the
         whole batch, so compaction never changes a row's tokens (see :func:`sample_tokens`).
         ``generator`` (on the model's device) makes sampling independent of the global RNG;
-        ``on_token(done, total)`` is told after each decoding step (a progress display).
+        ``on_token(done, total)`` is told after each decoding step (a progress display); when it returns
+        True, decoding stops there, and every row still decoding ends with the tokens it has (``length``).
 
         ``prefix`` (models for which :func:`reuses_cache` holds): keys and values already computed for
         each row's first tokens; ``input_ids`` are then the rest of each row, and only they are
@@ -209,7 +210,7 @@ class Actor(nn.Module):
         attention_mask: Tensor,
         settings: GenerationSettings,
         generator: torch.Generator | None,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], bool | None] | None,
         compact: bool,
         stop_token_ids: Tensor | None,
         prefix: CachedPrefix | None,
@@ -288,10 +289,9 @@ class Actor(nn.Module):
             lengths[active[ends]] = step + 1
             ended_by_itself[active[ends]] = True
             finished = finished | ends
-            if on_token is not None:
-                on_token(step + 1, max_new)
+            stop = on_token is not None and bool(on_token(step + 1, max_new))
             done = int(finished.sum()) if early else 0  # one host sync per step
-            if step == max_new - 1 or (early and done == len(active)):
+            if stop or step == max_new - 1 or (early and done == len(active)):
                 steps = step + 1
                 keep(torch.arange(len(active), device=device))
                 break

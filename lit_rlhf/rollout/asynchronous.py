@@ -92,21 +92,22 @@ class AsynchronousRollouts:
             entry = ahead.pop(0)
             if "samples" in entry:  # collected already (a checkpoint was written meanwhile)
                 samples, generation_s = [Sample(*s) for s in entry["samples"]], entry["generation_s"]
+                versions = entry.get("versions")
             else:
-                samples, _, generation_s = engine.collect()
-            version = entry["version"]
+                samples, versions, generation_s = self._collected()
+            versions = versions or [[entry["version"]] * len(s.token_ids) for s in samples]
         else:
             if ahead:
                 raise RuntimeError(
                     f"rollout {rollout_index}: the rollouts generated ahead start at {ahead[0]['rollout']}"
                 )
-            push()
-            pushed, version = True, rollout_index
+            self._push(push, rollout_index)
+            pushed = True
             engine.submit(self._requests(rollout_index, prompts_of(rollout_index)), self.generation)
-            samples, _, generation_s = engine.collect()
+            samples, versions, generation_s = self._collected()
         waited = time.perf_counter() - start
-        if not pushed:
-            push()
+        if not pushed:  # a generation still in flight pauses for it (SeparateEngine.pause_for_push)
+            self._push(push, rollout_index)
         now = time.perf_counter()
         generator_idle = 0.0
         if self._last_submit is not None and not pushed:
@@ -122,7 +123,9 @@ class AsynchronousRollouts:
         input_ids = prompts["input_ids"].repeat_interleave(n, dim=0)
         attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)
         gen = pack_samples(input_ids, attention_mask, samples, actor.pad_token_id)
-        versions = torch.full(gen.loss_mask.shape, version, dtype=torch.long, device=gen.loss_mask.device)
+        versions_of = torch.full(gen.loss_mask.shape, rollout_index, dtype=torch.long)
+        for i, row in enumerate(versions):
+            versions_of[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         texts = repeat_rows(prompts["prompts"], n)
         columns = {name: repeat_rows(values, n) for name, values in prompts["columns"].items()}
         counts = {
@@ -131,8 +134,20 @@ class AsynchronousRollouts:
             "trainer_idle_s": generation_s if pushed else waited,
             "generator_idle_s": generator_idle,
         }
-        sampled = Sampled(rollout_index, gen, texts, columns, generation_s, None, versions, counts, prompts)
+        versions_of = versions_of.to(gen.loss_mask.device)
+        sampled = Sampled(rollout_index, gen, texts, columns, generation_s, None, versions_of, counts, prompts)
         return self.score(sampled, progress), Carried(counts, prompts)
+
+    def _push(self, push: Callable[[], None], rollout_index: int) -> None:
+        """Push the weights of rollout ``rollout_index`` (the engine counts its pushes: the tokens it samples
+        from now on carry that count, which stands for this version)."""
+        push()
+        self._push_versions[self.engine.pushes] = rollout_index
+
+    def _collected(self) -> tuple[list[Sample], list[list[int]], float]:
+        """The engine's oldest generation: its samples, each token's policy version, its seconds."""
+        samples, pushes, generation_s = self.engine.collect()
+        return samples, [[self._push_versions[p] for p in row] for row in pushes], generation_s
 
     def _requests(self, rollout_index: int, prompts: dict) -> list[GenerationRequest]:
         """One request per sample of ``prompts`` for rollout ``rollout_index``, seeded as ``sample`` seeds them."""
@@ -150,9 +165,9 @@ class AsynchronousRollouts:
         if self._ahead is not None:
             for i, entry in enumerate(self._ahead):  # in submission order, as the engine returns them
                 if "samples" not in entry:
-                    samples, _, generation_s = self.engine.collect()
+                    samples, versions, generation_s = self._collected()
                     kept = [(s.token_ids, s.log_probs, s.finish_reason, s.loss_mask) for s in samples]
-                    self._ahead[i] = {**entry, "samples": kept, "generation_s": generation_s}
+                    self._ahead[i] = {**entry, "samples": kept, "versions": versions, "generation_s": generation_s}
             return {"ahead": self._ahead}
         if self.carry_over is None:
             return None

@@ -136,6 +136,7 @@ class RolloutRunner(AsynchronousRollouts):
         # an engine that generates ahead: the rollouts submitted (or collected) ahead and their weights' versions
         self._ahead: list[dict] | None = None
         self._last_submit: float | None = None
+        self._push_versions: dict[int, int] = {}  # an engine's push count -> the policy version it pushed
 
     PROBE_TOKENS = 16
 

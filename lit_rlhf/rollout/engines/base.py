@@ -64,8 +64,9 @@ class Sample:
             raise ValueError(f"Sample.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
 
 
-# (done, total): told after every decoding step (a progress display)
-OnToken = Callable[[int, int], None]
+# (done, total): told after every decoding step (a progress display); an engine that reports its steps
+# stops decoding when it returns True, every row ending with the tokens it has (``length``)
+OnToken = Callable[[int, int], bool | None]
 
 
 class RolloutEngine(ABC):

@@ -8,16 +8,20 @@ talks to it over a pipe. A generation can be submitted and collected later (``su
 so with ``rollout.asynchronous`` the engine generates rollout k+1 while the trainer trains on rollout
 k: one step off-policy, every token's version accounted for.
 
-The process serves its messages in order: a generation submitted before a push is sampled entirely
-with the weights it was submitted under (the engine finishes it before it loads the push), one
-submitted after with the new ones; nothing is ever sampled with half a push. With ``max_staleness`` η
-the trainer keeps η rollouts submitted ahead.
+The process serves its messages in order, and never samples with half a push: a push that arrives
+while a generation decodes pauses it between two decoding steps (``pause_for_push``, engines that report
+their steps: the native sampler), loads, and the unfinished rows go on with the new weights, their keys
+and values prefilled again; every token is returned with the version that sampled it. Without pausing
+(or with an engine that cannot pause, like vLLM's offline engine) a generation submitted before a push
+is sampled entirely with the weights it was submitted under. With ``max_staleness`` η the trainer
+keeps η rollouts submitted ahead.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import os
 import socket
@@ -53,7 +57,9 @@ def weight_group(port: int, rank: int, backend: str):
 class SeparateEngine(RolloutEngine):
     """Run ``engine`` (a dotted class path; the native sampler by default) in a process of its own on
     ``device`` and push the actor's weights to it over ``backend`` (None: nccl for a CUDA device, else
-    gloo) in buckets of at most ``bucket_mib`` MiB.
+    gloo) in buckets of at most ``bucket_mib`` MiB. ``pause_for_push``: a push pauses the generations in
+    flight and they go on with its weights (False: it waits until they finish, and a run is reproducible
+    to the bit whatever the timing).
 
     ``rollout.engine: {class_path: lit_rlhf.rollout.SeparateEngine, init_args: {device: cuda:1}}``; with
     ``rollout.asynchronous`` (``max_staleness`` η >= 1, ``carry_over: false``) it generates η rollouts ahead.
@@ -70,14 +76,16 @@ class SeparateEngine(RolloutEngine):
         device: str = "cpu",
         backend: str | None = None,
         bucket_mib: int = 64,
+        pause_for_push: bool = True,
     ) -> None:
         self.engine, self.engine_args, self.device = engine, dict(engine_args or {}), device
         self.backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
-        self.bucket_mib = bucket_mib
+        self.bucket_mib, self.pause_for_push = bucket_mib, pause_for_push
         self.process = self.conn = self.group = None
         self.pushes = 0  # weight versions pushed (the engine's version)
-        self.in_flight = 0  # submitted generations not collected yet (the process serves them in order)
-        self._done: collections.deque = collections.deque()  # finished ones read while waiting for a push
+        self._tickets = 0
+        self._order: collections.deque = collections.deque()  # submitted generations not collected, in order
+        self._done: dict[int, tuple] = {}  # finished ones read while waiting for something else
         self.last_push: dict[str, float] = {}
         self._model_dir: tempfile.TemporaryDirectory | None = None
 
@@ -91,6 +99,7 @@ class SeparateEngine(RolloutEngine):
             "device": self.device,
             "backend": self.backend,
             "bucket_mib": self.bucket_mib,
+            "pause_for_push": self.pause_for_push,
         }
 
     def start(self, actor: Any, device: Any) -> bool:
@@ -111,7 +120,7 @@ class SeparateEngine(RolloutEngine):
         context = torch.multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         port = free_port()
-        args = (child, path, ids, self.engine, self.engine_args, self.device, port, self.backend)
+        args = (child, path, ids, self.engine, self.engine_args, self.device, port, self.backend, self.pause_for_push)
         # not a daemon: an engine such as vLLM starts processes of its own; the process ends when the pipe closes
         self.process = context.Process(target=serve, args=args)
         self.process.start()
@@ -120,8 +129,8 @@ class SeparateEngine(RolloutEngine):
         return True
 
     def sync_weights(self, actor: Any) -> None:
-        """Push the actor's weights in buckets. The process serves messages in order: generations submitted
-        before the push are sampled with the weights they were submitted under, later ones with these."""
+        """Push the actor's weights in buckets; a generation in flight pauses for them (``pause_for_push``),
+        or finishes with the weights it was submitted under first."""
         from lit_rlhf.models.sharding import policy_weights
 
         start, limit = time.perf_counter(), self.bucket_mib * 2**20
@@ -150,28 +159,41 @@ class SeparateEngine(RolloutEngine):
         flat = torch.cat([t.reshape(-1).to(device) for _, t in bucket])  # one bucket at a time in memory
         self.group.send([flat], 1, 0).wait()
 
-    def submit(self, requests: list[GenerationRequest], generation: Any) -> None:
-        """Queue ``requests`` for the engine's process; :meth:`collect` returns the samples, first in first out."""
-        self.conn.send(("generate", list(requests), generation))
-        self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        """Submitted generations not collected yet."""
+        return len(self._order)
 
-    def collect(self) -> tuple[list[Sample], int, float]:
-        """The submitted generation's samples, the weight version (pushes) that sampled them, and the
-        seconds the engine spent generating them."""
-        if not self.in_flight:
+    def submit(self, requests: list[GenerationRequest], generation: Any) -> int:
+        """Queue ``requests`` for the engine's process; :meth:`collect` returns the samples, first in first
+        out. Returns the generation's ticket."""
+        self._tickets += 1
+        self.conn.send(("generate", self._tickets, list(requests), generation))
+        self._order.append(self._tickets)
+        return self._tickets
+
+    def collect(self) -> tuple[list[Sample], list[tuple[int, ...]], float]:
+        """The oldest submitted generation's samples, the weight version (pushes loaded) that sampled each
+        of their tokens, and the seconds the engine spent generating them."""
+        if not self._order:
             raise RuntimeError("SeparateEngine.collect without a submitted generation")
-        self.in_flight -= 1
-        samples, version, seconds = self._done.popleft() if self._done else self._reply("samples")
-        return samples, version, seconds
+        return self._wait(self._order.popleft())
 
     def generate(
         self, requests: list[GenerationRequest], generation: Any, on_token: OnToken | None = None
     ) -> list[Sample]:
-        self.submit(requests, generation)
-        return self.collect()[0]
+        """Samples of ``requests``, after the generations submitted before them (which stay to collect)."""
+        ticket = self.submit(requests, generation)
+        self._order.remove(ticket)
+        return self._wait(ticket)[0]
+
+    def _wait(self, ticket: int) -> tuple:
+        while ticket not in self._done:
+            self._reply("samples")
+        return self._done.pop(ticket)
 
     def _reply(self, kind: str):
-        """The process's next message of ``kind``; finished generations that come first are kept for collect."""
+        """The process's next message of ``kind``; finished generations that come first are kept."""
         while True:
             try:
                 message = self.conn.recv()
@@ -180,11 +202,14 @@ class SeparateEngine(RolloutEngine):
                 raise RuntimeError(f"the SeparateEngine process ended unexpectedly (exit code {code})") from error
             if message[0] == "error":
                 raise RuntimeError(f"the SeparateEngine process failed:\n{message[1]}")
+            if message[0] == "samples":
+                self._done[message[1]] = message[2:]
+                if kind == "samples":
+                    return None
+                continue
             if message[0] == kind:
                 return message[1] if len(message) == 2 else message[1:]
-            if message[0] != "samples":
-                raise RuntimeError(f"the SeparateEngine process answered {message[0]!r} where {kind!r} was due")
-            self._done.append(message[1:])
+            raise RuntimeError(f"the SeparateEngine process answered {message[0]!r} where {kind!r} was due")
 
     def shutdown(self) -> None:
         if self.process is not None:
@@ -194,21 +219,22 @@ class SeparateEngine(RolloutEngine):
             if self.process.is_alive():
                 self.process.kill()
         self.process = self.conn = self.group = None
-        self.in_flight = 0
+        self._order.clear()
         self._done.clear()
         if self._model_dir is not None:
             self._model_dir.cleanup()
             self._model_dir = None
 
 
-def serve(
-    conn, path: str, ids: tuple, engine_path: str, engine_args: dict, device: str, port: int, backend: str
-) -> None:
-    """The engine's process: build the actor from the architecture in ``path`` (``ids``: its EOS ids, pad
-    id and dtype), start the engine, then serve the trainer's messages in order (weight buckets and
-    their commit, a generation, stop)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+class Server:
+    """The engine's process: builds the actor from the architecture in ``path`` (``ids``: its EOS ids,
+    pad id and dtype), starts the engine, then serves the trainer's messages in order (weight buckets
+    and their commit, a generation, stop). With ``pause_for_push`` a push that arrives while a
+    generation decodes pauses it at the next decoding step (engines that report their steps through
+    ``on_token``, like the native sampler): the push is loaded, and the unfinished rows go on as
+    continuations (prompt + kept tokens, their keys and values prefilled again with the new weights)."""
+
+    def __init__(self, conn, path, ids, engine_path, engine_args, device, port, backend, pause_for_push) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from lit_rlhf.models import Actor, load_tokenizer
@@ -217,51 +243,144 @@ def serve(
         eos_ids, pad_id, dtype = ids
         tokenizer = load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
-        actor = Actor(model, eos_ids, pad_id, tokenizer=tokenizer).to(device)
-        actor.eval()
-        engine = import_object(engine_path, "rollout.engine.init_args.engine")(**engine_args)
-        engine.start(actor, device)
-        group = weight_group(port, 1, backend)
-        params = dict(actor.model.named_parameters())
-        receive_on = torch.device(device) if backend == "nccl" else torch.device("cpu")
-        version = 0
+        self.actor = Actor(model, eos_ids, pad_id, tokenizer=tokenizer).to(device)
+        self.actor.eval()
+        self.engine = import_object(engine_path, "rollout.engine.init_args.engine")(**engine_args)
+        self.engine.start(self.actor, device)
+        self.conn, self.pause_for_push = conn, pause_for_push
+        self.group = weight_group(port, 1, backend)
+        self.params = dict(self.actor.model.named_parameters())
+        self.receive_on = torch.device(device) if backend == "nccl" else torch.device("cpu")
+        self.version = 0  # pushes loaded
+        self.inbox: collections.deque = collections.deque()  # messages read during a generation, not served yet
+        self.push: tuple | None = None  # a push's first bucket, read during a generation
+        self.stopped = False  # the trainer stopped the engine during a generation
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message = self.inbox.popleft() if self.inbox else self.conn.recv()
+            except EOFError:  # the trainer is gone
+                return
+            try:
+                if message[0] == "stop":
+                    return
+                if message[0] == "generate":
+                    _, ticket, requests, generation = message
+                    start = time.perf_counter()
+                    samples, versions = self.generate(requests, generation)
+                    if self.stopped:
+                        return
+                    self.conn.send(("samples", ticket, samples, versions, time.perf_counter() - start))
+                else:
+                    self.load(message)
+            except Exception:
+                self.conn.send(("error", traceback.format_exc()))
+
+    def load(self, message: tuple) -> None:
+        """Serve a push's messages from ``message`` (a bucket) to its commit."""
+        while True:
+            if message[0] == "commit":  # every bucket of this push arrived
+                self.version += 1
+                self.engine.sync_weights(self.actor)
+                self.conn.send(("loaded", self.version))
+                return
+            if message[0] != "bucket":
+                raise RuntimeError(f"the SeparateEngine process got {message[0]!r} within a weight push")
+            _, meta, dtype = message
+            flat = torch.empty(
+                sum(_numel(shape) for _, shape in meta), dtype=getattr(torch, dtype), device=self.receive_on
+            )
+            self.group.recv([flat], 0, 0).wait()
+            offset = 0
+            with torch.no_grad():
+                for name, shape in meta:
+                    n = _numel(shape)
+                    self.params[name].copy_(flat[offset : offset + n].view(shape))
+                    offset += n
+            message = self.conn.recv()
+
+    def _pause(self, done: int, total: int) -> bool:
+        """``on_token``: read what arrived; True (stop decoding now) once a push has begun or the trainer
+        stops the engine (then the generation is abandoned)."""
+        while self.push is None and not self.stopped and self.conn.poll():
+            try:
+                message = self.conn.recv()
+            except EOFError:  # the trainer is gone
+                message = ("stop",)
+            if message[0] == "bucket":
+                self.push = message
+            elif message[0] == "stop":
+                self.stopped = True
+            else:
+                self.inbox.append(message)
+        return self.push is not None or self.stopped
+
+    @torch.no_grad()
+    def generate(self, requests: list, generation) -> tuple[list, list]:
+        """Samples of ``requests`` and each token's version; a push that arrives meanwhile is loaded
+        between two decoding steps, and the unfinished rows go on with its weights."""
+        from lit_rlhf.models.stop_strings import StopStrings
+        from lit_rlhf.rollout.carry_over import SEED_STRIDE
+
+        first_stop = None
+        if generation.stop_strings and self.actor.tokenizer is not None:
+            first_stop = StopStrings(self.actor.tokenizer, generation.stop_strings).first_stop
+        rows = [{"tokens": [], "log_probs": [], "versions": [], "reason": None} for _ in requests]
+        budgets = [r.max_new_tokens or generation.max_new_tokens for r in requests]
+        live = list(range(len(requests)))
+        while live:
+            calls = [
+                dataclasses.replace(
+                    requests[i],
+                    prompt_ids=requests[i].prompt_ids + tuple(rows[i]["tokens"]),
+                    seed=requests[i].seed + SEED_STRIDE * len(rows[i]["tokens"]),
+                    max_new_tokens=budgets[i] - len(rows[i]["tokens"]),
+                )
+                for i in live
+            ]
+            on_token = self._pause if self.pause_for_push else None
+            samples = self.engine.generate(calls, generation, on_token)
+            if self.stopped:  # abandoned
+                return [], []
+            paused = self.push is not None
+            for i, sample in zip(live, samples, strict=True):
+                row, start = rows[i], len(rows[i]["tokens"])
+                row["tokens"].extend(sample.token_ids)
+                row["log_probs"].extend(sample.log_probs)
+                row["versions"].extend([self.version] * len(sample.token_ids))
+                if sample.finish_reason == "stop":
+                    row["reason"] = "stop"
+                elif first_stop is not None and start:  # a stop string across the pause
+                    end = first_stop(row["tokens"])
+                    if end is not None:
+                        del row["tokens"][end + 1 :], row["log_probs"][end + 1 :], row["versions"][end + 1 :]
+                        row["reason"] = "stop"
+                if row["reason"] is None and len(row["tokens"]) >= budgets[i]:
+                    row["reason"] = "length"
+                if row["reason"] is None and not paused:  # an engine that stopped short by itself
+                    row["reason"] = "length"
+            live = [i for i in live if rows[i]["reason"] is None]
+            if paused:
+                message, self.push = self.push, None
+                self.load(message)
+        samples = [Sample(tuple(r["tokens"]), tuple(r["log_probs"]), r["reason"]) for r in rows]
+        return samples, [tuple(r["versions"]) for r in rows]
+
+
+def serve(conn, *args) -> None:
+    """The engine's process (``Server``); the process ends when the trainer stops it or its pipe closes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        server = Server(conn, *args)
         conn.send(("started", None))
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the trainer is gone
-            engine.shutdown()
-            return
-        try:
-            if message[0] == "stop":
-                engine.shutdown()
-                return
-            if message[0] == "bucket":
-                _, meta, dtype = message
-                count = sum(_numel(shape) for _, shape in meta)
-                flat = torch.empty(count, dtype=getattr(torch, dtype), device=receive_on)
-                group.recv([flat], 0, 0).wait()
-                offset = 0
-                with torch.no_grad():
-                    for name, shape in meta:
-                        n = _numel(shape)
-                        params[name].copy_(flat[offset : offset + n].view(shape))
-                        offset += n
-            elif message[0] == "commit":  # every bucket of this push arrived
-                version += 1
-                engine.sync_weights(actor)
-                conn.send(("loaded", version))
-            elif message[0] == "generate":
-                _, requests, generation = message
-                start = time.perf_counter()
-                with torch.no_grad():
-                    samples = engine.generate(requests, generation)
-                conn.send(("samples", samples, version, time.perf_counter() - start))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
+    try:
+        server.serve()
+    finally:
+        server.engine.shutdown()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
