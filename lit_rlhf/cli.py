@@ -1,10 +1,11 @@
-"""The ``lit-rlhf`` command (same as ``python train.py``): LightningCLI plus ``export`` and ``serve-reward``.
+"""The ``lit-rlhf`` command (same as ``python train.py``): LightningCLI, ``export``, ``serve-reward``, ``prepare``.
 
 lit-rlhf fit --config configs/ppo_tiny.yaml [--model.init_args.generation.max_new_tokens 8] [--ckpt_path ...]
 lit-rlhf validate --config configs/ppo_tiny.yaml
 lit-rlhf export --config configs/ppo_tiny.yaml --ckpt_path last.ckpt --export_dir out/ [--merge_lora false]
     [--push_to_hub REPO]
 lit-rlhf serve-reward --reward_path DIR [--host 127.0.0.1 --port 8000]
+lit-rlhf prepare gsm8k|math --out DIR [--from LOCAL_COPY]
 
 Every run writes into one directory, ``<trainer.default_root_dir>/version_<N>`` (see
 :func:`claim_run_directory`): config, metrics, W&B files, checkpoints, samples, plot and export.
@@ -330,6 +331,11 @@ def main(args: list[str] | None = None) -> None:
     quiet()
     if argv and argv[0] == "export":
         export(argv[1:])
+        return
+    if argv and argv[0] == "prepare":
+        from lit_rlhf.data.math_sets import main as prepare
+
+        prepare(argv[1:])
         return
     if argv and argv[0] == "serve-reward":
         from lit_rlhf.rewards.server import serve
