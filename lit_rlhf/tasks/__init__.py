@@ -8,6 +8,7 @@ from lit_rlhf.tasks.tiny import (
     build_sequence_classifier,
     chat_tokenizer,
     save_tiny_models,
+    qwen2_config,
     tiny_llama_config,
     train_tokenizer,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "build_causal_lm",
     "build_sequence_classifier",
     "save_tiny_models",
+    "qwen2_config",
     "tiny_llama_config",
     "train_tokenizer",
 ]

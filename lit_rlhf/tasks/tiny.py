@@ -194,10 +194,53 @@ def tiny_llama_config(
     )
 
 
+# Qwen2.5-0.5B-Instruct's shape (its config.json), for a model built without a download
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
+def qwen2_config(tokenizer: PreTrainedTokenizerFast | None = None, scale: int = 1, **overrides):
+    """A ``Qwen2Config`` of Qwen2.5-0.5B-Instruct's architecture: its real shape (``scale=1``, no
+    tokenizer: its 151,936-token vocabulary), or every width and the depth divided by ``scale`` with
+    ``tokenizer``'s vocabulary and special ids (a tiny model of the same architecture)."""
+    from transformers import Qwen2Config
+
+    fields = dict(QWEN25_05B)
+    if scale > 1:
+        fields.update(
+            hidden_size=max(fields["hidden_size"] // scale // 14 * 14, 28),
+            intermediate_size=max(fields["intermediate_size"] // scale, 32),
+            num_hidden_layers=max(fields["num_hidden_layers"] // scale, 1),
+            max_position_embeddings=2048,
+        )
+    if tokenizer is not None:
+        fields.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return Qwen2Config(**{**fields, **overrides})
+
+
 def build_causal_lm(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised causal LM (seeded)."""
+    """A randomly initialised causal LM of ``config``'s architecture (seeded)."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def build_sequence_classifier(config: LlamaConfig, seed: int = 1) -> LlamaForSequenceClassification:
