@@ -71,6 +71,73 @@ def _row_entropy(logits: Tensor, temperature: float) -> Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
+# tokens per chunk of the output layer: at most this many logits exist at once (2**26 fp32 = 256 MiB),
+# e.g. 441 tokens of a 151,936-token vocabulary
+LOGIT_CHUNK_ELEMENTS = 2**26
+
+
+def log_probs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    entropy_grad: bool = True,
+    chunk_elements: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``labels`` (and the entropy) under ``softmax((hidden @ weight.T + bias) / temperature)``,
+    the output layer applied a chunk of tokens at a time: the logits of at most ``chunk_elements`` //
+    V tokens exist at once, in fp32, forward and backward (each chunk's logits are recomputed in the
+    backward pass instead of kept), so a 150k vocabulary never holds ``[B, A, V]`` fp32 logits
+    (``chunk_elements`` None: ``LOGIT_CHUNK_ELEMENTS``).
+
+    Args:
+        hidden: ``[..., H]`` the last hidden states that predict ``labels``.
+        weight, bias: the output layer's ``[V, H]`` weight and ``[V]`` bias (or None).
+        labels: ``[...]`` token ids.
+        entropy: also return the entropy; ``entropy_grad=False`` keeps it out of the autograd graph.
+
+    Returns:
+        ``([...] fp32 log-probs, [...] fp32 entropy or None)``; equal to the full logits' values.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = labels.shape
+    flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    step = max(1, (chunk_elements or LOGIT_CHUNK_ELEMENTS) // weight.shape[0])
+    grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    log_probs, entropies = [], []
+    for start in range(0, flat.shape[0], step):
+        args = (flat[start : start + step], weight, bias, flat_labels[start : start + step])
+        if grad:
+            picked, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_log_probs, *args, temperature, entropy, entropy_grad, use_reentrant=False
+            )
+        else:
+            picked, ent = _chunk_log_probs(*args, temperature, entropy, entropy_grad)
+        log_probs.append(picked)
+        entropies.append(ent)
+    out = torch.cat(log_probs).reshape(shape)
+    return out, torch.cat(entropies).reshape(shape) if entropy else None
+
+
+def _chunk_log_probs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float, entropy: bool, grad: bool
+) -> tuple[Tensor, Tensor]:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    normalizer = torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, -1, labels.long().unsqueeze(-1)).squeeze(-1) - normalizer
+    if not entropy:
+        return picked, picked.new_zeros(())
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        log_p = torch.log_softmax(logits if grad else logits.detach(), dim=-1)
+        ent = -(log_p.exp() * log_p).sum(-1)
+    return picked, ent
+
+
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``values`` over positions where ``mask`` is true (all of them, or along ``dim``).
 

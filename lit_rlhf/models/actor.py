@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, StaticCache
 
-from lit_rlhf.functional import entropy_from_logits, log_probs_from_logits
+from lit_rlhf.functional import entropy_from_logits, log_probs_from_hidden, log_probs_from_logits
 from lit_rlhf.models.decoding import (
     RESPONSE_ROOM,
     CachedPrefix,
@@ -82,6 +82,35 @@ class ActionLogits(NamedTuple):
     entropy: Tensor
 
 
+# architectures whose causal-LM forward returns ``lm_head(hidden)`` unchanged (no logit scaling or
+# soft-capping), so that the output layer may run apart from the model, in chunks
+CHUNKED_HEAD_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2", "smollm3"}
+)
+
+
+@contextlib.contextmanager
+def hidden_states_out(head: nn.Module) -> Iterator[None]:
+    """Within the block the output layer passes its input through: the model's ``logits`` are the last
+    hidden states (of the positions it keeps)."""
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(hidden: Tensor) -> Tensor:
+    return hidden
+
+
+def _wrapped_for_sharding(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) wraps a layer of ``model``: its weights are whole only inside its forward."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
+
+
 class Actor(nn.Module):
     """A causal LM policy (optionally with a LoRA adapter).
 
@@ -108,6 +137,7 @@ class Actor(nn.Module):
         self.padding_free = padding_free
         self.register_buffer("eos_token_ids", torch.tensor(eos_token_ids, dtype=torch.long), persistent=False)
         self.pad_token_id = pad_token_id
+        self.chunked_logits = True  # see chunked_head
 
     @classmethod
     def from_pretrained(
@@ -376,8 +406,7 @@ class Actor(nn.Module):
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, num_actions: int, temperature: float = 1.0) -> Tensor:
         """Log-probs ``[B, A]`` (fp32) of the last ``num_actions`` tokens of ``sequences``."""
-        logits = self.action_logits(sequences, attention_mask, num_actions)
-        return log_probs_from_logits(logits, sequences[:, -num_actions:], temperature)
+        return self._log_probs(sequences, attention_mask, num_actions, temperature, False, False).log_probs
 
     def log_probs_and_entropy(
         self,
@@ -392,10 +421,47 @@ class Actor(nn.Module):
         ``entropy_grad=False`` computes the entropy outside the autograd graph (for logging only),
         so the backward pass skips a softmax over the vocabulary.
         """
+        return self._log_probs(sequences, attention_mask, num_actions, temperature, True, entropy_grad)
+
+    def _log_probs(
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        num_actions: int,
+        temperature: float,
+        entropy: bool,
+        entropy_grad: bool,
+    ) -> ActionLogits:
+        """The action tokens' log-probs (and entropy). With a plain output layer (:meth:`chunked_head`) the
+        model returns the hidden states of the action positions only and the output layer runs a chunk
+        of tokens at a time (``log_probs_from_hidden``): ``[B, A, V]`` fp32 logits never exist."""
+        labels = sequences[:, -num_actions:]
+        head = self.chunked_head()
+        if head is not None:
+            with hidden_states_out(head):
+                hidden = self.action_logits(sequences, attention_mask, num_actions)
+            log_probs, ent = log_probs_from_hidden(
+                hidden, head.weight, head.bias, labels, temperature, entropy, entropy_grad
+            )
+            return ActionLogits(log_probs, ent)
         logits = self.action_logits(sequences, attention_mask, num_actions)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
-        return ActionLogits(log_probs_from_logits(logits, sequences[:, -num_actions:], temperature), entropy)
+        ent = None
+        if entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
+        return ActionLogits(log_probs_from_logits(logits, labels, temperature), ent)
+
+    def chunked_head(self) -> nn.Linear | None:
+        """The output layer, where log-probs may come from hidden states in chunks: a plain ``nn.Linear``
+        that the model's forward applies as it is (architectures in ``CHUNKED_HEAD_MODELS``: no logit
+        scaling or soft-capping), not sharded (FSDP gathers a layer's weight only inside its forward),
+        and ``chunked_logits`` on; else None (the full logits, upcast a row at a time)."""
+        if not self.chunked_logits or self.model.config.model_type not in CHUNKED_HEAD_MODELS:
+            return None
+        head = self.model.get_output_embeddings()
+        if type(head) is not nn.Linear or _wrapped_for_sharding(self.model):
+            return None
+        return head
 
     def save_pretrained(
         self, path: str, merge_lora: bool = True, tokenizer: PreTrainedTokenizerBase | None = None

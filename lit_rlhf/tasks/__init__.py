@@ -7,8 +7,8 @@ from lit_rlhf.tasks.tiny import (
     build_causal_lm,
     build_sequence_classifier,
     chat_tokenizer,
-    save_tiny_models,
     qwen2_config,
+    save_tiny_models,
     tiny_llama_config,
     train_tokenizer,
 )
