@@ -31,6 +31,7 @@ from lit_rlhf.models.loading import (
     position_ids_from_mask,
     prepare,
 )
+from lit_rlhf.models.output_layer import chunked_head, hidden_states_out
 from lit_rlhf.models.padding import (
     after_cache,
     pack_rows,
@@ -80,35 +81,6 @@ def response_texts(tokenizer: PreTrainedTokenizerBase, sequences: Tensor, attent
 class ActionLogits(NamedTuple):
     log_probs: Tensor
     entropy: Tensor
-
-
-# architectures whose causal-LM forward returns ``lm_head(hidden)`` unchanged (no logit scaling or
-# soft-capping), so that the output layer may run apart from the model, in chunks
-CHUNKED_HEAD_MODELS = frozenset(
-    {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2", "smollm3"}
-)
-
-
-@contextlib.contextmanager
-def hidden_states_out(head: nn.Module) -> Iterator[None]:
-    """Within the block the output layer passes its input through: the model's ``logits`` are the last
-    hidden states (of the positions it keeps)."""
-    head.forward = _identity
-    try:
-        yield
-    finally:
-        del head.forward
-
-
-def _identity(hidden: Tensor) -> Tensor:
-    return hidden
-
-
-def _wrapped_for_sharding(model: nn.Module) -> bool:
-    """Whether FSDP (1 or 2) wraps a layer of ``model``: its weights are whole only inside its forward."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
 
 
 class Actor(nn.Module):
@@ -452,16 +424,10 @@ class Actor(nn.Module):
         return ActionLogits(log_probs_from_logits(logits, labels, temperature), ent)
 
     def chunked_head(self) -> nn.Linear | None:
-        """The output layer, where log-probs may come from hidden states in chunks: a plain ``nn.Linear``
-        that the model's forward applies as it is (architectures in ``CHUNKED_HEAD_MODELS``: no logit
-        scaling or soft-capping), not sharded (FSDP gathers a layer's weight only inside its forward),
-        and ``chunked_logits`` on; else None (the full logits, upcast a row at a time)."""
-        if not self.chunked_logits or self.model.config.model_type not in CHUNKED_HEAD_MODELS:
-            return None
-        head = self.model.get_output_embeddings()
-        if type(head) is not nn.Linear or _wrapped_for_sharding(self.model):
-            return None
-        return head
+        """The output layer, where log-probs may come from hidden states in chunks
+        (``lit_rlhf.models.output_layer.chunked_head``) and ``chunked_logits`` is on; else None (the full
+        logits, upcast a row at a time)."""
+        return chunked_head(self.model) if self.chunked_logits else None
 
     def save_pretrained(
         self, path: str, merge_lora: bool = True, tokenizer: PreTrainedTokenizerBase | None = None

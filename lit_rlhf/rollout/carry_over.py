@@ -185,33 +185,11 @@ class CarryOver:
 
     def _requests(self, rows: list[Row], generation: GenerationSettings) -> list[GenerationRequest]:
         """Each row's next segment: its prompt and kept tokens, a seed of its own, at most ``segment_tokens``."""
-        budget, max_new = self.settings.segment_tokens, generation.max_new_tokens
-        return [
-            GenerationRequest(
-                tuple(row.prompt_ids + row.token_ids),
-                row.seed + SEED_STRIDE * len(row.token_ids),
-                tuple(generation.stop_token_ids),
-                min(budget, max_new - len(row.token_ids)),
-            )
-            for row in rows
-        ]
+        budget, max_new, stops = self.settings.segment_tokens, generation.max_new_tokens, generation.stop_token_ids
+        return [continuation(row, stops, min(budget, max_new - len(row.token_ids))) for row in rows]
 
     def _extend(self, row: Row, sample: Sample, version: int, max_new: int) -> None:
-        """Append a segment's tokens to its row; the row ends at a stop, at ``max_new`` tokens, or at a
-        stop string that the segment boundary hid from the engine."""
-        start = len(row.token_ids)
-        row.token_ids.extend(sample.token_ids)
-        row.log_probs.extend(sample.log_probs)
-        row.versions.extend([version] * len(sample.token_ids))
-        if sample.finish_reason == "stop":
-            row.finish_reason = "stop"
-        elif self.first_stop is not None and start:  # the engine saw only this segment's tokens
-            end = self.first_stop(row.token_ids)
-            if end is not None:
-                del row.token_ids[end + 1 :], row.log_probs[end + 1 :], row.versions[end + 1 :]
-                row.finish_reason = "stop"
-        if row.finish_reason is None and len(row.token_ids) >= max_new:
-            row.finish_reason = "length"
+        extend(row, sample, version, max_new, self.first_stop)
 
     def _take(self, rollout: int) -> list[Group]:
         """The groups to train: complete ones, due first, then the oldest; the others stay in flight."""
@@ -223,3 +201,35 @@ class CarryOver:
         self.state.groups = [g for g in self.state.groups if id(g) not in taken]
         trained.sort(key=lambda g: g.position)
         return trained
+
+
+def continuation(row: Row, stop_token_ids: tuple[int, ...], budget: int) -> GenerationRequest:
+    """The request that continues ``row``: its prompt and kept tokens, a seed moved by the kept tokens
+    (a new random stream for the continuation), at most ``budget`` new tokens."""
+    return GenerationRequest(
+        tuple(row.prompt_ids + row.token_ids),
+        row.seed + SEED_STRIDE * len(row.token_ids),
+        tuple(stop_token_ids),
+        budget,
+    )
+
+
+def extend(
+    row: Row, sample: Sample, version: int, max_new: int, first_stop: Callable[[list[int]], int | None] | None
+) -> None:
+    """Append a continuation's tokens (sampled by policy ``version``) to its row; the row ends at a stop,
+    at ``max_new`` tokens, or at a stop string (``first_stop``) that the continuation's boundary hid from
+    the engine."""
+    start = len(row.token_ids)
+    row.token_ids.extend(sample.token_ids)
+    row.log_probs.extend(sample.log_probs)
+    row.versions.extend([version] * len(sample.token_ids))
+    if sample.finish_reason == "stop":
+        row.finish_reason = "stop"
+    elif first_stop is not None and start:  # the engine saw only this continuation's tokens
+        end = first_stop(row.token_ids)
+        if end is not None:
+            del row.token_ids[end + 1 :], row.log_probs[end + 1 :], row.versions[end + 1 :]
+            row.finish_reason = "stop"
+    if row.finish_reason is None and len(row.token_ids) >= max_new:
+        row.finish_reason = "length"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import datetime
 import os
 import socket
@@ -319,53 +318,33 @@ class Server:
     @torch.no_grad()
     def generate(self, requests: list, generation) -> tuple[list, list]:
         """Samples of ``requests`` and each token's version; a push that arrives meanwhile is loaded
-        between two decoding steps, and the unfinished rows go on with its weights."""
+        between two decoding steps, and the unfinished rows go on with its weights (continuations, as
+        carry-over continues its rows)."""
         from lit_rlhf.models.stop_strings import StopStrings
-        from lit_rlhf.rollout.carry_over import SEED_STRIDE
+        from lit_rlhf.rollout.carry_over import Row, continuation, extend
 
         first_stop = None
         if generation.stop_strings and self.actor.tokenizer is not None:
             first_stop = StopStrings(self.actor.tokenizer, generation.stop_strings).first_stop
-        rows = [{"tokens": [], "log_probs": [], "versions": [], "reason": None} for _ in requests]
+        rows = [Row(list(r.prompt_ids), r.seed) for r in requests]
         budgets = [r.max_new_tokens or generation.max_new_tokens for r in requests]
         live = list(range(len(requests)))
         while live:
-            calls = [
-                dataclasses.replace(
-                    requests[i],
-                    prompt_ids=requests[i].prompt_ids + tuple(rows[i]["tokens"]),
-                    seed=requests[i].seed + SEED_STRIDE * len(rows[i]["tokens"]),
-                    max_new_tokens=budgets[i] - len(rows[i]["tokens"]),
-                )
-                for i in live
-            ]
-            on_token = self._pause if self.pause_for_push else None
-            samples = self.engine.generate(calls, generation, on_token)
+            left = {i: budgets[i] - len(rows[i].token_ids) for i in live}
+            calls = [continuation(rows[i], requests[i].stop_token_ids, left[i]) for i in live]
+            samples = self.engine.generate(calls, generation, self._pause if self.pause_for_push else None)
             if self.stopped:  # abandoned
                 return [], []
             paused = self.push is not None
             for i, sample in zip(live, samples, strict=True):
-                row, start = rows[i], len(rows[i]["tokens"])
-                row["tokens"].extend(sample.token_ids)
-                row["log_probs"].extend(sample.log_probs)
-                row["versions"].extend([self.version] * len(sample.token_ids))
-                if sample.finish_reason == "stop":
-                    row["reason"] = "stop"
-                elif first_stop is not None and start:  # a stop string across the pause
-                    end = first_stop(row["tokens"])
-                    if end is not None:
-                        del row["tokens"][end + 1 :], row["log_probs"][end + 1 :], row["versions"][end + 1 :]
-                        row["reason"] = "stop"
-                if row["reason"] is None and len(row["tokens"]) >= budgets[i]:
-                    row["reason"] = "length"
-                if row["reason"] is None and not paused:  # an engine that stopped short by itself
-                    row["reason"] = "length"
-            live = [i for i in live if rows[i]["reason"] is None]
+                extend(rows[i], sample, self.version, budgets[i], first_stop)
+                if rows[i].finish_reason is None and not paused:  # an engine that stopped short by itself
+                    rows[i].finish_reason = "length"
+            live = [i for i in live if rows[i].finish_reason is None]
             if paused:
                 message, self.push = self.push, None
                 self.load(message)
-        samples = [Sample(tuple(r["tokens"]), tuple(r["log_probs"]), r["reason"]) for r in rows]
-        return samples, [tuple(r["versions"]) for r in rows]
+        return [row.sample() for row in rows], [tuple(row.versions) for row in rows]
 
 
 def serve(conn, *args) -> None:
