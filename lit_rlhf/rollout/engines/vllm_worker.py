@@ -1,15 +1,67 @@
 """Runs inside vLLM's worker process (``LLM(worker_extension_cls=...)``): receives pushed weights.
 
-Kept tiny and free of lit_rlhf imports: the worker imports it by name. Tensors do not survive
-vLLM's RPC between processes, so weights travel as safetensors bytes; vLLM's layer-wise reload
-takes Hugging Face names and re-fuses and re-packs them into its own layers.
+Kept tiny and free of lit_rlhf imports: the worker imports it by name. Three ways in, one per
+transport (``VLLMEngine.transport``):
+
+- ``cuda_ipc``: an engine spawned on the trainer's GPU gets each bucket of weights as one CUDA IPC
+  handle of a flat device buffer (no copy through the host); the worker maps it, loads the views and
+  lets go before it returns;
+- ``in_process``: an engine in the trainer's own process (tensor parallelism, vLLM's external
+  launcher) gets the device tensors themselves;
+- ``safetensors``: on CPU, tensors do not survive vLLM's RPC between processes, so weights travel as
+  safetensors bytes.
+
+vLLM's layer-wise reload takes Hugging Face names and re-fuses and re-packs them into its own layers,
+so a bucket always holds whole decoder layers.
 """
 
 from __future__ import annotations
 
+import pickle
+from typing import Any
+
+# one bucket's layout: (name, shape, first element, element count) of each tensor in its flat buffer
+Layout = list[tuple[str, tuple[int, ...], int, int]]
+
+
+def pack_bucket(named: list[tuple[str, Any]]) -> tuple[Any, Layout]:
+    """One flat buffer holding ``named``'s tensors (all of one dtype and device), and their layout."""
+    import torch
+
+    layout: Layout = []
+    start = 0
+    for name, tensor in named:
+        layout.append((name, tuple(tensor.shape), start, tensor.numel()))
+        start += tensor.numel()
+    return torch.cat([tensor.reshape(-1) for _, tensor in named]), layout
+
+
+def unpack_bucket(buffer: Any, layout: Layout) -> list[tuple[str, Any]]:
+    """The named views of ``buffer`` that ``pack_bucket`` laid out (no copy)."""
+    return [(name, buffer[start : start + count].view(shape)) for name, shape, start, count in layout]
+
+
+def ipc_handle(buffer: Any) -> bytes:
+    """A CUDA IPC handle of ``buffer``, pickled (vLLM's RPC carries bytes, not torch objects).
+
+    The sender keeps ``buffer`` alive until the receiver returns, and calls ``torch.cuda.ipc_collect()``
+    afterwards so that its memory is freed once the receiver has let go."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return pickle.dumps(reduce_tensor(buffer))
+
+
+def open_ipc_handle(handle: bytes, device_index: int) -> Any:
+    """The tensor behind ``handle``, mapped on this process's ``device_index``: the sender numbered
+    its GPU in its own CUDA_VISIBLE_DEVICES, and a spawned engine sees only that GPU, as cuda:0."""
+    rebuild, args = pickle.loads(handle)
+    args = list(args)
+    args[6] = device_index  # rebuild_cuda_tensor's storage_device
+    return rebuild(*args)
+
 
 class WeightReceiver:
-    """Mixed into vLLM's worker: ``llm.collective_rpc("load_weight_chunk", args=(blob,))``."""
+    """Mixed into vLLM's worker: ``llm.collective_rpc("load_weight_chunk", args=(blob,))`` and the like."""
 
     def load_weight_chunk(self, blob: bytes) -> int:
         """Load the whole layers in ``blob`` (safetensors bytes); returns how many tensors it held."""
@@ -18,3 +70,18 @@ class WeightReceiver:
         weights = load(blob)
         self.reload_weights(weights_iterator=iter(weights.items()))
         return len(weights)
+
+    def load_weight_ipc(self, handle: bytes, layout: Layout) -> int:
+        """Load one bucket sent as a CUDA IPC handle (``ipc_handle``); returns how many tensors it held."""
+        import torch
+
+        buffer = open_ipc_handle(handle, torch.cuda.current_device())
+        self.reload_weights(weights_iterator=iter(unpack_bucket(buffer, layout)))
+        torch.cuda.synchronize()  # every copy out of the sender's memory is done before it may reuse it
+        del buffer
+        return len(layout)
+
+    def load_weight_tensors(self, named: list[tuple[str, Any]]) -> int:
+        """Load device tensors handed over in the trainer's own process; returns how many."""
+        self.reload_weights(weights_iterator=iter(named))
+        return len(named)
