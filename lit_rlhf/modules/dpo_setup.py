@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import xxhash
 from torch import Tensor
 
 from lit_rlhf import functional as F
@@ -65,6 +64,8 @@ def reference_answer_log_probs(policy: PolicySet, batch: dict[str, Tensor]) -> A
 
 def row_key(ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray) -> bytes:
     """A 128-bit digest of a row's tokens and labels: the same answer in any batch has the same key."""
+    import xxhash  # here, not at import: a PPO run (and the GPU check) never needs it
+
     digest = xxhash.xxh3_128()
     digest.update(np.asarray(ids, dtype=np.int64).tobytes())
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
