@@ -173,6 +173,7 @@ class RecordingLLM:
         self.receiver.reload_weights = lambda weights_iterator: self.loaded.update(
             {name: tensor.clone() for name, tensor in weights_iterator}
         )
+        self.receiver.model_runner = types.SimpleNamespace(get_model=lambda: torch.nn.Linear(2, 2))
 
     def collective_rpc(self, method, args=()):
         self.calls.append(method)
@@ -205,14 +206,45 @@ def test_the_push_transport_follows_the_engine_device_and_buckets_hold_whole_lay
     model = build_causal_lm(tiny_llama_config(load_tokenizer(tiny_paths["policy"]), hidden_size=32, num_layers=2))
     engine.llm, engine.dtype = RecordingLLM(), torch.bfloat16
     engine.sync_weights(types.SimpleNamespace(model=model))
-    assert engine.llm.calls[-1] == "reset_prefix_cache" and set(engine.llm.calls[:-1]) == {"load_weight_chunk"}
+    assert engine.llm.calls[-2:] == ["weights_loaded", "reset_prefix_cache"]
+    assert set(engine.llm.calls[:-2]) == {"load_weight_chunk"}
     state = model.state_dict()
     assert set(engine.llm.loaded) == set(state)
     for name, tensor in engine.llm.loaded.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, state[name].to(torch.bfloat16)), name
     # embeddings, two layers, then the final norm and head: one bucket per layer, never a layer split
-    assert len(engine.llm.calls) - 1 == 1 + 2 + 1
+    assert len(engine.llm.calls) - 2 == 1 + 2 + 1
     assert engine.last_push["tensors"] == len(state)
+
+
+class PackedHead(torch.nn.Module):
+    """An output layer whose GEMM weight is processed once after loading (vLLM on CPU packs it)."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.quant_method = types.SimpleNamespace(process_weights_after_loading=self.pack)
+        self.pack(self)
+
+    @staticmethod
+    def pack(layer) -> None:
+        layer.packed = layer.weight.detach().clone()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_after_a_push_a_tied_output_layer_is_packed_again_from_the_new_embedding(tied):
+    embed = torch.nn.Embedding(5, 3)
+    head = PackedHead(embed.weight if tied else torch.nn.Parameter(torch.randn(5, 3)))
+    model = torch.nn.ModuleDict({"embed_tokens": embed, "lm_head": head})  # vLLM's model: no get_input_embeddings
+    with torch.no_grad():
+        embed.weight.add_(1.0)  # the push loads the embedding (and, tied, the head with it)
+    receiver = WeightReceiver()
+    receiver.model_runner = types.SimpleNamespace(get_model=lambda: model)
+    assert receiver.weights_loaded() is tied
+    if tied:
+        assert torch.equal(head.packed, embed.weight)
+    else:
+        assert not torch.equal(head.packed, embed.weight)
 
 
 def test_samples_are_packed_behind_their_prompts_with_the_mask_of_what_was_sampled():

@@ -359,3 +359,52 @@ def test_multi_turn_trajectories_with_the_engine_keep_its_ids_and_log_probs_on_t
     assert holes.any()  # the follow-up questions are attended to, never trained on
     # the engine's log-probs of every sampled token are the trainer's over the whole conversation
     assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
+
+
+def test_a_model_whose_output_layer_is_its_embedding_samples_the_pushed_weights(tmp_path):
+    """Qwen2.5-0.5B/1.5B tie ``lm_head`` to the embedding: vLLM reloads the embedding, and the tied head
+    (packed once at start on CPU) must be packed again, or every log-prob comes from the start weights."""
+    from lit_rlhf.rollout import VLLMEngine
+    from lit_rlhf.tasks import build_causal_lm, chat_tokenizer, qwen2_config
+
+    tok = chat_tokenizer("chatml", ["What is 2+3?", "It is 5.", "system user assistant"] * 40)
+    config = qwen2_config(tok, scale=16, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    assert config.tie_word_embeddings
+    build_causal_lm(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    actor = Actor.from_pretrained(str(tmp_path), tok).eval()
+    tied = VLLMEngine(kv_cache_gib=0.1, max_num_seqs=8, max_model_len=128)
+    try:
+        tied.start(actor, "cpu")
+        with torch.no_grad():  # a trained actor: its (shared) embedding and head move
+            for p in actor.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        tied.sync_weights(actor)
+        enc = chat_prompts(tok, ["What is 2+3?", "It is 5."] * 2)
+        out = generate(tied, enc.input_ids, enc.attention_mask, GenerationSettings(max_new_tokens=6), seed=3)
+        assert out.loss_mask.sum() > 4
+        assert max_gap(trainer_log_probs(actor, out, 1.0), out.log_probs, out.loss_mask) < 1e-4
+    finally:
+        tied.shutdown()
+
+
+def test_the_gpu_checks_vllm_check_passes_its_dry_run_with_the_pushed_weights_sampled(tmp_path):
+    """``gpu_check --only grpo_vllm`` on CPU: GRPO iterations with the engine, a push each, and the probe
+    (the tiny kit model is a tied Qwen2, as Qwen2.5-0.5B is)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lit_rlhf import gpu_check
+    from tests.with_vllm.conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "lit_rlhf.gpu_check", "--dry-run", "--only", "grpo_vllm", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [result] = json.loads((tmp_path / "results.json").read_text())["checks"]
+    numbers = result["numbers"]
+    assert result["status"] == "pass" and numbers["iterations"] == gpu_check.DRY_SIZES.iterations
+    assert numbers["weight_sync_s"] > 0
+    assert numbers["weight_check_logprob_diff"] <= gpu_check.PROBE_TOLERANCE["cpu"]

@@ -292,6 +292,7 @@ class VLLMEngine(RolloutEngine):
             layer = this_layer
         if bucket:
             pushed += self._push(bucket, transport)
+        self.llm.collective_rpc("weights_loaded")  # a tied output layer is re-processed with the new weights
         if transport == "cuda_ipc":
             torch.cuda.ipc_collect()  # free the shared buckets the engine has let go of
         self.llm.reset_prefix_cache()  # cached prompt K/V were computed with the old weights

@@ -60,8 +60,31 @@ def open_ipc_handle(handle: bytes, device_index: int) -> Any:
     return rebuild(*args)
 
 
+def refresh_tied_head(model: Any) -> bool:
+    """Re-process an output layer tied to the input embedding after a reload; returns whether it did.
+
+    vLLM's layer-wise reload processes each layer whose weights arrive (on CPU: re-packs the GEMM
+    weight, ``cpu_linear``); a tied head receives none (its weight *is* the embedding's), so its
+    packed copy would keep the weights it started with (the dummy ones) and every log-prob would be
+    off. Re-running its weight processing packs the current, shared weight (a no-op on a GPU)."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or not any(m is not head and getattr(m, "weight", None) is weight for m in model.modules()):
+        return False  # no head, or one loaded as a layer of its own
+    method = getattr(head, "quant_method", None)
+    if method is None or not hasattr(method, "process_weights_after_loading"):
+        return False
+    method.process_weights_after_loading(head)
+    return True
+
+
 class WeightReceiver:
-    """Mixed into vLLM's worker: ``llm.collective_rpc("load_weight_chunk", args=(blob,))`` and the like."""
+    """Mixed into vLLM's worker: ``llm.collective_rpc("load_weight_chunk", args=(blob,))`` and the like.
+    A push ends with ``collective_rpc("weights_loaded")``."""
+
+    def weights_loaded(self) -> bool:
+        """After the last bucket of a push: re-process what the reload skipped (a tied output layer)."""
+        return refresh_tied_head(self.model_runner.get_model())
 
     def load_weight_chunk(self, blob: bytes) -> int:
         """Load the whole layers in ``blob`` (safetensors bytes); returns how many tensors it held."""
