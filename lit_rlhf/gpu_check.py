@@ -59,6 +59,9 @@ BF16_PEAK_TFLOPS = (
 )
 OPTIONAL = {"flash_attn": "flash-attn", "bitsandbytes": "bitsandbytes", "vllm": "vllm"}
 STEP_TOLERANCE = 1e-3  # FSDP vs one device: max |Δ log-prob| difference over the largest |Δ log-prob|, fp32
+# the engine's sampled log-probs against the trainer's, after a push (mean |difference| per token): the
+# same fp32 weights on CPU; on a GPU a bf16 engine against the bf16-mixed trainer
+PROBE_TOLERANCE = {"cpu": 1e-4, "cuda": 0.05}
 STEP_ROWS = 16  # the fixed experiences of the one-step comparison, split over the ranks
 
 
@@ -376,6 +379,9 @@ def run_iterations(check: Check, kit: str, size: Sizes, cuda: bool, out: str) ->
         problems.append("no token was trained")
     if check.engine == "vllm" and "weight_sync_s" not in numbers:
         problems.append("no perf/weight_sync_s: the engine got no push")
+    probe, tolerance = numbers.get("weight_check_logprob_diff"), PROBE_TOLERANCE["cuda" if cuda else "cpu"]
+    if check.engine == "vllm" and (probe is None or probe > tolerance):
+        problems.append(f"the engine's log-probs after a push are off by {probe} (> {tolerance})")
     return {"status": "fail" if problems else "pass", "reason": "; ".join(problems), "numbers": numbers}
 
 
