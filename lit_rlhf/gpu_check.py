@@ -494,7 +494,8 @@ def compare_steps(out: str, name: str, ranks: int) -> dict:
     import torch
 
     def load(check: str, count: int) -> dict:
-        parts = [torch.load(os.path.join(out, "steps", f"{check}.rank{r}.pt")) for r in range(count)]
+        paths = [os.path.join(out, "steps", f"{check}.rank{r}.pt") for r in range(count)]
+        parts = [torch.load(path, weights_only=True) for path in paths]
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     single, sharded = load("step_single", 1), load(name, ranks)
