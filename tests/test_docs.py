@@ -4,8 +4,10 @@ blocks it marks runnable run, the README is a front page, and the settings refer
 ``mkdocs build --strict`` (every link and anchor of the site) runs in ``make test``, beside ruff."""
 
 import glob
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -131,6 +133,64 @@ def test_every_runnable_shell_block_runs(page, block):
         assert done.returncode == 0, f"{page}: {command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 
+def shell_blocks() -> list[tuple[str, str]]:
+    """``(page, block)`` for every ``bash`` block of the README and the site."""
+    return [
+        (os.path.relpath(p, ROOT), block)
+        for p in [os.path.join(ROOT, "README.md"), *PAGES]
+        for block in re.findall(r"```bash\n(.*?)```", read(p), flags=re.S)
+    ]
+
+
+FIT = re.compile(r"(?:lit-rlhf|python train\.py|-m lit_rlhf\.cli) (fit|validate) (.*)$")
+
+
+def test_every_training_command_in_the_docs_parses(tmp_path):
+    """Each ``fit``/``validate`` command the docs show (shell blocks, runnable or not) is parsed by the CLI
+    with ``--print_config`` appended: its configs exist, and its flags and class paths resolve. A module a
+    page writes out (a python block opening with ``# mypkg/rewards.py``) is written to an importable path."""
+    for source in python_blocks():
+        first = source.splitlines()[0]
+        if re.fullmatch(r"# [\w/]+\.py", first):
+            path = tmp_path / first[2:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "__init__.py").touch()
+            path.write_text(source)
+    found = []
+    for page, block in shell_blocks():
+        for command in commands(block):
+            match = FIT.search(command)
+            if match and "--model.help" not in command:
+                words = shlex.split(match.group(2))
+                shell = [i for i, w in enumerate(words) if w in {">", "|", "&&", ";"}]
+                words = [w for w in words[: shell[0] if shell else None] if w != "--print_config"]
+                found.append((page, [match.group(1), *words]))
+    pages = {page for page, _ in found}
+    assert {"docs/guides/grpo.md", "docs/guides/scaling.md", "docs/guides/rewards.md", "docs/guides/dpo.md"} <= pages
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from lit_rlhf.cli import main\n"
+        "failed = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "            main([*argv, '--print_config'])\n"
+        "        code = 0\n"
+        "    except SystemExit as stop:\n"
+        "        code = stop.code or 0\n"
+        "    if code != 0 or 'class_path' not in out.getvalue():\n"
+        "        failed.append((argv, err.getvalue()[-1500:]))\n"
+        "print(json.dumps(failed))\n"
+    )
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path)])}
+    argvs = json.dumps([argv for _, argv in found])
+    done = subprocess.run([sys.executable, "-c", script, argvs], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not failed, "\n\n".join(f"{' '.join(argv)}\n{err}" for argv, err in failed)
+
+
 def contains(printed, written, where: str = "") -> None:
     """Every value ``written`` in a config block is the value the CLI parsed."""
     if isinstance(written, dict):
@@ -218,3 +278,30 @@ def test_no_page_repeats_a_figure_another_page_owns():
             owners.setdefault(figure.replace(" ", ""), set()).add(os.path.relpath(page, ROOT))
     repeated = {figure: sorted(pages) for figure, pages in owners.items() if len(pages) > 1}
     assert not repeated, repeated
+
+
+def config_blocks() -> list[tuple[str, str]]:
+    """``(page, block)`` for each ``yaml`` block of a guide that the docs do not mark runnable."""
+    return [
+        (os.path.relpath(p, ROOT), block)
+        for p in PAGES
+        if os.sep + "guides" + os.sep in p
+        for block in re.findall(r"(?<!" + re.escape(RUNNABLE) + r"\n)```yaml\n(.*?)```", read(p), flags=re.S)
+    ]
+
+
+@pytest.mark.parametrize("page, block", config_blocks(), ids=lambda v: v if v.endswith(".md") else "")
+def test_every_config_block_of_the_guides_parses_to_what_it_says(page, block, tmp_path):
+    """A guide's config block is a whole config (on top of the tiny config of its module) or a module's
+    settings groups (``rollout:``, ``algorithm:`` ..., under ``model.init_args``); either way the CLI parses it
+    and every value it writes is the value parsed."""
+    written = yaml.safe_load(block)
+    if "model" not in written:
+        written = {"model": {"init_args": written}}
+    base = "configs/dpo_tiny.yaml" if "DPOModule" in block else "configs/ppo_tiny.yaml"
+    path = tmp_path / "block.yaml"
+    path.write_text(yaml.safe_dump(written))
+    command = ["lit-rlhf", "fit", "--config", base, "--config", str(path), "--print_config"]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{page}\n{done.stderr[-3000:]}"
+    contains(yaml.safe_load(done.stdout), written, page)
