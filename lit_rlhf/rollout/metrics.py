@@ -24,12 +24,15 @@ def rollout_metrics(
     reward_parts: dict[str, Tensor],
     eos_token_ids: Tensor,
     all_reduce: AllReduce = no_reduce,
+    group_size: int = 1,
 ) -> dict[str, Tensor]:
     """Reward, KL, length and EOS statistics of a rollout, reduced over all ranks (one all-reduce).
 
     ``reward/mean`` and ``reward/std`` are of the trained-on scores (after shaping); ``reward/<key>``
     is the mean of each of ``reward_parts`` (``score``, the sum before shaping, and each component).
-    A reference-free rollout (no ``ref_log_probs``) has no ``rollout/kl``.
+    A reference-free rollout (no ``ref_log_probs``) has no ``rollout/kl``. With several samples per
+    prompt (``group_size`` contiguous rows), ``reward/zero_std_fraction`` is the share of prompts whose
+    samples all scored the same (within 1e-6): a group-baselined advantage gives them no signal.
     """
     mask = experience.loss_mask
     lengths = mask.sum(-1).float()
@@ -39,9 +42,13 @@ def rollout_metrics(
     k1_kl = torch.where(mask, experience.old_log_probs - ref_log_probs, 0.0).sum(-1)
     scores = experience.scores
     rows = torch.stack([scores, scores.square(), k1_kl, lengths, has_eos.float(), *reward_parts.values()])
-    sums = all_reduce(torch.cat([rows.sum(-1), torch.tensor([float(len(experience))], device=rows.device)]))
+    grouped = group_size > 1 and len(scores) % group_size == 0  # whole groups of contiguous rows
+    groups = scores.float().view(-1, group_size) if grouped else scores.new_zeros(0, 1)
+    zero_std = (groups.amax(dim=1) - groups.amin(dim=1) <= 1e-6).float()
+    extra = torch.tensor([zero_std.sum(), float(len(zero_std)), float(len(experience))], device=rows.device)
+    sums = all_reduce(torch.cat([rows.sum(-1), extra]))
     count = sums[-1]
-    mean = sums[:-1] / count
+    mean = sums[:-3] / count
     var = (sums[1] - count * mean[0].square()).clamp_min(0) / (count - 1).clamp_min(1)
     metrics = {
         "reward/mean": mean[0],
@@ -53,6 +60,8 @@ def rollout_metrics(
     metrics.update({f"reward/{key}": value for key, value in zip(reward_parts, mean[5:], strict=True)})
     if reference_free:
         del metrics["rollout/kl"]
+    if group_size > 1:
+        metrics["reward/zero_std_fraction"] = sums[-3] / sums[-2].clamp_min(1)
     return metrics
 
 

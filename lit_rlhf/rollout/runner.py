@@ -311,7 +311,8 @@ class RolloutRunner(AsynchronousRollouts):
         engine the sampler-trainer mismatch (``rollout/logprob_abs_diff``, ``rollout/importance_ratio``),
         and for an asynchronous rollout its staleness and carried-over and dropped rows."""
         eos = self.models.actor.eos_token_ids
-        metrics = rollout_metrics(rollout.experience, rollout.reward_parts, eos, self.all_reduce)
+        group = self.generation.n_samples_per_prompt
+        metrics = rollout_metrics(rollout.experience, rollout.reward_parts, eos, self.all_reduce, group)
         if self.rollout.recomputes_old_log_probs:
             metrics.update(mismatch_metrics(rollout.experience, self.all_reduce, self.reduce_max))
         if carried is not None:

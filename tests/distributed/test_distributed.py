@@ -87,6 +87,7 @@ def test_whitening_and_rollout_statistics_reduce_across_ranks(tmp_path):
     launch([WORKER, "stats", "--out", str(tmp_path / "stats.json")], tmp_path)
     result = json.loads((tmp_path / "stats.json").read_text())
     assert result["whiten_max_diff"] < 1e-5 and result["metrics_max_diff"] < 1e-5, result
+    assert result["zero_std_fraction"] == 0.5  # two of the four pairs, one on each rank
 
 
 def two_process_run(tiny_assets, root, strategy: str, val_every: int, init_args: dict) -> list[str]:

@@ -139,6 +139,7 @@ def stats(args) -> None:
     gathered = [torch.zeros_like(whitened) for _ in range(world)]
     dist.all_gather(gathered, whitened)
     scores = torch.randn(8, generator=g)
+    scores[3], scores[6:] = scores[2], 0.3  # of the pairs (0,1) (2,3) (4,5) (6,7), two scored alike
     exp = Experience(
         sequences=torch.randint(3, 14, (8, 10), generator=g),
         attention_mask=torch.ones(8, 10, dtype=torch.long),
@@ -155,12 +156,13 @@ def stats(args) -> None:
         rollout_id=torch.zeros(8, dtype=torch.long),
     )
     eos = torch.tensor([2])
-    distributed = rollout_metrics(exp.index(rows), {}, eos, all_reduce)
-    single = rollout_metrics(exp, {}, eos)
+    distributed = rollout_metrics(exp.index(rows), {}, eos, all_reduce, group_size=2)
+    single = rollout_metrics(exp, {}, eos, group_size=2)
     if rank == 0:
         result = {
             "whiten_max_diff": (torch.cat(gathered) - F.masked_whiten(values, mask)).abs().max().item(),
             "metrics_max_diff": max(abs(distributed[k].item() - single[k].item()) for k in single),
+            "zero_std_fraction": distributed["reward/zero_std_fraction"].item(),
         }
         with open(args.out, "w") as f:
             json.dump(result, f)

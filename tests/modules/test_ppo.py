@@ -79,8 +79,11 @@ def test_critic_free_estimators_train_without_a_critic(make, tmp_path, estimator
     )
     t = fit(tmp_path, module, 2)
     assert module.critic is None and not isinstance(module.optimizers(), list)
-    logged = metrics(t).columns
-    assert "policy/kl_loss" in logged and "critic/loss" not in logged
+    logged = metrics(t)
+    assert "policy/kl_loss" in logged.columns and "critic/loss" not in logged.columns
+    zero_std = logged["reward/zero_std_fraction"].dropna()
+    assert len(zero_std) == 2 and zero_std.between(0, 1).all()  # a share of the rollout's 4 groups
+    assert (zero_std * 4).round().sub(zero_std * 4).abs().max() < 1e-6
 
 
 def test_frozen_models_unchanged_trainable_changed_and_left_out_of_checkpoints(make, tmp_path):

@@ -1,6 +1,8 @@
 """The rollout runner: one rollout's experience equals a hand computation with lit_rlhf.functional on
 the same tensors; its two steps, sample and score, each run on their own."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,12 @@ def test_gae_experience_matches_hand_computation(models):
     torch.testing.assert_close(metrics["reward/score"], scores.mean())
     torch.testing.assert_close(metrics["reward/double"], 2 * scores.mean())
     torch.testing.assert_close(metrics["rollout/kl"], kl.sum(-1).mean(), atol=1e-5, rtol=1e-5)
+    assert "reward/zero_std_fraction" not in metrics  # one sample per group: no groups to speak of
+    # pairs of contiguous rows: (1, 1) and (0.5, 0.5 + 1e-7) scored alike, (0, 2) did not
+    tied = dataclasses.replace(exp, scores=torch.tensor([1.0, 1.0, 0.0, 2.0, 0.5, 0.5 + 1e-7]))
+    grouped = rollout_metrics(tied, reward_parts, rollout_models.actor.eos_token_ids, group_size=2)
+    torch.testing.assert_close(grouped["reward/zero_std_fraction"], torch.tensor(2 / 3))
+    torch.testing.assert_close(grouped["reward/mean"], tied.scores.mean())
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
