@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+import lit_rlhf.rewards.math as lit_math
 from lit_rlhf.rewards import RewardBatch, RewardFunction
 from lit_rlhf.rewards.math import gsm8k_flexible, gsm8k_strict, math_verify
 
@@ -37,6 +38,8 @@ GSM8K = [
     ("####72", "72", 1, 1),  # no space
     ("#### 100000", "100,000", 1, 1),  # a reference with separators
     ("#### 42\n", "#### 42", 1, 1),
+    ("#### 1,2345", "12345", 1, 0),  # strict reads the token as verl does (commas dropped)
+    ("####  $ 7.", "7", 1, 1),
 ]
 
 # MATH-style outputs against a LaTeX reference: (response, reference, math_verify)
@@ -81,12 +84,51 @@ def test_the_fixture_is_large_enough():
     assert len(GSM8K) + len(MATH) >= 40
 
 
-def test_math_verify_on_a_helper_thread_as_a_reward_function_runs_it():
+def on_a_helper_thread(fn, *args):
+    """``fn(*args)`` on another thread, as a RewardFunction calls it: its result, or the error it raised."""
     got = []
-    thread = threading.Thread(target=lambda: got.append(math_verify([""], ["\\boxed{\\frac{1}{2}}"], ["0.5"])))
+
+    def call():
+        try:
+            got.append(fn(*args))
+        except Exception as error:  # noqa: BLE001  (handed back to the test)
+            got.append(error)
+
+    thread = threading.Thread(target=call)
     thread.start()
     thread.join()
-    assert got == [[1.0]]
+    return got[0]
+
+
+def test_math_verify_on_a_helper_thread_grades_as_on_the_main_thread():
+    responses = [r for r, _, _ in MATH]
+    references = [ref for _, ref, _ in MATH]
+    assert on_a_helper_thread(math_verify, [""] * len(MATH), responses, references) == [float(e) for _, _, e in MATH]
+    error = on_a_helper_thread(math_verify, [""], ["\\boxed{3}"], [" "])
+    assert isinstance(error, ValueError) and "cannot parse the reference" in str(error)
+
+
+def test_a_response_math_verify_cannot_finish_scores_zero_and_its_process_is_replaced():
+    """Off the main thread math-verify's own timeouts are off, so a pair runs in a worker process with a
+    deadline: past it the process is killed and the pair scores 0; the next pair gets a new process."""
+    worker = lit_math._Worker()
+    worker.deadline_s = 0.5  # the nested braces below take math-verify seconds
+    nested = "\\boxed{" + "{" * 20 + "1" + "}" * 20 + "}"
+    try:
+        assert worker.grade("\\boxed{2}", "2") == 1.0
+        first = worker.process.pid
+        assert worker.grade(nested, "1") == 0.0 and worker.process is None
+        assert worker.grade("\\boxed{2}", "3") == 0.0 and worker.process.pid != first
+        assert worker.grade("\\boxed{x}", " ") is None  # the reference is unparsable
+    finally:
+        worker.stop()
+
+
+def test_a_long_run_of_spaces_after_the_hashes_is_graded_in_linear_time():
+    """A degenerate response (200,000 spaces after '####'): the answer pattern does not backtrack over
+    the run twice (it took minutes before; the reward's deadline cannot interrupt a regex)."""
+    assert gsm8k_strict([""], ["#### " + " " * 200_000 + "x"], ["5"]) == [0.0]
+    assert gsm8k_strict([""], ["#### " + "\n" * 200_000 + "5"], ["5"]) == [1.0]
 
 
 def test_as_reward_functions_they_read_the_answer_column():
@@ -102,3 +144,19 @@ def test_a_reference_that_is_not_a_number_is_an_error_naming_it():
         math_verify([""], ["\\boxed{3}"], [" "])  # an empty reference
     with pytest.raises(ValueError, match="2 responses but 1 reference"):
         gsm8k_flexible(["", ""], ["1", "2"], ["1"])
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), "nan", "inf", "sNaN"])
+def test_a_missing_or_non_finite_reference_is_an_error_not_a_zero(missing):
+    with pytest.raises(ValueError, match="missing|not a number"):
+        gsm8k_strict([""], ["#### 5"], [missing])
+    if missing is None or isinstance(missing, float):
+        with pytest.raises(ValueError, match="missing"):
+            math_verify([""], ["\\boxed{None}"], [missing])
+
+
+def test_responses_must_be_strings_and_the_answers_a_column():
+    with pytest.raises(TypeError, match="response 1 is NoneType"):
+        gsm8k_strict(["", ""], ["#### 1", None], ["1", "1"])
+    with pytest.raises(TypeError, match="one string"):
+        gsm8k_strict(["", ""], ["#### 1", "#### 2"], "12")  # would grade character by character
