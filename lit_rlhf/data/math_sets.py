@@ -26,6 +26,7 @@ from typing import Any
 
 from lit_rlhf.data.chat import DataError
 from lit_rlhf.data.files import FILE_FORMATS, read_rows
+from lit_rlhf.rewards.math import number
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPLITS = ("train", "test")
@@ -76,12 +77,14 @@ def last_boxed(text: str) -> str | None:
 
 
 def reference(name: str, solution: str) -> str | None:
-    """The reference answer of a solution: GSM8K's number after ``####``, MATH's last boxed answer."""
+    """The reference answer of a solution: GSM8K's number after ``####``, MATH's last boxed answer
+    (None: the solution has none, or GSM8K's is not a number the rewards can grade)."""
     if name == "gsm8k":
         if "####" not in solution:
             return None
-        return solution.rsplit("####", 1)[1].strip().replace(",", "") or None
-    return last_boxed(solution)
+        answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        return answer if number(answer) is not None else None
+    return last_boxed(solution) or None  # an empty \boxed{} is no answer
 
 
 def records(name: str, rows: list[tuple[int, dict]], source: str, system_prompt: str | None) -> list[dict]:
@@ -96,8 +99,9 @@ def records(name: str, rows: list[tuple[int, dict]], source: str, system_prompt:
                 raise DataError(f"{where}: no {field!r} text (a {name} record has {fields})")
         answer = reference(name, record[spec.solution])
         if answer is None:
-            form = "'#### <number>'" if name == "gsm8k" else "a \\boxed{} answer"
-            raise DataError(f"{where}: its {spec.solution!r} has no final answer ({form})")
+            form = "'#### <number>', a number" if name == "gsm8k" else "a non-empty \\boxed{} answer"
+            tail = record[spec.solution].strip()[-60:]
+            raise DataError(f"{where}: its {spec.solution!r} has no final answer ({form}); it ends {tail!r}")
         messages = [{"role": "user", "content": f"{record[spec.problem].strip()} {spec.instruction}"}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -107,10 +111,19 @@ def records(name: str, rows: list[tuple[int, dict]], source: str, system_prompt:
 
 
 def split_files(folder: str, split: str) -> list[str]:
-    """A local copy's files of ``split`` (``train*``/``test*`` under ``folder``, in name order)."""
+    """A local copy's files of ``split`` (``train*``/``test*`` under ``folder``, in name order), all in
+    one folder: a whole hub download holds one folder per config (GSM8K's ``main/`` and ``socratic/``),
+    whose problems would each be read twice."""
     found = []
     for extension in FILE_FORMATS:
         found += glob.glob(os.path.join(folder, "**", f"{split}*{extension}"), recursive=True)
+    folders = sorted({os.path.dirname(path) for path in found})
+    if len(folders) > 1:
+        names = ", ".join(os.path.relpath(f, folder) + "/" for f in folders)
+        raise ValueError(
+            f"--from {folder!r} holds {split}* files in {len(folders)} folders ({names}), one per config: "
+            f"pass --from the config's own folder, e.g. --from {folders[0]}"
+        )
     return sorted(found)
 
 
@@ -136,14 +149,60 @@ def read_split(name: str, split: str, source: str | None) -> tuple[list[tuple[in
     return read_rows(source), source
 
 
-def write_jsonl(records: list[dict], path: str) -> None:
-    """Write ``records`` to ``path`` in one step (a temporary file renamed over it)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        temporary = f.name
-    os.replace(temporary, path)
+def to_jsonl(records: list[dict], where: str) -> str:
+    """The records as JSONL text; a value JSON cannot hold (a date, bytes) is named by row and column."""
+    lines = []
+    for row, record in enumerate(records, start=1):
+        try:
+            lines.append(json.dumps(record, ensure_ascii=False))
+        except (TypeError, ValueError):
+            bad = [k for k, v in record.items() if not _serialisable(v)]
+            raise DataError(
+                f"{where}, record {row}: column(s) {bad} hold values JSON cannot store "
+                f"({', '.join(type(record[k]).__name__ for k in bad)}); convert or drop them first"
+            ) from None
+    return "".join(line + "\n" for line in lines)
+
+
+def _serialisable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def write_files(texts: dict[str, str]) -> None:
+    """Write each ``path: text`` all or nothing: every text goes to a temporary file beside its path
+    first, and only when all are written are they renamed over their paths (none is left behind on an
+    error). The files get the usual permissions (the umask's), not a temporary file's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    temporaries: dict[str, str] = {}
+    try:
+        for path, text in texts.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
+                temporaries[path] = f.name
+                f.write(text)
+            os.chmod(f.name, 0o666 & ~umask)
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def check_out(out: str) -> None:
+    """``--out`` is a folder, or can be made one: checked before anything is read."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out!r} is a file: pass a folder (it is made if missing)")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out!r}: cannot write in {parent!r}; pass a folder you can write to")
 
 
 def prepare(
@@ -160,6 +219,7 @@ def prepare(
     with ``overwrite``."""
     if name not in SETS:
         raise ValueError(f"unknown dataset {name!r}: prepare one of {', '.join(SETS)}")
+    check_out(out)
     if source is not None and not os.path.exists(source):
         raise FileNotFoundError(f"--from {source!r} does not exist")
     splits = (split,) if split else SPLITS if source is None or os.path.isdir(source) else ("train",)
@@ -169,15 +229,15 @@ def prepare(
         raise FileExistsError(
             f"{', '.join(existing)} already exist: pass --overwrite to replace them, or another --out"
         )
-    prepared = {}
+    prepared, texts = {}, {}
     for s in splits:
         rows, where = read_split(name, s, source)
         prepared[s] = records(name, rows, where, system_prompt)
         if not prepared[s]:
             raise ValueError(f"{where} ({s}) has no records")
+        texts[targets[s]] = to_jsonl(prepared[s], f"{where} ({s})")
     os.makedirs(out, exist_ok=True)
-    for s, recs in prepared.items():
-        write_jsonl(recs, targets[s])
+    write_files(texts)
     return {s: len(recs) for s, recs in prepared.items()}
 
 
@@ -205,4 +265,8 @@ def main(args: list[str]) -> dict[str, Any]:
     counts = prepare(known.dataset, known.out, known.source, known.split, known.system_prompt or None, known.overwrite)
     for split, count in counts.items():
         print(f"wrote {count} {known.dataset} prompts to {os.path.join(known.out, split + '.jsonl')}")
+    for split in SPLITS:
+        kept = os.path.join(known.out, split + ".jsonl")
+        if split not in counts and os.path.exists(kept):
+            print(f"note: {kept} was not written now; it is left as an earlier prepare wrote it")
     return counts

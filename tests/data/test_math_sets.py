@@ -109,3 +109,69 @@ def test_without_a_local_copy_offline_the_error_says_to_pass_one(tmp_path, monke
     with pytest.raises(RuntimeError, match="openai/gsm8k.*pass --from a local copy"):
         prepare("gsm8k", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_split_that_cannot_be_written_replaces_no_file_and_leaves_no_temporary(tmp_path):
+    """The test split has a date column JSON cannot hold: the error names it, and the earlier train and
+    test files are untouched (all splits are serialised, then written, then renamed together)."""
+    copy, out = tmp_path / "copy", tmp_path / "out"
+    copy.mkdir()
+    pd.DataFrame(GSM8K).to_parquet(copy / "train.parquet")
+    pd.DataFrame(GSM8K[:1]).to_parquet(copy / "test.parquet")
+    prepare("gsm8k", str(out), str(copy))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    pd.DataFrame(GSM8K[1:]).to_parquet(copy / "train.parquet")
+    pd.DataFrame([{**GSM8K[0], "when": pd.Timestamp("2026-01-01")}]).to_parquet(copy / "test.parquet")
+    with pytest.raises(DataError, match=r"test.*record 1: column\(s\) \['when'\].*datetime"):
+        prepare("gsm8k", str(out), str(copy), overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_prepared_files_get_the_umask_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(path, GSM8K)
+    old = os.umask(0o022)
+    try:
+        prepare("gsm8k", str(tmp_path / "out"), str(path))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "train.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_whole_hub_download_with_several_configs_is_refused(tmp_path):
+    """openai/gsm8k's download holds main/ and socratic/: reading both would give every problem twice."""
+    for config in ("main", "socratic"):
+        write_jsonl(tmp_path / "gsm8k" / config / "train-00000-of-00001.jsonl", GSM8K)
+        write_jsonl(tmp_path / "gsm8k" / config / "test-00000-of-00001.jsonl", GSM8K[:1])
+    with pytest.raises(ValueError, match=r"2 folders \(main/, socratic/\).*--from .*main"):
+        prepare("gsm8k", str(tmp_path / "out"), str(tmp_path / "gsm8k"))
+    assert prepare("gsm8k", str(tmp_path / "out"), str(tmp_path / "gsm8k" / "main")) == {"train": 3, "test": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "record", "form"),
+    [
+        (
+            "gsm8k",
+            {"question": "q", "answer": "5 + 5\n#### 10 dollars"},
+            "a number.*ends '5 \\+ 5\\\\n#### 10 dollars'",
+        ),
+        ("gsm8k", {"question": "q", "answer": "#### seventy"}, "a number"),
+        ("math", {"problem": "p", "solution": "So $\\boxed{}$."}, "non-empty"),
+    ],
+)
+def test_a_reference_the_reward_could_not_grade_is_refused_when_preparing(tmp_path, name, record, form):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, [record])
+    with pytest.raises(DataError, match=f"row 1: .*no final answer.*{form}"):
+        prepare(name, str(tmp_path / "out"), str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_reading(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="--out .* is a file"):
+        prepare("gsm8k", str(tmp_path / "afile"), str(tmp_path / "missing.jsonl"))
+    assert (tmp_path / "afile").read_text() == "mine"
