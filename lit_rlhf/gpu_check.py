@@ -140,14 +140,24 @@ def varied_reward(prompts: list[str], responses: list[str], answer: list[str]) -
     return [sum(ch.isdigit() for ch in r) / max(1, len(r)) for r in responses]
 
 
+def kit_dir(out: str, dry_run: bool) -> str:
+    """The kit of a mode: ``out/kit`` (Qwen2.5-0.5B's shape) or ``out/kit-dry-run`` (tiny), so a GPU run
+    into a folder that once held a dry run never measures the tiny model (nor the other way round)."""
+    return os.path.join(out, "kit-dry-run" if dry_run else "kit")
+
+
 def prepare_kit(out: str, dry_run: bool) -> str:
-    """``out/kit``: a random-weight Qwen2 (Qwen2.5-0.5B's shape, or tiny), a ChatML tokenizer, prompts."""
+    """The mode's kit: a random-weight Qwen2 (Qwen2.5-0.5B's shape, or tiny), a ChatML tokenizer, prompts.
+
+    Built once: ``ready.json``, written last, marks a whole kit; one without it (an interrupted build)
+    is built again."""
     from lit_rlhf.tasks import build_causal_lm, chat_tokenizer, qwen2_config
 
-    kit = os.path.join(out, "kit")
-    if os.path.exists(os.path.join(kit, "model", "config.json")):
+    kit = kit_dir(out, dry_run)
+    if os.path.exists(os.path.join(kit, "ready.json")):
         return kit
-    os.makedirs(kit, exist_ok=True)
+    shutil.rmtree(kit, ignore_errors=True)  # a partial kit of this mode, made by this command
+    os.makedirs(kit)
     rows = [
         {"prompt": f"{QUESTION.format(a=a, b=b)} {INSTRUCTION}", "answer": str(a + b)}
         for a in range(10, 60)
@@ -168,6 +178,8 @@ def prepare_kit(out: str, dry_run: bool) -> str:
         )
     build_causal_lm(config).save_pretrained(os.path.join(kit, "model"))
     tokenizer.save_pretrained(os.path.join(kit, "model"))
+    with open(os.path.join(kit, "ready.json"), "w") as f:
+        json.dump({"dry_run": dry_run, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size}, f)
     return kit
 
 
@@ -525,7 +537,7 @@ def run_one(name: str, out: str, dry_run: bool) -> None:
 
     check, size = BY_NAME[name], sizes(dry_run)
     cuda = torch.cuda.is_available() and not dry_run
-    kit = os.path.join(out, "kit")
+    kit = kit_dir(out, dry_run)
     runner = run_step if check.kind == "step" else run_iterations
     result = runner(check, kit, size, cuda, out)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
@@ -632,12 +644,40 @@ def run_checks(out: str, dry_run: bool, only: list[str] | None = None, peak: flo
             numbers["mfu"] = flops / (peak * 1e12)
         results.append({**row, **result, "seconds": seconds})
         print(f"[gpu-check] {check.name}: {result['status']} in {seconds:.0f} s {result['reason']}", flush=True)
-    report = {"machine": info, "checks": results, "passed": all(r["status"] != "fail" for r in results)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(report))
+    passed = all(r["status"] != "fail" for r in results)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    results = [{**r, "run": stamp} for r in results]
+    report = {"machine": info, "checks": merged(out, results, dry_run), "passed": passed}
+    write_report(out, report)
     return report
+
+
+def merged(out: str, results: list[dict], dry_run: bool) -> list[dict]:
+    """This run's rows, and the rows of an earlier run into ``out`` (the same mode) for the checks this
+    one did not run, in the checks' order: rerunning one check keeps the rest of the table."""
+    path = os.path.join(out, "results.json")
+    earlier: list[dict] = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+            if previous["machine"]["dry_run"] == dry_run:
+                earlier = previous["checks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = []  # not a report of this command: replaced
+    ran = {r["name"] for r in results}
+    rows = {r["name"]: r for r in earlier if r.get("name") in BY_NAME and r["name"] not in ran}
+    rows.update({r["name"]: r for r in results})
+    return [rows[check.name] for check in CHECKS if check.name in rows]
+
+
+def write_report(out: str, report: dict) -> None:
+    """results.json and results.md, each replaced in one step (a temporary file renamed over it)."""
+    for name, text in (("results.json", json.dumps(report, indent=1)), ("results.md", markdown(report))):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 def _fmt(value: Any, digits: int = 0, scale: float = 1.0) -> str:
@@ -682,12 +722,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of TFLOP/s, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lit_rlhf.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for results.json, results.md, logs/ and the kit")
     parser.add_argument("--dry-run", action="store_true", help="the same checks on CPU with a tiny Qwen2 in fp32")
     parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run these checks only")
-    parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak, if it is not in the table")
+    parser.add_argument(
+        "--peak_tflops", type=positive_float, help="the GPU's dense bf16 peak (TFLOP/s), if it is not in the table"
+    )
     parser.add_argument("--run-one", choices=list(BY_NAME), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -695,6 +744,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_one:
         run_one(args.run_one, args.out, args.dry_run)
         return 0
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out!r} is a file: pass a folder (it is made if missing)")
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device here: the checks are sized for a GPU; pass --dry-run to run them on CPU")
     report = run_checks(args.out, args.dry_run, args.only, args.peak_tflops)
     print(markdown(report))
     print(f"[gpu-check] results: {os.path.join(args.out, 'results.json')} and results.md")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lit_rlhf import gpu_check
 from tests.test_cli import ROOT
@@ -96,3 +97,58 @@ def test_mfu_and_the_flops_of_a_token_follow_the_model_shape(tmp_path):
     assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.4 and gpu_check.peak_tflops("Some GPU") is None
+
+
+def test_each_mode_has_its_own_kit_and_an_interrupted_one_is_built_again(tmp_path):
+    assert gpu_check.kit_dir(str(tmp_path), True) != gpu_check.kit_dir(str(tmp_path), False)
+    kit = gpu_check.prepare_kit(str(tmp_path), dry_run=True)
+    ready = json.loads((tmp_path / "kit-dry-run" / "ready.json").read_text())
+    assert kit == gpu_check.kit_dir(str(tmp_path), True) and ready["dry_run"] is True
+    weights = sorted(p.name for p in (tmp_path / "kit-dry-run" / "model").iterdir())
+    # an interrupted build: no marker, the weights gone; the next run builds the kit again
+    (tmp_path / "kit-dry-run" / "ready.json").unlink()
+    for p in (tmp_path / "kit-dry-run" / "model").glob("*.safetensors"):
+        p.unlink()
+    gpu_check.prepare_kit(str(tmp_path), dry_run=True)
+    assert sorted(p.name for p in (tmp_path / "kit-dry-run" / "model").iterdir()) == weights
+
+
+def test_rerunning_some_checks_keeps_the_other_rows_of_the_report(tmp_path):
+    def row(name, status, run):
+        return {
+            "name": name,
+            "title": gpu_check.BY_NAME[name].title,
+            "status": status,
+            "reason": "",
+            "numbers": {},
+            "seconds": 1.0,
+            "run": run,
+        }
+
+    machine = {"dry_run": True, "device": "cpu", "gpus": 0, "torch": "x", "cuda": None, "missing_optional": []}
+    earlier = [row("ppo_gae", "pass", "first"), row("grpo", "fail", "first"), row("grpo_lora", "pass", "first")]
+    gpu_check.write_report(str(tmp_path), {"machine": machine, "checks": earlier, "passed": False})
+    rows = gpu_check.merged(str(tmp_path), [row("grpo", "pass", "second")], dry_run=True)
+    assert [(r["name"], r["status"], r["run"]) for r in rows] == [
+        ("ppo_gae", "pass", "first"),
+        ("grpo", "pass", "second"),
+        ("grpo_lora", "pass", "first"),
+    ]
+    # a report of the other mode is not mixed in
+    assert [r["name"] for r in gpu_check.merged(str(tmp_path), [row("grpo", "pass", "x")], dry_run=False)] == ["grpo"]
+
+
+def test_bad_flags_are_refused_before_anything_runs(tmp_path, capsys):
+    for flags in (["--peak_tflops", "-1"], ["--peak_tflops", "0"], ["--peak_tflops", "inf"]):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--dry-run", "--out", str(tmp_path / "out"), *flags])
+        assert "positive number of TFLOP/s" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path / "afile")])
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--out", str(tmp_path / "out")])
+        assert "pass --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
