@@ -20,6 +20,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -262,7 +263,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: list[str]) -> dict[str, Any]:
     known = parser().parse_args(args)
-    counts = prepare(known.dataset, known.out, known.source, known.split, known.system_prompt or None, known.overwrite)
+    try:
+        counts = prepare(
+            known.dataset, known.out, known.source, known.split, known.system_prompt or None, known.overwrite
+        )
+    except (ValueError, OSError, RuntimeError) as error:  # DataError is a ValueError: the message says it all
+        print(f"lit-rlhf prepare: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     for split, count in counts.items():
         print(f"wrote {count} {known.dataset} prompts to {os.path.join(known.out, split + '.jsonl')}")
     for split in SPLITS:

@@ -175,3 +175,11 @@ def test_an_out_that_is_a_file_is_refused_before_reading(tmp_path):
     with pytest.raises(NotADirectoryError, match="--out .* is a file"):
         prepare("gsm8k", str(tmp_path / "afile"), str(tmp_path / "missing.jsonl"))
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_the_command_prints_the_error_without_a_traceback_and_exits_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare", "gsm8k", "--out", str(tmp_path / "out"), "--from", str(tmp_path / "missing.jsonl")])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lit-rlhf prepare: error: --from") and "does not exist" in err and "Traceback" not in err
