@@ -62,7 +62,7 @@ def test_a_check_imports_nothing_a_gpu_image_with_torch_transformers_lightning_p
     out, _ = dry_run
     ours = ("wandb", "litserve", "datasets", "pandas", "math_verify", "xxhash")  # setup.cfg's, not the image's
     code = (
-        "import sys; from lit_rlhf.gpu_check import run_one; "
+        "import sys; from lit_rlhf.gpu_check.run import run_one; "
         f"run_one('grpo', {str(out)!r}, True); "
         f"print(sorted(m for m in {ours!r} if m in sys.modules))"
     )

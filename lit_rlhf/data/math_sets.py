@@ -21,13 +21,13 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from lit_rlhf.data.chat import DataError
 from lit_rlhf.data.files import FILE_FORMATS, read_rows
 from lit_rlhf.rewards.math import number
+from lit_rlhf.textfiles import write_files
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPLITS = ("train", "test")
@@ -171,28 +171,6 @@ def _serialisable(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def write_files(texts: dict[str, str]) -> None:
-    """Write each ``path: text`` all or nothing: every text goes to a temporary file beside its path
-    first, and only when all are written are they renamed over their paths (none is left behind on an
-    error). The files get the usual permissions (the umask's), not a temporary file's 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    temporaries: dict[str, str] = {}
-    try:
-        for path, text in texts.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as f:
-                temporaries[path] = f.name
-                f.write(text)
-            os.chmod(f.name, 0o666 & ~umask)
-        for path, temporary in temporaries.items():
-            os.replace(temporary, path)
-    finally:
-        for temporary in temporaries.values():
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
 
 def check_out(out: str) -> None:

@@ -145,8 +145,8 @@ def _grade_latex(response: str, reference: str) -> float | None:
     from math_verify import parse, verify
 
     with _quiet("math_verify"):
-        text = reference
-        gold = parse(text if "$" in text or "\\boxed" in text else f"${text}$", parsing_timeout=TIMEOUT_S)
+        latex = reference if "$" in reference or "\\boxed" in reference else f"${reference}$"
+        gold = parse(latex, parsing_timeout=TIMEOUT_S)
         if not gold:
             return None
         predicted = parse(response, parsing_timeout=TIMEOUT_S)
@@ -170,7 +170,7 @@ class _Worker:
     def grade(self, response: str, reference: str) -> float | None:
         with self.lock:
             if self.process is None or self.process.poll() is not None:
-                self.process = self._start()
+                self._start()
             try:
                 self.process.stdin.write(json.dumps([response, reference]) + "\n")
                 self.process.stdin.flush()
@@ -184,19 +184,17 @@ class _Worker:
             result = json.loads(line)
             return None if result == "unparsable" else float(result)
 
-    def _start(self) -> subprocess.Popen:
-        process = subprocess.Popen(
+    def _start(self) -> None:
+        self.process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_SOURCE, __file__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
         )
-        self.process = process
         if self._read_line(self.start_deadline_s) != '"ready"':
             self.stop()
             raise RuntimeError("math_verify: its grading process did not start (is math-verify installed?)")
-        return process
 
     def _read_line(self, timeout: float) -> str | None:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -235,7 +233,7 @@ atexit.register(_WORKER.stop)
 
 @contextlib.contextmanager
 def _quiet(name: str) -> Iterator[None]:
-    """Hold a logger's warnings (math-verify warns on every call whose timeout is off)."""
+    """Hold a logger's warnings (a response math-verify cannot parse scores 0; it need not warn)."""
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)

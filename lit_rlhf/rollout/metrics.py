@@ -44,9 +44,9 @@ def rollout_metrics(
     rows = torch.stack([scores, scores.square(), k1_kl, lengths, has_eos.float(), *reward_parts.values()])
     grouped = group_size > 1 and len(scores) % group_size == 0  # whole groups of contiguous rows
     groups = scores.float().view(-1, group_size) if grouped else scores.new_zeros(0, 1)
-    zero_std = (groups.amax(dim=1) - groups.amin(dim=1) <= 1e-6).float()
-    extra = torch.tensor([zero_std.sum(), float(len(zero_std)), float(len(experience))], device=rows.device)
-    sums = all_reduce(torch.cat([rows.sum(-1), extra]))
+    zero_std = (groups.amax(dim=1) - groups.amin(dim=1) <= 1e-6).to(rows.dtype)
+    counts = rows.new_tensor([len(zero_std), len(experience)])  # from host ints: no device sync
+    sums = all_reduce(torch.cat([rows.sum(-1), zero_std.sum().reshape(1), counts]))
     count = sums[-1]
     mean = sums[:-3] / count
     var = (sums[1] - count * mean[0].square()).clamp_min(0) / (count - 1).clamp_min(1)

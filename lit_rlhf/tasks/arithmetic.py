@@ -14,6 +14,8 @@ import random
 import torch
 from torch import Tensor
 
+from lit_rlhf.textfiles import write_files
+
 OPERATORS = ("+", "-")
 
 
@@ -107,8 +109,4 @@ def split_problems(seed: int = 0, test: int = 500, dev: int = 500, ppo: int = 10
 def write_jsonl(path: str, records: list[dict]) -> None:
     """Write records atomically (a partial file never replaces a good one)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_files({path: "".join(json.dumps(record) + "\n" for record in records)})
